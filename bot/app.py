@@ -1,0 +1,78 @@
+"""The Discord client: builds the command tree, syncs it, and holds the services commands use.
+
+    python -m bot.app
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+
+import discord
+import yarl
+from discord import app_commands
+from discord.gateway import DiscordWebSocket
+from discord.http import Route
+
+from bot.commands import imagine, models
+from bot.queue import JobQueue, connect
+from settings.config import Settings
+
+log = logging.getLogger("bot")
+
+
+def use_discord_endpoints(settings: Settings) -> None:
+    """Point discord.py at Discord (the defaults) or a Discord-compatible local server.
+
+    discord.py has no option for this; its REST base and gateway URL are class attributes."""
+    Route.BASE = settings.discord_api_base.rstrip("/")
+    DiscordWebSocket.DEFAULT_GATEWAY = yarl.URL(settings.discord_gateway_url)
+
+
+class ImagineBot(discord.Client):
+    def __init__(self, settings: Settings, jobs: JobQueue, *, sync_commands: bool = True):
+        super().__init__(intents=discord.Intents(guilds=True), application_id=settings.application_id)
+        self.settings = settings
+        self.catalog = settings.catalog()
+        self.jobs = jobs
+        self.sync_commands = sync_commands
+        self.tree = app_commands.CommandTree(self)
+        self.tree.on_error = self.on_app_command_error
+
+    async def setup_hook(self) -> None:
+        for command in (imagine.imagine, models.list_models):
+            self.tree.add_command(command)
+        if self.sync_commands:
+            guild = discord.Object(self.settings.sync_guild_id) if self.settings.sync_guild_id else None
+            if guild:
+                self.tree.copy_global_to(guild=guild)
+            synced = await self.tree.sync(guild=guild)
+            log.info("synced %d commands %s", len(synced), f"to guild {guild.id}" if guild else "globally")
+
+    async def on_ready(self) -> None:
+        log.info("connected as %s", self.user)
+
+    async def on_app_command_error(
+        self, interaction: discord.Interaction, error: app_commands.AppCommandError
+    ) -> None:
+        """Last resort: log the traceback, show the user one friendly line."""
+        log.exception("command failed", exc_info=error)
+        text = "Something went wrong on our side. Please try again in a moment."
+        if interaction.response.is_done():
+            await interaction.followup.send(text, ephemeral=True)
+        else:
+            await interaction.response.send_message(text, ephemeral=True)
+
+
+def main() -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    settings = Settings()
+    token, _ = settings.require_discord()
+    use_discord_endpoints(settings)
+    bot = ImagineBot(settings, JobQueue(connect(settings), settings))
+    bot.run(token, log_handler=None)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,39 @@
+"""``/models``: the catalog, which models a live worker holds, and how many jobs wait."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import TYPE_CHECKING
+
+import discord
+from discord import app_commands
+from redis.exceptions import RedisError
+
+from settings.catalog import ModelEntry
+
+if TYPE_CHECKING:
+    from bot.app import ImagineBot
+
+
+def model_line(entry: ModelEntry, live: bool, waiting: int | None) -> str:
+    status = "🟢 loaded" if live else "⚪ no worker"
+    queue = "queue unknown" if waiting is None else f"{waiting} waiting"
+    return (f"**{entry.key}** — {entry.native_size}px, {entry.default_steps} steps · "
+            f"{status} · {queue}\n`{entry.source}`")
+
+
+def models_embed(catalog: dict[str, ModelEntry], live: set[str], depths: dict[str, int] | None) -> discord.Embed:
+    lines = [model_line(e, e.key in live, None if depths is None else depths.get(e.key, 0))
+             for e in catalog.values()]
+    return discord.Embed(title="Models", description="\n".join(lines), colour=0x5865F2)
+
+
+@app_commands.command(name="models", description="List the models, their workers and queues")
+async def list_models(interaction: discord.Interaction) -> None:
+    bot: ImagineBot = interaction.client  # type: ignore[assignment]
+    keys = list(bot.catalog)
+    try:
+        live, depths = await asyncio.to_thread(lambda: (bot.jobs.live_models(), bot.jobs.depths(keys)))
+    except RedisError:
+        live, depths = set(), None
+    await interaction.response.send_message(embed=models_embed(bot.catalog, live, depths), ephemeral=True)

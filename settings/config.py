@@ -1,0 +1,74 @@
+"""Runtime configuration, read from the environment (prefix ``IMAGINE_``) or a ``.env`` file.
+
+One :class:`Settings` object is built at each entry point and passed down; no module reads the
+environment on its own.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field, SecretStr
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from settings.catalog import ModelEntry
+
+DISCORD_API_BASE = "https://discord.com/api/v10"
+DISCORD_GATEWAY = "wss://gateway.discord.gg/"
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="IMAGINE_", env_file=".env", extra="ignore")
+
+    # Discord. Secrets never appear in reprs or logs (SecretStr).
+    discord_token: SecretStr | None = None
+    application_id: int | None = None
+    discord_api_base: str = DISCORD_API_BASE
+    discord_gateway_url: str = DISCORD_GATEWAY
+    sync_guild_id: int | None = Field(
+        default=None, description="Sync commands to this guild only (instant); global when unset."
+    )
+
+    # Redis / RQ.
+    redis_url: str = "redis://127.0.0.1:6379/0"
+    queue_prefix: str = "imagine"
+    # A job that cannot start before the interaction token (15 min) expires is never started.
+    queue_ttl_s: int = 600
+    job_timeout_s: int = 300
+    result_ttl_s: int = 3600
+
+    # Models: built-in catalog plus operator overrides/additions (JSON in IMAGINE_MODELS).
+    models: dict[str, dict] = Field(default_factory=dict)
+    default_model: str = "bk-sdm-small"
+
+    # Worker.
+    worker_models: list[str] = Field(default_factory=lambda: ["bk-sdm-small"])
+    device: str = "auto"  # "auto" → cuda when available, else cpu
+    dtype: Literal["auto", "float16", "bfloat16", "float32"] = "auto"
+    warmup: bool = True
+
+    # Limits applied to every command (server policies can only tighten them).
+    max_prompt_chars: int = 500
+    max_steps: int = 50
+    max_count: int = 4
+    max_guidance: float = 20.0
+    min_size: int = 256
+    max_size: int = 1024
+    default_negative_prompt: str = (
+        "ugly, poorly rendered face, low resolution, poorly drawn feet, poorly drawn face, "
+        "out of frame, extra limbs, disfigured, deformed, body out of frame, blurry, "
+        "bad composition, blurred, watermark, grainy, signature, cut off, mutation"
+    )
+
+    def catalog(self) -> dict[str, ModelEntry]:
+        from settings.catalog import build_catalog
+
+        return build_catalog(self.models)
+
+    def require_discord(self) -> tuple[str, int]:
+        """Token and application id, or a one-line error for the CLI."""
+        if self.discord_token is None or self.application_id is None:
+            raise SystemExit(
+                "error: set IMAGINE_DISCORD_TOKEN and IMAGINE_APPLICATION_ID (see README, Configuration)"
+            )
+        return self.discord_token.get_secret_value(), self.application_id

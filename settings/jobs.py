@@ -1,0 +1,79 @@
+"""The job contract between front ends (bot, web) and workers: JSON in, JSON out.
+
+A :class:`JobRequest` is what goes on the queue; a :class:`JobResult` is what the worker stores
+as the RQ job result. Both are plain JSON through RQ's JSON serializer: no code crosses Redis.
+"""
+
+from __future__ import annotations
+
+import time
+
+from pydantic import BaseModel, ConfigDict, Field
+
+# The function workers run, named by path so front ends never import worker code (or torch).
+JOB_FUNCTION = "worker.tasks.run_imagine"
+
+
+class Delivery(BaseModel):
+    """Where and how to deliver the result: the interaction webhook, else the channel."""
+
+    model_config = ConfigDict(frozen=True)
+
+    application_id: int
+    interaction_id: int
+    interaction_token: str = Field(repr=False)  # a 15-minute credential: keep out of reprs/logs
+    channel_id: int | None = None
+    guild_id: int | None = None
+    user_id: int
+    filesize_limit: int = 10 * 1024 * 1024
+
+
+class JobRequest(BaseModel):
+    """One validated, already-moderated command."""
+
+    model_config = ConfigDict(frozen=True)
+
+    job_id: str = Field(pattern=r"^[A-Za-z0-9_-]+$")
+    model: str
+    prompt: str
+    negative_prompt: str = ""
+    steps: int
+    guidance: float
+    seed: int
+    size: int
+    count: int = 1
+    forced_negative_applied: bool = False
+    created_at: float = Field(default_factory=time.time)  # when the command arrived (epoch s)
+    delivery: Delivery | None = None  # None: a local run (CLI, bench) that nobody posts
+
+    def seeds(self) -> list[int]:
+        """One seed per image: seed, seed+1, … so any single image can be reproduced alone."""
+        return [self.seed + i for i in range(self.count)]
+
+
+class Timings(BaseModel):
+    queue_wait_ms: float
+    inference_ms: float
+    total_ms: float  # command received → result handed to Discord
+    post_ms: float = 0.0
+
+
+class JobResult(BaseModel):
+    job_id: str
+    model: str
+    seeds: list[int]
+    width: int
+    height: int
+    timings: Timings
+    message_id: int | None = None
+    delivered_via: str | None = None  # "webhook" | "channel" | None (not delivered)
+
+
+def queue_name(model: str, prefix: str = "imagine") -> str:
+    """One queue per model: a worker only pulls jobs for pipelines it holds."""
+    return f"{prefix}:{model}"
+
+
+def job_id_for_interaction(interaction_id: int) -> str:
+    """A replayed interaction maps to the same job id, so it can never become a second job."""
+    return f"ix-{interaction_id}"

@@ -1,0 +1,289 @@
+"""A local Discord-compatible server for tests and benchmarks: REST + gateway on 127.0.0.1.
+
+It speaks just enough of Discord's documented API for discord.py's real code paths: login
+(``GET /users/@me``), command sync, the gateway handshake (HELLO → IDENTIFY → READY,
+heartbeats), interaction callbacks, webhook follow-ups (JSON or multipart with files), message
+edits and channel messages. Everything received is recorded for assertions, and failures (429,
+5xx, expired tokens) can be injected per route.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import json
+import threading
+import time
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from typing import Any
+
+from aiohttp import WSMsgType, web
+
+BOT_USER = {"id": "900000000000000001", "username": "imagine", "discriminator": "0",
+            "global_name": "Imagine", "avatar": None, "bot": True}
+_snowflakes = itertools.count(int(time.time() * 1000 - 1420070400000) << 22)
+
+
+def snowflake() -> str:
+    return str(next(_snowflakes))
+
+
+def now_iso() -> str:
+    return datetime.now(timezone.utc).isoformat()
+
+
+@dataclass
+class Posted:
+    """One message that reached the fake Discord (follow-up, channel post or edit)."""
+
+    kind: str  # "followup" | "channel" | "edit" | "callback"
+    key: str  # interaction token, or channel id for channel posts
+    payload: dict[str, Any]
+    files: list[tuple[str, bytes]] = field(default_factory=list)
+    message_id: str = ""
+    at: float = field(default_factory=time.time)
+
+
+class FakeDiscord:
+    def __init__(self) -> None:
+        self.posts: list[Posted] = []
+        self.synced_commands: list[dict] = []
+        self.expired_tokens: set[str] = set()
+        self.failures: list[tuple[str, int]] = []  # (kind, status) consumed in order
+        self._sockets: list[web.WebSocketResponse] = []
+        self._seq = itertools.count(1)
+        self._lock = threading.Lock()
+        self.identified = threading.Event()
+        self.loop = asyncio.new_event_loop()
+        self.port = 0
+        self.application_id = "1"
+
+    # -- lifecycle ---------------------------------------------------------------------------
+    def start(self) -> "FakeDiscord":
+        ready = threading.Event()
+        threading.Thread(target=self._run, args=(ready,), daemon=True).start()
+        if not ready.wait(10):
+            raise RuntimeError("fake Discord did not start")
+        return self
+
+    def _run(self, ready: threading.Event) -> None:
+        asyncio.set_event_loop(self.loop)
+        app = web.Application(client_max_size=64 * 1024 * 1024)
+        app.add_routes([
+            web.get("/api/v10/users/@me", self._me),
+            web.get("/api/v10/oauth2/applications/@me", self._application),
+            web.get("/api/v10/gateway", self._gateway_info),
+            web.get("/api/v10/gateway/bot", self._gateway_info),
+            web.put("/api/v10/applications/{app}/commands", self._sync),
+            web.put("/api/v10/applications/{app}/guilds/{guild}/commands", self._sync),
+            web.post("/api/v10/interactions/{id}/{token}/callback", self._callback),
+            web.post("/api/v10/webhooks/{app}/{token}", self._followup),
+            web.patch("/api/v10/webhooks/{app}/{token}/messages/{message}", self._edit),
+            web.delete("/api/v10/webhooks/{app}/{token}/messages/{message}", self._delete),
+            web.post("/api/v10/channels/{channel}/messages", self._channel_post),
+            web.get("/gateway", self._gateway),
+        ])
+        runner = web.AppRunner(app)
+        self.loop.run_until_complete(runner.setup())
+        site = web.TCPSite(runner, "127.0.0.1", 0)
+        self.loop.run_until_complete(site.start())
+        self.port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+        ready.set()
+        self.loop.run_forever()
+
+    @property
+    def api_base(self) -> str:
+        return f"http://127.0.0.1:{self.port}/api/v10"
+
+    @property
+    def gateway_url(self) -> str:
+        return f"ws://127.0.0.1:{self.port}/gateway"
+
+    # -- queries for tests -------------------------------------------------------------------
+    def messages(self, kind: str | None = None, key: str | None = None) -> list[Posted]:
+        with self._lock:
+            return [p for p in self.posts if (kind is None or p.kind == kind) and (key is None or p.key == key)]
+
+    def fail_next(self, kind: str, *statuses: int) -> None:
+        """Answer the next requests of ``kind`` ("followup", "channel", …) with these statuses."""
+        with self._lock:
+            self.failures.extend((kind, s) for s in statuses)
+
+    # -- gateway -----------------------------------------------------------------------------
+    def dispatch(self, event: str, data: dict) -> None:
+        """Send a gateway DISPATCH (op 0) to every connected client."""
+        future = asyncio.run_coroutine_threadsafe(self._dispatch(event, data), self.loop)
+        future.result(5)
+
+    async def _dispatch(self, event: str, data: dict) -> None:
+        frame = json.dumps({"op": 0, "t": event, "s": next(self._seq), "d": data})
+        for socket in list(self._sockets):
+            if not socket.closed:
+                await socket.send_str(frame)
+
+    async def _gateway(self, request: web.Request) -> web.WebSocketResponse:
+        socket = web.WebSocketResponse()
+        await socket.prepare(request)
+        await socket.send_str(json.dumps({"op": 10, "d": {"heartbeat_interval": 41250}}))
+        async for message in socket:
+            if message.type != WSMsgType.TEXT:
+                continue
+            frame = json.loads(message.data)
+            if frame["op"] == 1:  # heartbeat
+                await socket.send_str(json.dumps({"op": 11}))
+            elif frame["op"] in (2, 6):  # identify / resume
+                self._sockets.append(socket)
+                await socket.send_str(json.dumps({"op": 0, "t": "READY", "s": next(self._seq), "d": {
+                    "v": 10, "user": BOT_USER, "guilds": [], "session_id": "fake-session",
+                    "resume_gateway_url": self.gateway_url,
+                    "application": {"id": frame["d"].get("application_id", "1"), "flags": 0},
+                }}))
+                self.identified.set()
+        if socket in self._sockets:
+            self._sockets.remove(socket)
+        return socket
+
+    async def _gateway_info(self, request: web.Request) -> web.Response:
+        return _json({"url": self.gateway_url, "shards": 1,
+                      "session_start_limit": {"total": 1000, "remaining": 1000,
+                                              "reset_after": 0, "max_concurrency": 1}})
+
+    # -- REST --------------------------------------------------------------------------------
+    async def _me(self, request: web.Request) -> web.Response:
+        return _json(BOT_USER)
+
+    async def _application(self, request: web.Request) -> web.Response:
+        return _json({"id": self.application_id, "name": "Imagine", "description": "", "icon": None,
+                      "bot_public": True, "bot_require_code_grant": False, "owner": BOT_USER,
+                      "verify_key": "0" * 64, "team": None, "flags": 0, "rpc_origins": []})
+
+    async def _sync(self, request: web.Request) -> web.Response:
+        commands = await request.json()
+        app = request.match_info["app"]
+        echoed = [{"id": snowflake(), "application_id": app, "version": snowflake(),
+                   "default_member_permissions": None, "type": 1, "nsfw": False,
+                   "options": [], **command} for command in commands]
+        with self._lock:
+            self.synced_commands = echoed
+        return _json(echoed)
+
+    async def _callback(self, request: web.Request) -> web.Response:
+        body = await request.json()
+        token = request.match_info["token"]
+        message = _message(body.get("data") or {}, channel_id="0")
+        self._record(Posted("callback", token, body, message_id=message["id"]))
+        return _json({
+            "interaction": {"id": request.match_info["id"], "type": 2,
+                            "response_message_id": message["id"],
+                            "response_message_loading": body["type"] == 5,
+                            "response_message_ephemeral": bool((body.get("data") or {}).get("flags", 0) & 64)},
+            "resource": {"type": body["type"], "message": message},
+        })
+
+    async def _followup(self, request: web.Request) -> web.Response:
+        token = request.match_info["token"]
+        if (failure := self._failure("followup", token)) is not None:
+            return failure
+        payload, files = await _read_message(request)
+        message = _message(payload, channel_id="0", files=files)
+        self._record(Posted("followup", token, payload, files, message["id"]))
+        return _json(message)
+
+    async def _edit(self, request: web.Request) -> web.Response:
+        token = request.match_info["token"]
+        if (failure := self._failure("edit", token)) is not None:
+            return failure
+        payload, files = await _read_message(request)
+        message = _message(payload, channel_id="0", files=files)
+        self._record(Posted("edit", token, payload, files, request.match_info["message"]))
+        return _json(message)
+
+    async def _delete(self, request: web.Request) -> web.Response:
+        self._record(Posted("delete", request.match_info["token"], {}, message_id=request.match_info["message"]))
+        return web.Response(status=204)
+
+    async def _channel_post(self, request: web.Request) -> web.Response:
+        channel = request.match_info["channel"]
+        if (failure := self._failure("channel", channel)) is not None:
+            return failure
+        payload, files = await _read_message(request)
+        message = _message(payload, channel_id=channel, files=files)
+        self._record(Posted("channel", channel, payload, files, message["id"]))
+        return _json(message)
+
+    # -- helpers -----------------------------------------------------------------------------
+    def _record(self, posted: Posted) -> None:
+        with self._lock:
+            self.posts.append(posted)
+
+    def _failure(self, kind: str, token: str) -> web.Response | None:
+        if token in self.expired_tokens:
+            return _json({"message": "Unknown Webhook", "code": 10015}, status=404)
+        with self._lock:
+            index = next((i for i, (k, _) in enumerate(self.failures) if k == kind), None)
+            if index is None:
+                return None
+            _, status = self.failures.pop(index)
+        if status == 429:
+            return _json({"message": "You are being rate limited.", "retry_after": 0.05, "global": False},
+                         status=429, headers={"Retry-After": "0.05", "X-RateLimit-Scope": "user"})
+        return _json({"message": "Server error", "code": 0}, status=status)
+
+
+def _json(data: Any, status: int = 200, headers: dict | None = None) -> web.Response:
+    # discord.py parses a body as JSON only for exactly "application/json" (no charset).
+    return web.Response(body=json.dumps(data).encode(), status=status,
+                        headers={"Content-Type": "application/json", **(headers or {})})
+
+
+async def _read_message(request: web.Request) -> tuple[dict, list[tuple[str, bytes]]]:
+    if not request.content_type.startswith("multipart/"):
+        return (await request.json() if request.can_read_body else {}), []
+    payload: dict = {}
+    files: list[tuple[str, bytes]] = []
+    reader = await request.multipart()
+    async for part in reader:
+        if part.name == "payload_json":
+            payload = json.loads(await part.text())
+        else:
+            files.append((part.filename or part.name or "", bytes(await part.read())))
+    return payload, files
+
+
+def _message(payload: dict, channel_id: str, files: list[tuple[str, bytes]] = ()) -> dict:
+    message_id = snowflake()
+    return {
+        "id": message_id, "channel_id": channel_id, "type": 0, "author": BOT_USER,
+        "content": payload.get("content") or "", "timestamp": now_iso(), "edited_timestamp": None,
+        "tts": False, "mention_everyone": False, "mentions": [], "mention_roles": [],
+        "embeds": payload.get("embeds") or [], "pinned": False, "flags": payload.get("flags", 0),
+        "components": payload.get("components") or [],
+        "attachments": [{"id": snowflake(), "filename": name, "size": len(data),
+                         "url": f"https://cdn.invalid/{message_id}/{name}",
+                         "proxy_url": f"https://cdn.invalid/{message_id}/{name}"}
+                        for name, data in files],
+    }
+
+
+def slash_command(name: str, options: dict[str, Any], *, guild_id: str = "800000000000000001",
+                  channel_id: str = "810000000000000001", user_id: str = "820000000000000001",
+                  application_id: str = "1", permissions: str = "2147483647",
+                  size_limit: int = 10 * 1024 * 1024) -> dict:
+    """An INTERACTION_CREATE payload for a chat-input command, as Discord documents it."""
+    type_of = {str: 3, int: 4, bool: 5, float: 10}
+    user = {"id": user_id, "username": f"user{user_id[-4:]}", "discriminator": "0",
+            "global_name": None, "avatar": None}
+    return {
+        "id": snowflake(), "application_id": application_id, "type": 2, "token": f"tok-{snowflake()}",
+        "version": 1, "guild_id": guild_id, "channel_id": channel_id,
+        "channel": {"id": channel_id, "type": 0, "guild_id": guild_id, "name": "general",
+                    "position": 0, "permission_overwrites": [], "nsfw": False, "parent_id": None},
+        "member": {"user": user, "roles": [], "joined_at": now_iso(), "deaf": False, "mute": False,
+                   "flags": 0, "pending": False, "nick": None, "avatar": None, "permissions": permissions},
+        "data": {"id": snowflake(), "name": name, "type": 1,
+                 "options": [{"name": k, "type": type_of[type(v)], "value": v} for k, v in options.items()]},
+        "locale": "en-US", "guild_locale": "en-US", "app_permissions": "2147483647",
+        "entitlements": [], "authorizing_integration_owners": {"0": guild_id}, "context": 0,
+        "attachment_size_limit": size_limit,
+    }

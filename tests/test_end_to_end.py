@@ -1,0 +1,126 @@
+"""The whole way: gateway INTERACTION_CREATE → real bot process → Redis/RQ → real worker
+process with a tiny pipeline → follow-up webhook with PNG attachments on the fake Discord."""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import pytest
+from PIL import Image
+from redis import Redis
+from rq.job import Job
+
+from settings.jobs import job_id_for_interaction
+from tests.fake_discord import slash_command
+from tests.stack import live_workers, start_bot, start_worker, wait_for
+
+
+@pytest.fixture(scope="module")
+def stack(env, fake_discord, redis_server, tmp_path_factory):
+    logs = tmp_path_factory.mktemp("logs")
+    worker = start_worker(env, logs / "worker.log")
+    bot = start_bot(env, logs / "bot.log")
+    try:
+        wait_for(lambda: live_workers(redis_server.url) >= 1, 60, what="worker ready")
+        wait_for(lambda: fake_discord.identified.is_set() and fake_discord.synced_commands, 30, what="bot ready")
+        yield fake_discord
+    finally:
+        bot.stop()
+        worker.stop()
+        print("---- bot log ----\n", bot.log()[-3000:], "\n---- worker log ----\n", worker.log()[-3000:])
+
+
+def command(fake, name: str, **options):
+    payload = slash_command(name, options)
+    fake.dispatch("INTERACTION_CREATE", payload)
+    return payload
+
+
+def reply(fake, payload, timeout: float = 10):
+    return wait_for(lambda: fake.messages("callback", payload["token"]), timeout, what="interaction reply")[0]
+
+
+def result(fake, payload, timeout: float = 60):
+    return wait_for(lambda: fake.messages("followup", payload["token"]), timeout, what="result post")[0]
+
+
+def decode(post) -> list[np.ndarray]:
+    return [np.asarray(Image.open(io.BytesIO(data)).convert("RGB")) for _, data in post.files]
+
+
+def fields(post) -> dict[str, str]:
+    return {f["name"]: f["value"] for f in post.payload["embeds"][0]["fields"]}
+
+
+def test_commands_are_synced(stack):
+    names = {c["name"] for c in stack.synced_commands}
+    assert {"imagine", "models"} <= names
+
+
+def test_imagine_posts_images_with_seeds_and_latency(stack):
+    payload = command(stack, "imagine", prompt="an orange cat staring off", seed=1234, count=2)
+    answer = reply(stack, payload)
+    assert answer.payload["type"] == 4
+    assert "Queued 2 images on **tiny**" in answer.payload["data"]["content"]
+    assert "position **#1**" in answer.payload["data"]["content"]
+
+    post = result(stack, payload)
+    embed_fields = fields(post)
+    assert embed_fields["Seeds"] == "1234, 1235"
+    assert embed_fields["Model"] == "tiny" and embed_fields["Steps"] == "2"
+    assert embed_fields["Size"] == "64×64"
+    latency = embed_fields["Latency"]
+    assert "queue" in latency and "inference" in latency and "total" in latency
+    assert [name for name, _ in post.files] == ["imagine-tiny-1234.png", "imagine-tiny-1235.png"]
+    images = decode(post)
+    assert all(image.shape == (64, 64, 3) for image in images)
+    assert all(image.std() > 1.0 for image in images), "blank image"
+    assert not np.array_equal(images[0], images[1]), "different seeds gave the same image"
+    # The user is mentioned so they see their result among others.
+    assert f"<@{payload['member']['user']['id']}>" in post.payload["content"]
+
+
+def test_same_seed_same_pixels(stack):
+    first = command(stack, "imagine", prompt="a lighthouse at dusk", seed=42)
+    second = command(stack, "imagine", prompt="a lighthouse at dusk", seed=42)
+    a, b = decode(result(stack, first))[0], decode(result(stack, second))[0]
+    assert np.array_equal(a, b)
+
+
+@pytest.mark.parametrize("options, message", [
+    ({"prompt": "   "}, "prompt is empty"),
+    ({"prompt": "x" * 600}, "limit is 500"),
+    ({"prompt": "cat", "steps": 500}, "`steps` must be between 1 and 50"),
+    ({"prompt": "cat", "guidance": -1.0}, "`guidance` must be between"),
+    ({"prompt": "cat", "count": 9}, "`count` must be between 1 and 4"),
+    ({"prompt": "cat", "size": 100}, "multiple of 64"),
+    ({"prompt": "cat", "model": "dall-e"}, "Unknown model `dall-e`"),
+])
+def test_bad_options_get_ephemeral_error_and_no_job(stack, redis_server, options, message):
+    payload = command(stack, "imagine", **options)
+    answer = reply(stack, payload)
+    assert answer.payload["data"]["flags"] & 64, "error must be ephemeral"
+    assert message in answer.payload["data"]["content"]
+    job_id = job_id_for_interaction(int(payload["id"]))
+    assert not Job.exists(job_id, connection=Redis.from_url(redis_server.url))
+
+
+def test_replayed_interaction_makes_one_job(stack):
+    payload = command(stack, "imagine", prompt="a single replayed command", seed=7)
+    stack.dispatch("INTERACTION_CREATE", payload)  # the gateway replays it
+    result(stack, payload)
+    wait_for(lambda: True, 0.1)
+    import time
+
+    time.sleep(2)  # leave time for a second result to (wrongly) appear
+    assert len(stack.messages("followup", payload["token"])) == 1
+    assert len(stack.messages("callback", payload["token"])) == 1
+
+
+def test_models_lists_catalog_with_live_worker(stack):
+    payload = command(stack, "models")
+    answer = reply(stack, payload)
+    description = answer.payload["data"]["embeds"][0]["description"]
+    assert "**tiny** — 64px, 2 steps · 🟢 loaded · 0 waiting" in description
+    assert "**sdxl-base** — 1024px" in description and "⚪ no worker" in description

@@ -1,0 +1,69 @@
+"""Generate images locally through the worker's generation code — no Discord, no Redis.
+
+    python -m worker.cli "an orange cat" --model bk-sdm-small --seed 7 --out cat.png
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+from settings.config import Settings
+from settings.validation import ImagineOptions, InvalidRequest, build_request
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description="Generate images with an Imagine model")
+    parser.add_argument("prompt")
+    parser.add_argument("--negative-prompt")
+    parser.add_argument("--model")
+    parser.add_argument("--steps", type=int)
+    parser.add_argument("--guidance", type=float)
+    parser.add_argument("--seed", type=int)
+    parser.add_argument("--size", type=int)
+    parser.add_argument("--count", type=int, default=1)
+    parser.add_argument("--out", type=Path, default=Path("imagine.png"),
+                        help="output file; with --count N, -1…-N are added before the suffix")
+    return parser.parse_args(argv)
+
+
+def output_paths(out: Path, count: int) -> list[Path]:
+    if count == 1:
+        return [out]
+    return [out.with_name(f"{out.stem}-{i + 1}{out.suffix}") for i in range(count)]
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    settings = Settings()
+    options = ImagineOptions(prompt=args.prompt, negative_prompt=args.negative_prompt,
+                             model=args.model, steps=args.steps, guidance=args.guidance,
+                             seed=args.seed, size=args.size, count=args.count)
+    try:
+        request = build_request(options, job_id="cli", settings=settings, catalog=settings.catalog())
+    except InvalidRequest as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    logging.basicConfig(level=logging.WARNING)
+    # Imported here so that option errors answer instantly, before torch loads.
+    from worker.generate import generate
+    from worker.pipelines import load_pipeline, resolve_device, resolve_dtype
+
+    device = resolve_device(settings.device)
+    try:
+        pipe = load_pipeline(settings.catalog()[request.model], device, resolve_dtype(settings.dtype, device))
+    except OSError as error:
+        print(f"error: cannot load model {request.model!r}: {str(error).splitlines()[0]}", file=sys.stderr)
+        return 1
+    generation = generate(pipe, request)
+    for path, image, seed in zip(output_paths(args.out, request.count), generation.images, generation.seeds):
+        image.save(path)
+        print(f"{path}  seed={seed}")
+    print(f"inference {generation.inference_ms:.0f} ms on {device}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

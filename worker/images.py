@@ -1,0 +1,43 @@
+"""Encode generated images for upload: PNG with its generation record, re-encoded (never
+dropped) when it would exceed the interaction's file-size limit."""
+
+from __future__ import annotations
+
+import io
+
+from PIL import Image, PngImagePlugin
+
+JPEG_QUALITIES = (92, 85, 75, 60)
+
+
+def png_bytes(image: Image.Image, text: dict[str, str] | None = None) -> bytes:
+    info = PngImagePlugin.PngInfo()
+    for key, value in (text or {}).items():
+        info.add_text(key, value)
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG", pnginfo=info)
+    return buffer.getvalue()
+
+
+def jpeg_bytes(image: Image.Image, quality: int) -> bytes:
+    buffer = io.BytesIO()
+    image.convert("RGB").save(buffer, format="JPEG", quality=quality, optimize=True)
+    return buffer.getvalue()
+
+
+def encode_for_upload(
+    image: Image.Image, limit: int, text: dict[str, str] | None = None
+) -> tuple[bytes, str]:
+    """(data, extension): lossless PNG when it fits, else JPEG at falling quality, else halved
+    resolution until it fits."""
+    data = png_bytes(image, text)
+    if len(data) <= limit:
+        return data, "png"
+    while True:
+        for quality in JPEG_QUALITIES:
+            data = jpeg_bytes(image, quality)
+            if len(data) <= limit:
+                return data, "jpg"
+        if min(image.size) <= 16:
+            return data, "jpg"  # cannot shrink further; let Discord answer
+        image = image.resize((image.width // 2, image.height // 2), Image.Resampling.LANCZOS)

@@ -1,0 +1,134 @@
+"""Write a tiny random-weight pipeline folder that ``from_pretrained`` loads like a real one.
+
+Lets anyone (and the tests) run the whole system offline on a CPU: the shapes follow the tiny
+configs of diffusers' own tests (``get_dummy_components``); the tokenizer is a byte-level CLIP
+tokenizer written from a minimal vocabulary.
+
+    python -m worker.tiny models/tiny-sd            # StableDiffusionPipeline, 64 px
+    python -m worker.tiny models/tiny-sdxl --xl     # StableDiffusionXLPipeline, 64 px
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+from diffusers import (
+    AutoencoderKL,
+    EulerDiscreteScheduler,
+    StableDiffusionPipeline,
+    StableDiffusionXLPipeline,
+    UNet2DConditionModel,
+)
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+
+TINY_SIZE = 64  # pixels: UNet sample_size 32 × VAE scale factor 2
+TEXT_DIM = 8
+
+
+def _byte_chars() -> list[str]:
+    """GPT-2/CLIP byte-to-unicode table: every byte has a printable stand-in character."""
+    keep = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1))
+    keep += list(range(ord("®"), ord("ÿ") + 1))
+    chars, extra = [], 0
+    for b in range(256):
+        if b in keep:
+            chars.append(chr(b))
+        else:
+            chars.append(chr(256 + extra))
+            extra += 1
+    return chars
+
+
+def build_tokenizer() -> CLIPTokenizer:
+    """A character-level CLIP tokenizer: every byte and byte + end-of-word is a token."""
+    tokens = ["<|startoftext|>", "<|endoftext|>"]
+    tokens += _byte_chars() + [c + "</w>" for c in _byte_chars()]
+    with tempfile.TemporaryDirectory() as scratch:
+        vocab, merges = Path(scratch, "vocab.json"), Path(scratch, "merges.txt")
+        vocab.write_text(json.dumps({t: i for i, t in enumerate(tokens)}))
+        merges.write_text("#version: 0.2\n")
+        return CLIPTokenizer(str(vocab), str(merges), model_max_length=77)
+
+
+def _text_config() -> CLIPTextConfig:
+    return CLIPTextConfig(
+        bos_token_id=0, eos_token_id=1, pad_token_id=1, hidden_size=TEXT_DIM,
+        intermediate_size=16, num_attention_heads=2, num_hidden_layers=2, vocab_size=1000,
+        projection_dim=TEXT_DIM,
+    )
+
+
+def _vae() -> AutoencoderKL:
+    return AutoencoderKL(
+        block_out_channels=[4, 8], in_channels=3, out_channels=3, latent_channels=4,
+        down_block_types=["DownEncoderBlock2D"] * 2, up_block_types=["UpDecoderBlock2D"] * 2,
+        norm_num_groups=2, sample_size=TINY_SIZE,
+    )
+
+
+def _scheduler() -> EulerDiscreteScheduler:
+    return EulerDiscreteScheduler(
+        beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", steps_offset=1
+    )
+
+
+def tiny_sd() -> StableDiffusionPipeline:
+    unet = UNet2DConditionModel(
+        block_out_channels=(4, 8), layers_per_block=1, sample_size=32, in_channels=4,
+        out_channels=4, down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), cross_attention_dim=TEXT_DIM,
+        norm_num_groups=2, attention_head_dim=2,
+        mid_block_type=None,  # BK-SDM removes the mid block
+    )
+    return StableDiffusionPipeline(
+        unet=unet, vae=_vae(), text_encoder=CLIPTextModel(_text_config()),
+        tokenizer=build_tokenizer(), scheduler=_scheduler(),
+        safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+    )
+
+
+def tiny_sdxl() -> StableDiffusionXLPipeline:
+    unet = UNet2DConditionModel(
+        block_out_channels=(4, 8), layers_per_block=1, sample_size=32, in_channels=4,
+        out_channels=4, down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), attention_head_dim=(2, 4),
+        use_linear_projection=True, addition_embed_type="text_time", addition_time_embed_dim=8,
+        transformer_layers_per_block=(1, 2), norm_num_groups=2,
+        cross_attention_dim=2 * TEXT_DIM,  # both text encoders' hidden states, concatenated
+        projection_class_embeddings_input_dim=6 * 8 + TEXT_DIM,  # 6 time ids + pooled text
+    )
+    tokenizer = build_tokenizer()
+    return StableDiffusionXLPipeline(
+        unet=unet, vae=_vae(), scheduler=_scheduler(),
+        text_encoder=CLIPTextModel(_text_config()), tokenizer=tokenizer,
+        text_encoder_2=CLIPTextModelWithProjection(_text_config()), tokenizer_2=tokenizer,
+    )
+
+
+def write_tiny_pipeline(folder: Path, xl: bool = False, seed: int = 0) -> Path:
+    """Build a random tiny pipeline and ``save_pretrained`` it into ``folder``."""
+    torch.manual_seed(seed)
+    folder = Path(folder)
+    pipe = tiny_sdxl() if xl else tiny_sd()
+    pipe.save_pretrained(folder)
+    return folder
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("folder", type=Path)
+    parser.add_argument("--xl", action="store_true", help="StableDiffusionXLPipeline layout")
+    args = parser.parse_args(argv)
+    write_tiny_pipeline(args.folder, xl=args.xl)
+    kind = "StableDiffusionXLPipeline" if args.xl else "StableDiffusionPipeline"
+    print(f"wrote tiny {kind} ({TINY_SIZE} px) to {args.folder}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
