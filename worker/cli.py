@@ -58,6 +58,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: cannot load model {request.model!r}: {str(error).splitlines()[0]}", file=sys.stderr)
         return 1
     generation = generate(pipe, request)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
     for path, image, seed in zip(output_paths(args.out, request.count), generation.images, generation.seeds):
         image.save(path)
         print(f"{path}  seed={seed}")
