@@ -49,13 +49,13 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING)
     # Imported here so that option errors answer instantly, before torch loads.
     from worker.generate import generate
-    from worker.pipelines import load_pipeline, resolve_device, resolve_dtype
+    from worker.pipelines import ModelLoadError, load_pipeline, resolve_device, resolve_dtype
 
     device = resolve_device(settings.device)
     try:
         pipe = load_pipeline(settings.catalog()[request.model], device, resolve_dtype(settings.dtype, device))
-    except OSError as error:
-        print(f"error: cannot load model {request.model!r}: {str(error).splitlines()[0]}", file=sys.stderr)
+    except ModelLoadError as error:
+        print(f"error: {error}", file=sys.stderr)
         return 1
     generation = generate(pipe, request)
     args.out.parent.mkdir(parents=True, exist_ok=True)

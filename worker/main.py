@@ -20,7 +20,7 @@ from settings.config import Settings
 from settings.jobs import JobRequest, queue_name
 from worker.delivery import use_api_base
 from worker.generate import generate
-from worker.pipelines import ResidentPipelines, resolve_device, resolve_dtype
+from worker.pipelines import ModelLoadError, ResidentPipelines, resolve_device, resolve_dtype
 from worker.tasks import WorkerRuntime, install_runtime
 
 log = logging.getLogger("worker")
@@ -83,7 +83,10 @@ def main(argv: list[str] | None = None) -> int:
     quiet_progress_bars()
     settings = Settings()
     use_api_base(settings.discord_api_base)
-    pipelines = load_pipelines(settings)
+    try:
+        pipelines = load_pipelines(settings)
+    except ModelLoadError as error:
+        raise SystemExit(f"error: {error}") from None
     install_runtime(WorkerRuntime(pipelines=pipelines))
     redis = Redis.from_url(settings.redis_url)
     worker = build_worker(settings, pipelines.keys(), redis)

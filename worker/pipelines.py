@@ -29,6 +29,10 @@ def resolve_dtype(setting: str, device: torch.device) -> torch.dtype:
     return DTYPES[setting]
 
 
+class ModelLoadError(RuntimeError):
+    """Weights missing or unreadable; the message is one line for operators."""
+
+
 def load_pipeline(entry: ModelEntry, device: torch.device, dtype: torch.dtype) -> DiffusionPipeline:
     """``from_pretrained`` on a hub id or a local directory, moved to ``device``."""
     pipeline_class = getattr(diffusers, entry.pipeline)
@@ -36,7 +40,11 @@ def load_pipeline(entry: ModelEntry, device: torch.device, dtype: torch.dtype) -
     if dtype == torch.float16 and entry.variant:
         kwargs["variant"] = entry.variant  # fetch the half-size fp16 files where the repo has them
     log.info("loading %s from %s (%s on %s)", entry.key, entry.source, dtype, device)
-    pipe = pipeline_class.from_pretrained(entry.source, **kwargs)
+    try:
+        pipe = pipeline_class.from_pretrained(entry.source, **kwargs)
+    except (OSError, ValueError) as error:  # missing files, unreachable hub, bad repo id
+        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise ModelLoadError(f"cannot load model {entry.key!r} from {entry.source}: {first_line}") from error
     pipe.set_progress_bar_config(disable=True)
     return pipe.to(device)
 
