@@ -25,6 +25,9 @@ class ModelEntry(BaseModel):
     default_guidance: float = 7.5
     variant: str | None = "fp16"  # weight variant to ask for on GPU (fp16 files); none on CPU
     revision: str | None = None
+    # An fp16-safe VAE (e.g. madebyollin/sdxl-vae-fp16-fix) replaces the pipeline's VAE, so SDXL
+    # decodes in half precision instead of upcasting to fp32.
+    vae_source: str | None = None
     description: str = ""
 
 

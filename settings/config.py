@@ -46,6 +46,14 @@ class Settings(BaseSettings):
     device: str = "auto"  # "auto" → cuda when available, else cpu
     dtype: Literal["auto", "float16", "bfloat16", "float32"] = "auto"
     warmup: bool = True
+    # Speed (issue: fast workers). All are safe defaults on GPU and no-ops on CPU.
+    max_batch_images: int = Field(default=8, ge=1, description="images per pipeline call when batching")
+    channels_last: bool = True
+    fuse_qkv: bool = True
+    compile: Literal["none", "default", "reduce-overhead", "max-autotune"] = "none"
+    compile_batch_sizes: list[int] = Field(default_factory=lambda: [1])
+    gpu_memory_budget_gb: float | None = None  # None: keep every served model on the GPU
+    starvation_s: float = 20.0  # a job for a model not on the GPU waits at most this before a swap
 
     # Limits applied to every command (server policies can only tighten them).
     max_prompt_chars: int = 500

@@ -65,6 +65,7 @@ class JobResult(BaseModel):
     width: int
     height: int
     timings: Timings
+    batch_images: int = 1  # images generated in the same pipeline call
     message_id: int | None = None
     delivered_via: str | None = None  # "webhook" | "channel" | None (not delivered)
 

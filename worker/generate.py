@@ -1,4 +1,4 @@
-"""One request → images and inference time. Pure of Discord and Redis, so it is testable and
+"""Requests → images and inference time. Pure of Discord and Redis, so it is testable and
 benchmarkable on its own."""
 
 from __future__ import annotations
@@ -18,6 +18,13 @@ class Generation:
     images: list[Image]
     seeds: list[int]
     inference_ms: float
+    started_at: float  # epoch seconds when the pipeline call began
+    batch_images: int = 1  # images made in that pipeline call (this request's and others')
+
+
+def batch_key(request: JobRequest) -> tuple:
+    """Requests with equal keys can share one pipeline call."""
+    return (request.model, request.size, request.steps, request.guidance)
 
 
 def seeded_generators(seeds: list[int]) -> list[torch.Generator]:
@@ -27,21 +34,31 @@ def seeded_generators(seeds: list[int]) -> list[torch.Generator]:
     return [torch.Generator(device="cpu").manual_seed(seed) for seed in seeds]
 
 
-def generate(pipe: DiffusionPipeline, request: JobRequest) -> Generation:
-    seeds = request.seeds()
-    started = time.perf_counter()
+def generate_batch(pipe: DiffusionPipeline, requests: list[JobRequest]) -> list[Generation]:
+    """One pipeline call for several compatible requests; one Generation per request."""
+    first = requests[0]
+    if any(batch_key(r) != batch_key(first) for r in requests):
+        raise ValueError("requests in one batch must share model, size, steps and guidance")
+    prompts = [r.prompt for r in requests for _ in r.seeds()]
+    negatives = [r.negative_prompt for r in requests for _ in r.seeds()]
+    seeds = [seed for r in requests for seed in r.seeds()]
+    started_at, started = time.time(), time.perf_counter()
     with torch.inference_mode():
         output = pipe(
-            prompt=request.prompt,
-            negative_prompt=request.negative_prompt or None,
-            num_inference_steps=request.steps,
-            guidance_scale=request.guidance,
-            height=request.size,
-            width=request.size,
-            num_images_per_prompt=len(seeds),
-            generator=seeded_generators(seeds),
+            prompt=prompts, negative_prompt=negatives, num_inference_steps=first.steps,
+            guidance_scale=first.guidance, height=first.size, width=first.size,
+            num_images_per_prompt=1, generator=seeded_generators(seeds),
         )
     if pipe.device.type == "cuda":
         torch.cuda.synchronize(pipe.device)
     inference_ms = (time.perf_counter() - started) * 1000
-    return Generation(images=list(output.images), seeds=seeds, inference_ms=inference_ms)
+    generations, offset = [], 0
+    for request in requests:
+        images = list(output.images[offset:offset + request.count])
+        generations.append(Generation(images, request.seeds(), inference_ms, started_at, len(seeds)))
+        offset += request.count
+    return generations
+
+
+def generate(pipe: DiffusionPipeline, request: JobRequest) -> Generation:
+    return generate_batch(pipe, [request])[0]

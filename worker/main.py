@@ -11,24 +11,63 @@ import logging
 import os
 import sys
 
+import time
+
 from redis import Redis
 from rq import Queue, SimpleWorker
+from rq.intermediate_queue import IntermediateQueue
+from rq.job import Job
 from rq.serializers import JSONSerializer
 
 from settings.catalog import ModelEntry
 from settings.config import Settings
 from settings.jobs import JobRequest, queue_name
 from worker.delivery import use_api_base
+from worker.batching import claim_companions, request_of
 from worker.generate import generate
+from worker.optimize import SpeedOptions
 from worker.pipelines import ModelLoadError, ResidentPipelines, resolve_device, resolve_dtype
-from worker.tasks import WorkerRuntime, install_runtime
+from worker.tasks import WorkerRuntime, current_runtime, install_runtime
 
 log = logging.getLogger("worker")
 
 
 class ImagineWorker(SimpleWorker):
     """In-process worker: CUDA state cannot cross a fork and a pipeline takes seconds to load,
-    so every job runs in this process next to the resident pipelines."""
+    so every job runs in this process next to the resident pipelines.
+
+    Adds batching of compatible queued jobs and, when it serves several models, a queue order
+    that prefers models already on the GPU without starving the others."""
+
+    max_batch_images: int = 1
+    starvation_s: float = 20.0
+
+    def execute_job(self, job: Job, queue: Queue) -> None:
+        batches = current_runtime().batches
+        lead = request_of(job)
+        claimed = claim_companions(queue, lead, self.max_batch_images) if self.max_batch_images > lead.count else []
+        batches.plan(job, claimed)
+        super().execute_job(job, queue)
+        batches.forget(job.id)
+        for companion in claimed:
+            super().execute_job(companion, queue)
+            batches.forget(companion.id)
+            IntermediateQueue(queue.key, self.connection).remove(companion.id)
+
+    def dequeue_job_and_maintain_ttl(self, timeout, max_idle_time=None):
+        if len(self.queues) > 1:
+            self._ordered_queues = sorted(self.queues, key=self._queue_priority)
+        return super().dequeue_job_and_maintain_ttl(timeout, max_idle_time)
+
+    def _queue_priority(self, queue: Queue) -> int:
+        """0: a job has waited too long (serve it even if it costs a swap), 1: model on the GPU,
+        2: model parked in host RAM."""
+        head_id = self.connection.lindex(queue.key, 0)
+        head = queue.fetch_job(head_id.decode()) if head_id else None
+        if head is not None and time.time() - request_of(head).created_at > self.starvation_s:
+            return 0
+        model = queue.name.split(":", 1)[1]
+        return 1 if model in current_runtime().pipelines.resident_keys() else 2
 
 
 def served_models(settings: Settings) -> list[ModelEntry]:
@@ -39,30 +78,42 @@ def served_models(settings: Settings) -> list[ModelEntry]:
     return [catalog[key] for key in settings.worker_models]
 
 
-def warm_up(pipelines: ResidentPipelines) -> None:
-    """One short generation per model, so the first user does not pay for lazy initialisation."""
+def warm_up(pipelines: ResidentPipelines, batch_sizes: list[int]) -> None:
+    """Short generations per model (and per batch size, for compiled graphs), so no user pays
+    for lazy initialisation or compilation; the worker only registers as ready after this."""
     for key, entry in pipelines.entries.items():
-        size = entry.native_size
-        generate(pipelines.get(key), JobRequest(job_id="warmup", model=key, prompt="warm up",
-                                                steps=2, guidance=entry.default_guidance,
-                                                seed=0, size=size))
+        for count in batch_sizes:
+            generate(pipelines.get(key), JobRequest(
+                job_id="warmup", model=key, prompt="warm up", steps=2,
+                guidance=entry.default_guidance, seed=0, size=entry.native_size, count=count))
+
+
+def speed_options(settings: Settings) -> SpeedOptions:
+    return SpeedOptions(channels_last=settings.channels_last, fuse_qkv=settings.fuse_qkv,
+                        compile=settings.compile)
 
 
 def load_pipelines(settings: Settings) -> ResidentPipelines:
     device = resolve_device(settings.device)
-    pipelines = ResidentPipelines(device=device, dtype=resolve_dtype(settings.dtype, device))
+    budget = settings.gpu_memory_budget_gb
+    pipelines = ResidentPipelines(device=device, dtype=resolve_dtype(settings.dtype, device),
+                                  speed=speed_options(settings),
+                                  budget_bytes=None if budget is None else int(budget * 2**30))
     for entry in served_models(settings):
         pipelines.load(entry)
     if settings.warmup:
-        warm_up(pipelines)
+        warm_up(pipelines, settings.compile_batch_sizes if settings.compile != "none" else [1])
     return pipelines
 
 
 def build_worker(settings: Settings, models: list[str], redis: Redis) -> ImagineWorker:
     queues = [Queue(queue_name(key, settings.queue_prefix), connection=redis,
                     serializer=JSONSerializer) for key in models]
-    return ImagineWorker(queues, connection=redis, serializer=JSONSerializer,
-                         name=f"imagine-{os.uname().nodename}-{os.getpid()}")
+    worker = ImagineWorker(queues, connection=redis, serializer=JSONSerializer,
+                           name=f"imagine-{os.uname().nodename}-{os.getpid()}")
+    worker.max_batch_images = settings.max_batch_images
+    worker.starvation_s = settings.starvation_s
+    return worker
 
 
 def quiet_progress_bars() -> None:

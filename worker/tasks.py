@@ -13,8 +13,9 @@ from dataclasses import dataclass, field
 import requests
 
 from settings.jobs import JobRequest, JobResult, Timings
+from worker.batching import BatchPlan
 from worker.delivery import Upload, post_result, result_embed
-from worker.generate import Generation, generate
+from worker.generate import Generation, generate_batch
 from worker.images import encode_for_upload
 from worker.pipelines import ResidentPipelines
 
@@ -25,6 +26,7 @@ log = logging.getLogger(__name__)
 class WorkerRuntime:
     pipelines: ResidentPipelines
     session: requests.Session = field(default_factory=requests.Session)
+    batches: BatchPlan = field(default_factory=BatchPlan)
 
 
 _runtime: WorkerRuntime | None = None
@@ -52,15 +54,26 @@ def uploads_for(request: JobRequest, generation: Generation, limit: int) -> list
     return uploads
 
 
+def images_for(runtime: WorkerRuntime, request: JobRequest) -> Generation:
+    """This job's images: made earlier in a batch, or now together with its batch companions."""
+    ready = runtime.batches.take_ready(request.job_id)
+    if ready is not None:
+        return ready
+    companions = runtime.batches.take_companions(request.job_id)
+    generations = generate_batch(runtime.pipelines.get(request.model), [request, *companions])
+    runtime.batches.store({c.job_id: g for c, g in zip(companions, generations[1:])})
+    return generations[0]
+
+
 def run_imagine(payload: dict) -> dict:
     runtime = current_runtime()
     request = JobRequest.model_validate(payload)
-    queue_wait_ms = (time.time() - request.created_at) * 1000
-    generation = generate(runtime.pipelines.get(request.model), request)
+    generation = images_for(runtime, request)
+    queue_wait_ms = (generation.started_at - request.created_at) * 1000
     width, height = generation.images[0].size
     result = JobResult(
         job_id=request.job_id, model=request.model, seeds=generation.seeds, width=width,
-        height=height,
+        height=height, batch_images=generation.batch_images,
         timings=Timings(queue_wait_ms=queue_wait_ms, inference_ms=generation.inference_ms,
                         total_ms=(time.time() - request.created_at) * 1000),
     )
