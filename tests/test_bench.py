@@ -1,0 +1,34 @@
+"""The benchmark scripts run (tiny configs) and the shipped architectures are the real ones."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from bench import queue_overhead, seed_table
+from bench.architectures import UNETS, build_unet
+
+
+@pytest.mark.parametrize("key, millions", [
+    ("bk-sdm-small", 482.3), ("sd-v1-4", 859.5), ("ssd-1b", 1331.3), ("sdxl-base", 2567.5),
+])
+def test_shipped_unet_configs_have_the_published_sizes(key, millions):
+    with torch.device("meta"):  # shapes only, no memory
+        unet = build_unet(key)
+    assert round(sum(p.numel() for p in unet.parameters()) / 1e6, 1) == millions
+    assert set(UNETS) == {"bk-sdm-small", "sd-v1-4", "ssd-1b", "sdxl-base"}
+
+
+def test_seed_table_compares_plain_and_imagine_paths(capsys):
+    rows = seed_table.main(["--tiny", "--models", "bk-sdm-small,ssd-1b", "--steps", "1", "--runs", "1",
+                            "--depth", "4", "--batch", "4"])
+    assert [r["model"] for r in rows] == ["bk-sdm-small", "ssd-1b"]
+    for row in rows:
+        assert row["plain_ms"] > 0 and row["imagine_ms"] > 0 and row["imagine_img_per_s"] > 0
+        assert row["max_pixel_diff"] <= 2  # the optimized path draws the same image
+    assert "imagine img/s@4" in capsys.readouterr().out
+
+
+def test_scale_simulation_runs_real_workers(redis_server):
+    row = queue_overhead.scale(redis_server.url, workers=2, work_ms=50, jobs_per_worker=3)
+    assert row["workers"] == 2 and row["jobs_per_s"] > 0 and 0 < row["efficiency"] <= 1.05
