@@ -115,9 +115,11 @@ class PolicyStore:
         old = GuildPolicy() if raw is None else GuildPolicy.model_validate_json(raw)
         updates = change(old)
         new = GuildPolicy.model_validate({**old.model_dump(), **updates})
-        before = old.model_dump(mode="json", include=set(updates))
-        after = new.model_dump(mode="json", include=set(updates))
-        if before == after:
+        before, after = old.model_dump(mode="json"), new.model_dump(mode="json")
+        changed = [name for name in updates if before.get(name) != after.get(name)]
+        before = {name: before[name] for name in changed}
+        after = {name: after[name] for name in changed}
+        if not changed:
             pipe.unwatch()
             return None
         entry = AuditEntry(at=time.time(), actor_id=actor.id, actor=actor.name, action=action,
