@@ -14,7 +14,6 @@ Blocking redis-py calls: the async bot runs them in a thread.
 
 from __future__ import annotations
 
-import json
 import time
 from dataclasses import dataclass
 from typing import Any, Callable
