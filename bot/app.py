@@ -14,7 +14,8 @@ from discord import app_commands
 from discord.gateway import DiscordWebSocket
 from discord.http import Route
 
-from bot.commands import imagine, models
+from bot.commands import admin, imagine, models
+from bot.policy_store import PolicyStore
 from bot.queue import JobQueue, connect
 from settings.config import Settings
 
@@ -30,17 +31,19 @@ def use_discord_endpoints(settings: Settings) -> None:
 
 
 class ImagineBot(discord.Client):
-    def __init__(self, settings: Settings, jobs: JobQueue, *, sync_commands: bool = True):
+    def __init__(self, settings: Settings, jobs: JobQueue, policies: PolicyStore | None = None, *,
+                 sync_commands: bool = True):
         super().__init__(intents=discord.Intents(guilds=True), application_id=settings.application_id)
         self.settings = settings
         self.catalog = settings.catalog()
         self.jobs = jobs
+        self.policies = policies or PolicyStore(jobs.redis, settings.queue_prefix, jobs.job_lifetime_s())
         self.sync_commands = sync_commands
         self.tree = app_commands.CommandTree(self)
         self.tree.on_error = self.on_app_command_error
 
     async def setup_hook(self) -> None:
-        for command in (imagine.imagine, models.list_models):
+        for command in (imagine.imagine, models.list_models, admin.admin):
             self.tree.add_command(command)
         if self.sync_commands:
             guild = discord.Object(self.settings.sync_guild_id) if self.settings.sync_guild_id else None
@@ -55,9 +58,15 @@ class ImagineBot(discord.Client):
     async def on_app_command_error(
         self, interaction: discord.Interaction, error: app_commands.AppCommandError
     ) -> None:
-        """Last resort: log the traceback, show the user one friendly line."""
-        log.exception("command failed", exc_info=error)
-        text = "Something went wrong on our side. Please try again in a moment."
+        """A failed check gets its reason; anything else is logged with its traceback and the
+        user sees one friendly line."""
+        if isinstance(error, app_commands.MissingPermissions):
+            text = "🔒 You need the **Manage Server** permission to do that."
+        elif isinstance(error, app_commands.NoPrivateMessage):
+            text = "This command works only in a server."
+        else:
+            log.exception("command failed", exc_info=error)
+            text = "Something went wrong on our side. Please try again in a moment."
         if interaction.response.is_done():
             await interaction.followup.send(text, ephemeral=True)
         else:

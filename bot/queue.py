@@ -9,9 +9,11 @@ from rq.exceptions import DuplicateJobError
 from rq.serializers import JSONSerializer
 
 from settings.config import Settings
-from settings.jobs import JOB_FUNCTION, JobRequest, queue_name
+from settings.jobs import ACTIVE_KEY_META, JOB_FUNCTION, JobRequest, queue_name
 
 FAILURE_CALLBACK = "worker.failures.report_failure"
+SUCCESS_CALLBACK = "worker.release.on_success"
+STOPPED_CALLBACK = "worker.release.on_stopped"
 RETRIES = 2
 
 
@@ -34,8 +36,13 @@ class JobQueue:
         return Queue(queue_name(model, self.settings.queue_prefix), connection=self.redis,
                      serializer=JSONSerializer)
 
-    def submit(self, request: JobRequest) -> int:
-        """Enqueue and return the 1-based position in the model's queue."""
+    def job_lifetime_s(self) -> float:
+        """Longest a job can stay queued or running: queue TTL, every try's timeout, slack."""
+        return self.settings.queue_ttl_s + self.settings.job_timeout_s * (RETRIES + 1) + 60
+
+    def submit(self, request: JobRequest, active_key: str | None = None) -> int:
+        """Enqueue and return the 1-based position in the model's queue. ``active_key`` names
+        the user's active-job set the worker frees the job from when it ends."""
         queue = self.queue(request.model)
         try:
             queue.enqueue(
@@ -44,6 +51,8 @@ class JobQueue:
                 ttl=self.settings.queue_ttl_s, job_timeout=self.settings.job_timeout_s,
                 result_ttl=self.settings.result_ttl_s,
                 retry=Retry(max=RETRIES), on_failure=Callback(FAILURE_CALLBACK),
+                on_success=Callback(SUCCESS_CALLBACK), on_stopped=Callback(STOPPED_CALLBACK),
+                meta={ACTIVE_KEY_META: active_key} if active_key else None,
                 description=f"{request.model}: {request.prompt[:80]}",
             )
         except DuplicateJobError:

@@ -12,6 +12,9 @@ from pydantic import BaseModel, ConfigDict, Field
 
 # The function workers run, named by path so front ends never import worker code (or torch).
 JOB_FUNCTION = "worker.tasks.run_imagine"
+# job.meta field naming the Redis sorted set of the user's active jobs; the worker removes the
+# job from it when the job ends (worker.release), so per-user limits free up.
+ACTIVE_KEY_META = "active_key"
 
 
 class Delivery(BaseModel):
@@ -66,6 +69,9 @@ class JobResult(BaseModel):
     height: int
     timings: Timings
     batch_images: int = 1  # images generated in the same pipeline call
+    # What the pipeline actually ran: the moderated prompt and negative prompt.
+    prompt: str = ""
+    negative_prompt: str = ""
     message_id: int | None = None
     delivered_via: str | None = None  # "webhook" | "channel" | None (not delivered)
 

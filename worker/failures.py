@@ -16,6 +16,7 @@ from rq.timeouts import JobTimeoutException
 
 from settings.jobs import JobRequest
 from worker.delivery import post_failure
+from worker.release import release_slot
 
 log = logging.getLogger(__name__)
 
@@ -34,6 +35,7 @@ def report_failure(job: Job, connection, exc_type=None, exc_value=None, tracebac
     if job.retries_left:
         log.warning("job %s failed (%s); %s retries left", job.id, exc_type, job.retries_left)
         return
+    release_slot(job, connection)
     request = JobRequest.model_validate(job.args[0])
     log.error("job %s failed for good: %s", job.id, exc_type.__name__ if exc_type else "unknown")
     if request.delivery is None:

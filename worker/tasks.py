@@ -73,7 +73,8 @@ def run_imagine(payload: dict) -> dict:
     width, height = generation.images[0].size
     result = JobResult(
         job_id=request.job_id, model=request.model, seeds=generation.seeds, width=width,
-        height=height, batch_images=generation.batch_images,
+        height=height, batch_images=generation.batch_images, prompt=request.prompt,
+        negative_prompt=request.negative_prompt,
         timings=Timings(queue_wait_ms=queue_wait_ms, inference_ms=generation.inference_ms,
                         total_ms=(time.time() - request.created_at) * 1000),
     )

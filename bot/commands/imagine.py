@@ -11,9 +11,11 @@ import discord
 from discord import app_commands
 from redis.exceptions import RedisError
 
+from bot.admission import Requester, enqueue_moderated
+from bot.policy import Moderated
 from bot.queue import AlreadyQueued
-from settings.jobs import Delivery, JobRequest, job_id_for_interaction
-from settings.validation import ImagineOptions, InvalidRequest, build_request
+from settings.jobs import Delivery, job_id_for_interaction
+from settings.validation import ImagineOptions, InvalidRequest
 
 if TYPE_CHECKING:
     from bot.app import ImagineBot
@@ -32,10 +34,18 @@ def delivery_for(interaction: discord.Interaction) -> Delivery:
     )
 
 
-def queued_message(request: JobRequest, position: int) -> str:
+def requester_for(interaction: discord.Interaction) -> Requester:
+    return Requester(user_id=interaction.user.id, guild_id=interaction.guild_id,
+                     channel_id=interaction.channel_id,
+                     is_admin=interaction.permissions.manage_guild)
+
+
+def queued_message(moderated: Moderated, position: int) -> str:
+    request = moderated.request
     images = "1 image" if request.count == 1 else f"{request.count} images"
-    return (f"🎨 Queued {images} on **{request.model}** — position **#{position}** in its queue.\n"
-            f"> {request.prompt[:300]}")
+    notes = "".join(f"\nℹ️ {note}" for note in moderated.notes)
+    return (f"🎨 Queued {images} on **{request.model}** — position **#{position}** in its queue."
+            f"{notes}\n> {request.prompt[:300]}")
 
 
 async def model_autocomplete(interaction: discord.Interaction, current: str) -> list[app_commands.Choice[str]]:
@@ -72,10 +82,11 @@ async def imagine(
     bot: ImagineBot = interaction.client  # type: ignore[assignment]
     options = ImagineOptions(prompt, negative_prompt, model, steps, guidance, seed, size, count)
     try:
-        request = build_request(options, job_id=job_id_for_interaction(interaction.id),
-                                settings=bot.settings, catalog=bot.catalog,
-                                delivery=delivery_for(interaction), created_at=received_at)
-        position = await asyncio.to_thread(bot.jobs.submit, request)
+        moderated, position = await asyncio.to_thread(
+            enqueue_moderated, options, requester_for(interaction),
+            job_id=job_id_for_interaction(interaction.id), settings=bot.settings,
+            catalog=bot.catalog, policies=bot.policies, jobs=bot.jobs,
+            delivery=delivery_for(interaction), created_at=received_at)
     except InvalidRequest as error:
         await interaction.response.send_message(f"❌ {error}", ephemeral=True)
         return
@@ -86,5 +97,6 @@ async def imagine(
         log.warning("queue unavailable: %s", error)
         await interaction.response.send_message(f"⏳ {QUEUE_DOWN}", ephemeral=True)
         return
+    request = moderated.request
     log.info("queued %s on %s at #%d", request.job_id, request.model, position)
-    await interaction.response.send_message(queued_message(request, position))
+    await interaction.response.send_message(queued_message(moderated, position))

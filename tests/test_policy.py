@@ -1,0 +1,87 @@
+"""apply_policy, the pure part of moderation: every rule, with no Redis."""
+
+from __future__ import annotations
+
+import pytest
+
+from bot.policy import GuildPolicy, PolicyViolation, apply_policy
+from settings.config import Settings
+from settings.validation import ImagineOptions, InvalidRequest
+
+SETTINGS = Settings(_env_file=None, default_model="bk-sdm-small")
+CATALOG = SETTINGS.catalog()
+
+
+def run(policy: GuildPolicy, channel_id: int | None = 10, **options):
+    return apply_policy(ImagineOptions(**{"prompt": "a cat", **options}), policy, job_id="j1",
+                        settings=SETTINGS, catalog=CATALOG, channel_id=channel_id)
+
+
+def test_no_policy_keeps_the_global_default_negative():
+    request = run(GuildPolicy()).request
+    assert request.negative_prompt == SETTINGS.default_negative_prompt
+    assert not request.forced_negative_applied
+
+
+def test_forced_negative_comes_first_and_keeps_the_users_own():
+    request = run(GuildPolicy(forced_negative="nsfw, gore"), negative_prompt="blurry").request
+    assert request.negative_prompt == "nsfw, gore, blurry"
+    assert request.forced_negative_applied
+
+
+def test_forced_negative_with_server_default():
+    policy = GuildPolicy(forced_negative="nsfw", default_negative="lowres")
+    assert run(policy).request.negative_prompt == "nsfw, lowres"
+    assert run(policy, negative_prompt="   ").request.negative_prompt == "nsfw, lowres"
+    assert run(GuildPolicy(default_negative="")).request.negative_prompt == ""
+
+
+@pytest.mark.parametrize("field", ["prompt", "negative_prompt"])
+def test_banned_term_names_the_rule(field):
+    options = {"prompt": "a cat", field: "a G.0.R.E scene"}
+    with pytest.raises(PolicyViolation) as caught:
+        run(GuildPolicy(banned_terms=("gore",)), **options)
+    assert caught.value.rule == "banned terms"
+    assert "banned terms" in str(caught.value) and "gore" in str(caught.value)
+    assert isinstance(caught.value, InvalidRequest)
+
+
+def test_channel_allowlist():
+    policy = GuildPolicy(channels=(10, 11))
+    assert run(policy, channel_id=11).request
+    with pytest.raises(PolicyViolation, match="server rule: channels"):
+        run(policy, channel_id=12)
+
+
+def test_models_allowlist_and_server_default():
+    policy = GuildPolicy(allowed_models=("sd-v1-4",), default_model="sd-v1-4")
+    assert run(policy).request.model == "sd-v1-4"
+    with pytest.raises(PolicyViolation, match="server rule: models"):
+        run(policy, model="ssd-1b")
+
+
+def test_caps_reject_explicit_values():
+    policy = GuildPolicy(max_steps=20, max_count=2, max_size=512)
+    with pytest.raises(PolicyViolation, match="limited to 20 on this server.*max steps"):
+        run(policy, steps=30)
+    with pytest.raises(PolicyViolation, match="max count"):
+        run(policy, count=3)
+    with pytest.raises(PolicyViolation, match="max size"):
+        run(policy, size=768)
+
+
+def test_caps_lower_unset_defaults_silently():
+    moderated = run(GuildPolicy(max_steps=20, max_size=256), model="ssd-1b")  # default 30 steps, 1024 px
+    assert (moderated.request.steps, moderated.request.size) == (20, 256)
+    assert moderated.notes == ()
+
+
+def test_caps_clamp_mode_clamps_and_says_so():
+    moderated = run(GuildPolicy(max_steps=20, max_count=2, clamp=True), steps=45, count=4)
+    assert (moderated.request.steps, moderated.request.count) == (20, 2)
+    assert len(moderated.notes) == 2 and "steps" in moderated.notes[0]
+
+
+def test_global_limits_still_apply():
+    with pytest.raises(InvalidRequest, match="between 1 and 50"):
+        run(GuildPolicy(), steps=99)

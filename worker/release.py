@@ -1,0 +1,31 @@
+"""Free a user's per-user job slot when their job ends (RQ callbacks, run in the worker).
+
+The bot names the slot in ``job.meta`` (``ACTIVE_KEY_META``): the worker needs no policy code.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from rq.job import Job
+
+from settings.jobs import ACTIVE_KEY_META
+
+log = logging.getLogger(__name__)
+
+
+def release_slot(job: Job, connection) -> None:
+    key = job.meta.get(ACTIVE_KEY_META)
+    if key:
+        try:
+            connection.zrem(key, job.id)
+        except Exception:  # a success callback that raises would mark the job failed
+            log.warning("could not release the job slot of %s", job.id, exc_info=True)
+
+
+def on_success(job: Job, connection, result) -> None:
+    release_slot(job, connection)
+
+
+def on_stopped(job: Job, connection) -> None:
+    release_slot(job, connection)
