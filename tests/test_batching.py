@@ -103,3 +103,32 @@ def test_worker_batches_queued_compatible_jobs(env, redis_server, fake_discord, 
         posted = as_array(Image.open(io.BytesIO(post[0].files[0][1])).convert("RGB"))
         alone = as_array(generate(pipe, req).images[0])
         assert np.abs(posted - alone).max() <= 2
+
+
+def test_worker_prefers_models_on_the_gpu_without_starving_others(redis_server):
+    from collections import OrderedDict
+
+    from rq import Queue
+
+    from worker.main import ImagineWorker
+    from worker.tasks import WorkerRuntime, install_runtime
+
+    redis = Redis.from_url(redis_server.url)
+    prefix = f"pref{snowflake()[-6:]}"
+    resident = ResidentPipelines(device=CPU, dtype=torch.float32, on_device=OrderedDict(hot=1))
+    install_runtime(WorkerRuntime(pipelines=resident))
+    queues = [Queue(queue_name(m, prefix), connection=redis, serializer=JSONSerializer) for m in ("cold", "hot")]
+    worker = ImagineWorker(queues, connection=redis, serializer=JSONSerializer)
+    worker.starvation_s = 20
+    settings = Settings(redis_url=redis_server.url, queue_prefix=prefix, _env_file=None)
+    jobs = JobQueue(redis, settings)
+
+    def order() -> list[str]:
+        return [q.name.split(":")[1] for q in sorted(worker.queues, key=worker._queue_priority)]
+
+    jobs.submit(request(f"{prefix}-c1", model="cold"))
+    jobs.submit(request(f"{prefix}-h1", model="hot"))
+    assert order() == ["hot", "cold"]  # no swap while the held model has work
+    queues[0].empty()
+    jobs.submit(request(f"{prefix}-c2", model="cold", created_at=time.time() - 30))
+    assert order() == ["cold", "hot"]  # waited past starvation_s: served even if it costs a swap
