@@ -47,6 +47,14 @@ class Settings(BaseSettings):
     dtype: Literal["auto", "float16", "bfloat16", "float32"] = "auto"
     warmup: bool = True
 
+    # Web front end (Gradio) and operations. A metrics port of 0 turns that endpoint off.
+    web_host: str = "127.0.0.1"
+    web_port: int = 7860
+    bot_metrics_port: int = 9181
+    worker_metrics_port: int = 9182
+    log_format: Literal["json", "text"] = "json"
+    log_level: str = "INFO"
+
     # Limits applied to every command (server policies can only tighten them).
     max_prompt_chars: int = 500
     max_steps: int = 50

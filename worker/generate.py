@@ -4,6 +4,7 @@ benchmarkable on its own."""
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -27,8 +28,19 @@ def seeded_generators(seeds: list[int]) -> list[torch.Generator]:
     return [torch.Generator(device="cpu").manual_seed(seed) for seed in seeds]
 
 
-def generate(pipe: DiffusionPipeline, request: JobRequest) -> Generation:
+def _step_callback(on_step: Callable[[int, int], None], steps: int):
+    """Adapt ``on_step(done, total)`` to diffusers' ``callback_on_step_end`` signature."""
+    def callback(pipe, step: int, timestep, callback_kwargs: dict) -> dict:
+        on_step(step + 1, steps)
+        return callback_kwargs
+    return callback
+
+
+def generate(pipe: DiffusionPipeline, request: JobRequest,
+             on_step: Callable[[int, int], None] | None = None) -> Generation:
+    """``on_step(done, total)`` is called after each denoising step (progress for front ends)."""
     seeds = request.seeds()
+    progress = {} if on_step is None else {"callback_on_step_end": _step_callback(on_step, request.steps)}
     started = time.perf_counter()
     with torch.inference_mode():
         output = pipe(
@@ -40,6 +52,7 @@ def generate(pipe: DiffusionPipeline, request: JobRequest) -> Generation:
             width=request.size,
             num_images_per_prompt=len(seeds),
             generator=seeded_generators(seeds),
+            **progress,
         )
     if pipe.device.type == "cuda":
         torch.cuda.synchronize(pipe.device)

@@ -11,11 +11,14 @@ import time
 from dataclasses import dataclass, field
 
 import requests
+from rq import get_current_job
+from rq.job import Job
 
-from settings.jobs import JobRequest, JobResult, Timings
+from settings.jobs import PROGRESS_META, JobRequest, JobResult, Timings, image_key
+from worker import metrics
 from worker.delivery import Upload, post_result, result_embed
 from worker.generate import Generation, generate
-from worker.images import encode_for_upload
+from worker.images import encode_for_upload, png_bytes
 from worker.pipelines import ResidentPipelines
 
 log = logging.getLogger(__name__)
@@ -25,6 +28,7 @@ log = logging.getLogger(__name__)
 class WorkerRuntime:
     pipelines: ResidentPipelines
     session: requests.Session = field(default_factory=requests.Session)
+    key_prefix: str = "imagine"  # settings.queue_prefix: where stored images go
 
 
 _runtime: WorkerRuntime | None = None
@@ -52,11 +56,39 @@ def uploads_for(request: JobRequest, generation: Generation, limit: int) -> list
     return uploads
 
 
+def progress_reporter(job: Job | None):
+    """Keep the job's progress in its meta, where a waiting front end reads it."""
+    if job is None:
+        return None
+
+    def report(step: int, steps: int) -> None:
+        job.meta[PROGRESS_META] = {"step": step, "steps": steps}
+        job.save_meta()
+    return report
+
+
+def store_images(job: Job | None, request: JobRequest, generation: Generation, prefix: str) -> list[str]:
+    """PNGs (with their generation record) in Redis for the front end, expiring with the result."""
+    if job is None:
+        raise RuntimeError("store_images needs the RQ job's Redis connection")
+    ttl = job.result_ttl if job.result_ttl and job.result_ttl > 0 else 3600
+    keys = []
+    with job.connection.pipeline() as pipe:
+        for index, (image, seed) in enumerate(zip(generation.images, generation.seeds)):
+            key = image_key(request.job_id, index, prefix)
+            pipe.set(key, png_bytes(image, {"prompt": request.prompt, "model": request.model,
+                                            "seed": str(seed)}), ex=ttl)
+            keys.append(key)
+        pipe.execute()
+    return keys
+
+
 def run_imagine(payload: dict) -> dict:
     runtime = current_runtime()
     request = JobRequest.model_validate(payload)
+    job = get_current_job()
     queue_wait_ms = (time.time() - request.created_at) * 1000
-    generation = generate(runtime.pipelines.get(request.model), request)
+    generation = generate(runtime.pipelines.get(request.model), request, progress_reporter(job))
     width, height = generation.images[0].size
     result = JobResult(
         job_id=request.job_id, model=request.model, seeds=generation.seeds, width=width,
@@ -74,5 +106,11 @@ def run_imagine(payload: dict) -> dict:
         )
         result.delivered_via = "webhook"
         result.timings.post_ms = (time.perf_counter() - post_started) * 1000
+    if request.store_images:
+        stored_at = time.perf_counter()
+        result.image_keys = store_images(job, request, generation, runtime.key_prefix)
+        result.timings.post_ms = (time.perf_counter() - stored_at) * 1000
+        result.timings.total_ms = (time.time() - request.created_at) * 1000
+    metrics.record_result(result)
     log.info("job %s done: %s", request.job_id, result.timings.model_dump())
     return result.model_dump(mode="json")

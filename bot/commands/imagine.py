@@ -11,6 +11,7 @@ import discord
 from discord import app_commands
 from redis.exceptions import RedisError
 
+from bot import metrics
 from bot.queue import AlreadyQueued
 from settings.jobs import Delivery, JobRequest, job_id_for_interaction
 from settings.validation import ImagineOptions, InvalidRequest, build_request
@@ -77,14 +78,19 @@ async def imagine(
                                 delivery=delivery_for(interaction), created_at=received_at)
         position = await asyncio.to_thread(bot.jobs.submit, request)
     except InvalidRequest as error:
+        metrics.command("imagine", "invalid")
         await interaction.response.send_message(f"❌ {error}", ephemeral=True)
         return
     except AlreadyQueued:
+        metrics.command("imagine", "replayed")
         log.info("interaction %s replayed; job already queued", interaction.id)
         return
     except RedisError as error:
+        metrics.command("imagine", "queue_down")
         log.warning("queue unavailable: %s", error)
         await interaction.response.send_message(f"⏳ {QUEUE_DOWN}", ephemeral=True)
         return
-    log.info("queued %s on %s at #%d", request.job_id, request.model, position)
+    metrics.command("imagine", "queued")
+    log.info("queued %s on %s at #%d", request.job_id, request.model, position,
+             extra={"job_id": request.job_id})
     await interaction.response.send_message(queued_message(request, position))
