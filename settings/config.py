@@ -50,8 +50,8 @@ class Settings(BaseSettings):
     # Web front end (Gradio) and operations. A metrics port of 0 turns that endpoint off.
     web_host: str = "127.0.0.1"
     web_port: int = 7860
-    bot_metrics_port: int = 9181
-    worker_metrics_port: int = 9182
+    bot_metrics_port: int = 9101
+    worker_metrics_port: int = 9102
     log_format: Literal["json", "text"] = "json"
     log_level: str = "INFO"
 
