@@ -1,4 +1,5 @@
-# Fresh machine:  make run   (set up, then run the main job)    make test   (run the tests)
+# Fresh machine:  make run   (set up, then the whole stack: Redis, worker, web UI, bot with a token)
+#                 make test  (run the tests)
 VENV ?= .venv
 PY := $(VENV)/bin/python
 # CPU build by default (served from local disk here); on a GPU host: make setup TORCH=torch
@@ -11,7 +12,7 @@ $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q "$(TORCH)"
-	$(PY) -m pip install -q -e '.[test]'
+	$(PY) -m pip install -q -e '.[test,web]'
 	touch $@
 
 test: setup
@@ -22,9 +23,10 @@ models/tiny-sd/model_index.json: | setup
 
 tiny-model: models/tiny-sd/model_index.json
 
-run: setup tiny-model
-	IMAGINE_MODELS='{"tiny": {"source": "models/tiny-sd", "pipeline": "StableDiffusionPipeline", "native_size": 64, "default_steps": 4, "variant": null}}' \
-	IMAGINE_MIN_SIZE=64 $(PY) -m worker.cli "an orange cat staring off" --model tiny --seed 7 --out out/cat.png
+# Redis (started if not reachable), one worker (tiny model unless IMAGINE_WORKER_MODELS is set),
+# the web UI, and the bot when IMAGINE_DISCORD_TOKEN is set. Ctrl-C stops everything.
+run: setup
+	$(PY) -m launch
 
 # GPU benchmark of the four seed architectures (random weights; no download):
 #   make bench-gpu            (on a CUDA host; installs a CUDA torch into .venv)

@@ -14,10 +14,12 @@ from discord import app_commands
 from discord.gateway import DiscordWebSocket
 from discord.http import Route
 
+from bot import metrics
 from bot.commands import admin, imagine, models
 from bot.policy_store import PolicyStore
 from bot.queue import JobQueue, connect
 from settings.config import Settings
+from settings.logs import configure_logging, secrets_of
 
 log = logging.getLogger("bot")
 
@@ -66,6 +68,7 @@ class ImagineBot(discord.Client):
             text = "This command works only in a server."
         else:
             log.exception("command failed", exc_info=error)
+            metrics.command(interaction.command.name if interaction.command else "unknown", "error")
             text = "Something went wrong on our side. Please try again in a moment."
         if interaction.response.is_done():
             await interaction.followup.send(text, ephemeral=True)
@@ -74,11 +77,14 @@ class ImagineBot(discord.Client):
 
 
 def main() -> int:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     settings = Settings()
+    configure_logging("bot", json_lines=settings.log_format == "json", level=settings.log_level,
+                      secrets=secrets_of(settings))
     token, _ = settings.require_discord()
     use_discord_endpoints(settings)
-    bot = ImagineBot(settings, JobQueue(connect(settings), settings))
+    jobs = JobQueue(connect(settings), settings)
+    bot = ImagineBot(settings, jobs)
+    metrics.serve(settings.bot_metrics_port, lambda: jobs.depths(list(bot.catalog)))
     bot.run(token, log_handler=None)
     return 0
 

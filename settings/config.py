@@ -55,6 +55,14 @@ class Settings(BaseSettings):
     gpu_memory_budget_gb: float | None = None  # None: keep every served model on the GPU
     starvation_s: float = 20.0  # a job for a model not on the GPU waits at most this before a swap
 
+    # Web front end (Gradio) and operations. A metrics port of 0 turns that endpoint off.
+    web_host: str = "127.0.0.1"
+    web_port: int = 7860
+    bot_metrics_port: int = 9101
+    worker_metrics_port: int = 9102
+    log_format: Literal["json", "text"] = "json"
+    log_level: str = "INFO"
+
     # Limits applied to every command (server policies can only tighten them).
     max_prompt_chars: int = 500
     max_steps: int = 50

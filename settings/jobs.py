@@ -48,6 +48,9 @@ class JobRequest(BaseModel):
     forced_negative_applied: bool = False
     created_at: float = Field(default_factory=time.time)  # when the command arrived (epoch s)
     delivery: Delivery | None = None  # None: a local run (CLI, bench) that nobody posts
+    # Keep the encoded images in Redis (``JobResult.image_keys``) for a front end that fetches
+    # them itself (web); they expire with the job's result.
+    store_images: bool = False
 
     def seeds(self) -> list[int]:
         """One seed per image: seed, seed+1, … so any single image can be reproduced alone."""
@@ -74,6 +77,15 @@ class JobResult(BaseModel):
     negative_prompt: str = ""
     message_id: int | None = None
     delivered_via: str | None = None  # "webhook" | "channel" | None (not delivered)
+    image_keys: list[str] = Field(default_factory=list)  # Redis keys of PNGs (store_images)
+
+
+# The worker keeps ``job.meta[PROGRESS_META] = {"step": i, "steps": n}`` up to date while it runs.
+PROGRESS_META = "progress"
+
+
+def image_key(job_id: str, index: int, prefix: str = "imagine") -> str:
+    return f"{prefix}:images:{job_id}:{index}"
 
 
 def queue_name(model: str, prefix: str = "imagine") -> str:

@@ -15,6 +15,7 @@ from rq.job import Job
 from rq.timeouts import JobTimeoutException
 
 from settings.jobs import JobRequest
+from worker import metrics
 from worker.delivery import post_failure
 from worker.release import release_slot
 
@@ -32,6 +33,7 @@ def friendly_reason(exc_type: type[BaseException] | None) -> str:
 
 
 def report_failure(job: Job, connection, exc_type=None, exc_value=None, traceback=None) -> None:
+    metrics.record_failure(job.args[0].get("model", "unknown"), retrying=bool(job.retries_left))
     if job.retries_left:
         log.warning("job %s failed (%s); %s retries left", job.id, exc_type, job.retries_left)
         return

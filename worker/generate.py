@@ -4,6 +4,7 @@ benchmarkable on its own."""
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -34,20 +35,31 @@ def seeded_generators(seeds: list[int]) -> list[torch.Generator]:
     return [torch.Generator(device="cpu").manual_seed(seed) for seed in seeds]
 
 
-def generate_batch(pipe: DiffusionPipeline, requests: list[JobRequest]) -> list[Generation]:
-    """One pipeline call for several compatible requests; one Generation per request."""
+def _step_callback(on_step: Callable[[int, int], None], steps: int):
+    """Adapt ``on_step(done, total)`` to diffusers' ``callback_on_step_end`` signature."""
+    def callback(pipe, step: int, timestep, callback_kwargs: dict) -> dict:
+        on_step(step + 1, steps)
+        return callback_kwargs
+    return callback
+
+
+def generate_batch(pipe: DiffusionPipeline, requests: list[JobRequest],
+                   on_step: Callable[[int, int], None] | None = None) -> list[Generation]:
+    """One pipeline call for several compatible requests; one Generation per request.
+    ``on_step(done, total)`` is called after each denoising step (progress for front ends)."""
     first = requests[0]
     if any(batch_key(r) != batch_key(first) for r in requests):
         raise ValueError("requests in one batch must share model, size, steps and guidance")
     prompts = [r.prompt for r in requests for _ in r.seeds()]
     negatives = [r.negative_prompt for r in requests for _ in r.seeds()]
     seeds = [seed for r in requests for seed in r.seeds()]
+    progress = {} if on_step is None else {"callback_on_step_end": _step_callback(on_step, first.steps)}
     started_at, started = time.time(), time.perf_counter()
     with torch.inference_mode():
         output = pipe(
             prompt=prompts, negative_prompt=negatives, num_inference_steps=first.steps,
             guidance_scale=first.guidance, height=first.size, width=first.size,
-            num_images_per_prompt=1, generator=seeded_generators(seeds),
+            num_images_per_prompt=1, generator=seeded_generators(seeds), **progress,
         )
     if pipe.device.type == "cuda":
         torch.cuda.synchronize(pipe.device)
@@ -60,5 +72,6 @@ def generate_batch(pipe: DiffusionPipeline, requests: list[JobRequest]) -> list[
     return generations
 
 
-def generate(pipe: DiffusionPipeline, request: JobRequest) -> Generation:
-    return generate_batch(pipe, [request])[0]
+def generate(pipe: DiffusionPipeline, request: JobRequest,
+             on_step: Callable[[int, int], None] | None = None) -> Generation:
+    return generate_batch(pipe, [request], on_step)[0]

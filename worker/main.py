@@ -14,7 +14,7 @@ import sys
 import time
 
 from redis import Redis
-from rq import Queue, SimpleWorker
+from rq import Queue, SimpleWorker, get_current_job
 from rq.intermediate_queue import IntermediateQueue
 from rq.job import Job
 from rq.serializers import JSONSerializer
@@ -22,6 +22,8 @@ from rq.serializers import JSONSerializer
 from settings.catalog import ModelEntry
 from settings.config import Settings
 from settings.jobs import JobRequest, queue_name
+from settings.logs import configure_logging, secrets_of
+from worker import metrics
 from worker.delivery import use_api_base
 from worker.batching import claim_companions, request_of
 from worker.generate import generate
@@ -124,21 +126,27 @@ def quiet_progress_bars() -> None:
     transformers.utils.logging.disable_progress_bar()
 
 
+def current_job_id() -> str | None:
+    job = get_current_job()
+    return job.id if job is not None else None
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="Imagine GPU worker")
     parser.add_argument("--burst", action="store_true", help="exit when the queues are empty")
     parser.add_argument("--max-jobs", type=int, default=None, help="exit after N jobs (recycling)")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-
-    quiet_progress_bars()
     settings = Settings()
+    configure_logging("worker", json_lines=settings.log_format == "json", level=settings.log_level,
+                      secrets=secrets_of(settings), current_job_id=current_job_id)
+    quiet_progress_bars()
     use_api_base(settings.discord_api_base)
     try:
         pipelines = load_pipelines(settings)
     except ModelLoadError as error:
         raise SystemExit(f"error: {error}") from None
-    install_runtime(WorkerRuntime(pipelines=pipelines))
+    install_runtime(WorkerRuntime(pipelines=pipelines, key_prefix=settings.queue_prefix))
+    metrics.serve(settings.worker_metrics_port)
     redis = Redis.from_url(settings.redis_url)
     worker = build_worker(settings, pipelines.keys(), redis)
     log.info("ready: serving %s on %s", ", ".join(pipelines.keys()), pipelines.device)

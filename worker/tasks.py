@@ -11,12 +11,15 @@ import time
 from dataclasses import dataclass, field
 
 import requests
+from rq import get_current_job
+from rq.job import Job
 
-from settings.jobs import JobRequest, JobResult, Timings
+from settings.jobs import PROGRESS_META, JobRequest, JobResult, Timings, image_key
+from worker import metrics
 from worker.batching import BatchPlan
 from worker.delivery import Upload, post_result, result_embed
 from worker.generate import Generation, generate_batch
-from worker.images import encode_for_upload
+from worker.images import encode_for_upload, png_bytes
 from worker.pipelines import ResidentPipelines
 
 log = logging.getLogger(__name__)
@@ -27,6 +30,7 @@ class WorkerRuntime:
     pipelines: ResidentPipelines
     session: requests.Session = field(default_factory=requests.Session)
     batches: BatchPlan = field(default_factory=BatchPlan)
+    key_prefix: str = "imagine"  # settings.queue_prefix: where stored images go
 
 
 _runtime: WorkerRuntime | None = None
@@ -54,21 +58,50 @@ def uploads_for(request: JobRequest, generation: Generation, limit: int) -> list
     return uploads
 
 
-def images_for(runtime: WorkerRuntime, request: JobRequest) -> Generation:
+def images_for(runtime: WorkerRuntime, request: JobRequest, job: Job | None) -> Generation:
     """This job's images: made earlier in a batch, or now together with its batch companions."""
     ready = runtime.batches.take_ready(request.job_id)
     if ready is not None:
         return ready
     companions = runtime.batches.take_companions(request.job_id)
-    generations = generate_batch(runtime.pipelines.get(request.model), [request, *companions])
+    generations = generate_batch(runtime.pipelines.get(request.model), [request, *companions],
+                                 progress_reporter(job))
     runtime.batches.store({c.job_id: g for c, g in zip(companions, generations[1:])})
     return generations[0]
+
+
+def progress_reporter(job: Job | None):
+    """Keep the job's progress in its meta, where a waiting front end reads it."""
+    if job is None:
+        return None
+
+    def report(step: int, steps: int) -> None:
+        job.meta[PROGRESS_META] = {"step": step, "steps": steps}
+        job.save_meta()
+    return report
+
+
+def store_images(job: Job | None, request: JobRequest, generation: Generation, prefix: str) -> list[str]:
+    """PNGs (with their generation record) in Redis for the front end, expiring with the result."""
+    if job is None:
+        raise RuntimeError("store_images needs the RQ job's Redis connection")
+    ttl = job.result_ttl if job.result_ttl and job.result_ttl > 0 else 3600
+    keys = []
+    with job.connection.pipeline() as pipe:
+        for index, (image, seed) in enumerate(zip(generation.images, generation.seeds)):
+            key = image_key(request.job_id, index, prefix)
+            pipe.set(key, png_bytes(image, {"prompt": request.prompt, "model": request.model,
+                                            "seed": str(seed)}), ex=ttl)
+            keys.append(key)
+        pipe.execute()
+    return keys
 
 
 def run_imagine(payload: dict) -> dict:
     runtime = current_runtime()
     request = JobRequest.model_validate(payload)
-    generation = images_for(runtime, request)
+    job = get_current_job()
+    generation = images_for(runtime, request, job)
     queue_wait_ms = (generation.started_at - request.created_at) * 1000
     width, height = generation.images[0].size
     result = JobResult(
@@ -88,5 +121,11 @@ def run_imagine(payload: dict) -> dict:
         )
         result.delivered_via = "webhook"
         result.timings.post_ms = (time.perf_counter() - post_started) * 1000
+    if request.store_images:
+        stored_at = time.perf_counter()
+        result.image_keys = store_images(job, request, generation, runtime.key_prefix)
+        result.timings.post_ms = (time.perf_counter() - stored_at) * 1000
+        result.timings.total_ms = (time.time() - request.created_at) * 1000
+    metrics.record_result(result)
     log.info("job %s done: %s", request.job_id, result.timings.model_dump())
     return result.model_dump(mode="json")

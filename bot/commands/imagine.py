@@ -11,6 +11,7 @@ import discord
 from discord import app_commands
 from redis.exceptions import RedisError
 
+from bot import metrics
 from bot.admission import Requester, enqueue_moderated
 from bot.policy import Moderated
 from bot.queue import AlreadyQueued
@@ -88,15 +89,20 @@ async def imagine(
             catalog=bot.catalog, policies=bot.policies, jobs=bot.jobs,
             delivery=delivery_for(interaction), created_at=received_at)
     except InvalidRequest as error:
+        metrics.command("imagine", "invalid")
         await interaction.response.send_message(f"❌ {error}", ephemeral=True)
         return
     except AlreadyQueued:
+        metrics.command("imagine", "replayed")
         log.info("interaction %s replayed; job already queued", interaction.id)
         return
     except RedisError as error:
+        metrics.command("imagine", "queue_down")
         log.warning("queue unavailable: %s", error)
         await interaction.response.send_message(f"⏳ {QUEUE_DOWN}", ephemeral=True)
         return
     request = moderated.request
-    log.info("queued %s on %s at #%d", request.job_id, request.model, position)
+    metrics.command("imagine", "queued")
+    log.info("queued %s on %s at #%d", request.job_id, request.model, position,
+             extra={"job_id": request.job_id})
     await interaction.response.send_message(queued_message(moderated, position))

@@ -9,6 +9,7 @@ import discord
 from discord import app_commands
 from redis.exceptions import RedisError
 
+from bot import metrics
 from settings.catalog import ModelEntry
 
 if TYPE_CHECKING:
@@ -36,4 +37,5 @@ async def list_models(interaction: discord.Interaction) -> None:
         live, depths = await asyncio.to_thread(lambda: (bot.jobs.live_models(), bot.jobs.depths(keys)))
     except RedisError:
         live, depths = set(), None
+    metrics.command("models", "listed")
     await interaction.response.send_message(embed=models_embed(bot.catalog, live, depths), ephemeral=True)

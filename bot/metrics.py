@@ -1,0 +1,45 @@
+"""Prometheus metrics of the bot: commands by outcome and the depth of every model's queue.
+Served on ``IMAGINE_BOT_METRICS_PORT`` (0: off). Call sites stay one line each."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+
+from prometheus_client import Counter, start_http_server
+from prometheus_client.core import REGISTRY, GaugeMetricFamily
+from redis.exceptions import RedisError
+
+log = logging.getLogger(__name__)
+
+COMMANDS = Counter("imagine_commands", "Commands by name and outcome", ["command", "outcome"])
+
+
+def command(name: str, outcome: str) -> None:
+    """outcome: queued, invalid, replayed, queue_down, listed, error."""
+    COMMANDS.labels(name, outcome).inc()
+
+
+class QueueDepthCollector:
+    """Jobs waiting per model, read from Redis at scrape time."""
+
+    def __init__(self, depths: Callable[[], dict[str, int]]):
+        self.depths = depths
+
+    def collect(self):
+        gauge = GaugeMetricFamily("imagine_queue_depth", "Jobs waiting in each model's queue",
+                                  labels=["model"])
+        try:
+            for model, depth in self.depths().items():
+                gauge.add_metric([model], depth)
+        except RedisError as error:
+            log.warning("queue depth unavailable: %s", error)
+        yield gauge
+
+
+def serve(port: int, depths: Callable[[], dict[str, int]]) -> None:
+    if not port:
+        return
+    REGISTRY.register(QueueDepthCollector(depths))
+    start_http_server(port)
+    log.info("metrics on :%d/metrics", port)

@@ -1,0 +1,1 @@
+"""One command for the whole local stack: ``python -m launch`` (``make run``)."""

@@ -1,0 +1,5 @@
+import sys
+
+from launch.stack import main
+
+sys.exit(main())

@@ -1,0 +1,179 @@
+"""Run the whole system on one machine with one command; Ctrl-C stops all of it.
+
+    python -m launch            # or: make run
+
+Starts, as child processes: ``redis-server`` when ``IMAGINE_REDIS_URL`` does not answer (local
+URLs only; AOF on, ``noeviction``), one worker, the web UI, and the Discord bot when
+``IMAGINE_DISCORD_TOKEN`` is set. Without ``IMAGINE_WORKER_MODELS`` it serves a tiny random
+model written to ``models/tiny-sd`` (no download, no GPU), so a fresh machine sees every part
+work; set ``IMAGINE_WORKER_MODELS`` to serve real weights. Children run in their own process
+groups, so Ctrl-C reaches only this launcher, which stops them once each, in order.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from pathlib import Path
+from urllib.parse import urlparse
+
+from redis import Redis
+from rq import Worker
+
+from settings.config import Settings
+
+TINY_MODEL = "tiny"
+LOCAL_HOSTS = {"127.0.0.1", "localhost", "::1"}
+STOP_TIMEOUT_S = 20
+
+
+def say(text: str) -> None:
+    print(f"[launch] {text}", flush=True)
+
+
+def redis_answers(url: str) -> bool:
+    try:
+        return bool(Redis.from_url(url, socket_connect_timeout=1, socket_timeout=1).ping())
+    except Exception:
+        return False
+
+
+def start_redis(url: str, data_dir: Path) -> subprocess.Popen:
+    parsed = urlparse(url)
+    if parsed.hostname not in LOCAL_HOSTS:
+        raise SystemExit(f"error: Redis at {parsed.hostname}:{parsed.port} does not answer "
+                         "(the launcher starts one only for a local IMAGINE_REDIS_URL)")
+    binary = shutil.which("redis-server")
+    if binary is None:
+        raise SystemExit("error: redis-server not found; install it (apt-get install redis-server)")
+    data_dir.mkdir(parents=True, exist_ok=True)
+    return subprocess.Popen(
+        [binary, "--port", str(parsed.port or 6379), "--bind", "127.0.0.1", "--dir", str(data_dir),
+         "--appendonly", "yes", "--appendfsync", "everysec", "--maxmemory-policy", "noeviction",
+         "--save", ""],
+        stdout=subprocess.DEVNULL, start_new_session=True)
+
+
+def tiny_env(settings: Settings, folder: Path) -> dict[str, str]:
+    """Serve (and default to) the tiny model; other catalog entries stay listed."""
+    if not (folder / "model_index.json").exists():
+        say(f"writing the tiny demo model to {folder}")
+        subprocess.run([sys.executable, "-m", "worker.tiny", str(folder)], check=True,
+                       stdout=subprocess.DEVNULL)
+    tiny = {"source": str(folder.resolve()), "pipeline": "StableDiffusionPipeline", "native_size": 64,
+            "default_steps": 4, "variant": None, "description": "tiny random demo model (no download)"}
+    return {"IMAGINE_MODELS": json.dumps({**settings.models, TINY_MODEL: tiny}),
+            "IMAGINE_WORKER_MODELS": json.dumps([TINY_MODEL]), "IMAGINE_DEFAULT_MODEL": TINY_MODEL,
+            "IMAGINE_MIN_SIZE": str(min(settings.min_size, 64))}
+
+
+class Child:
+    def __init__(self, name: str, popen: subprocess.Popen):
+        self.name, self.popen = name, popen
+
+    def alive(self) -> bool:
+        return self.popen.poll() is None
+
+    def stop(self, deadline: float) -> None:
+        if self.alive():
+            self.popen.terminate()
+        try:
+            self.popen.wait(max(deadline - time.monotonic(), 0.1))
+        except subprocess.TimeoutExpired:
+            say(f"{self.name} did not stop in time; killing it")
+            self.popen.kill()
+            self.popen.wait()
+
+
+def spawn(name: str, module: str, env: dict[str, str]) -> Child:
+    popen = subprocess.Popen([sys.executable, "-m", module], env=env, start_new_session=True)
+    say(f"started {name} (pid {popen.pid})")
+    return Child(name, popen)
+
+
+def web_answers(settings: Settings) -> bool:
+    host = "127.0.0.1" if settings.web_host in ("0.0.0.0", "") else settings.web_host
+    try:
+        with urllib.request.urlopen(f"http://{host}:{settings.web_port}/", timeout=1) as response:
+            return response.status == 200
+    except OSError:
+        return False
+
+
+def worker_registered(url: str) -> bool:
+    try:
+        return len(Worker.all(connection=Redis.from_url(url, socket_timeout=1))) > 0
+    except Exception:
+        return False
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description="Run Redis, a worker, the web UI and the bot locally")
+    parser.add_argument("--tiny-dir", type=Path, default=Path("models/tiny-sd"),
+                        help="where the tiny demo model lives (used without IMAGINE_WORKER_MODELS)")
+    parser.add_argument("--redis-dir", type=Path, default=Path(".imagine/redis"),
+                        help="data directory of a redis-server started here")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    settings = Settings()
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+
+    children: list[Child] = []
+    if not redis_answers(settings.redis_url):
+        children.append(Child("redis", start_redis(settings.redis_url, args.redis_dir)))
+        say(f"started redis-server (pid {children[0].popen.pid}) for {settings.redis_url}")
+        while not redis_answers(settings.redis_url):
+            if not children[0].alive():
+                raise SystemExit("error: redis-server exited; is the port in use?")
+            time.sleep(0.1)
+
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    env.setdefault("IMAGINE_LOG_FORMAT", "text")  # people read this terminal
+    if "worker_models" not in settings.model_fields_set:
+        env.update(tiny_env(settings, args.tiny_dir))
+    children.append(spawn("worker", "worker.main", env))
+    children.append(spawn("web", "web.app", env))
+    if settings.discord_token is not None:
+        children.append(spawn("bot", "bot.app", env))
+    else:
+        say("Discord bot off (set IMAGINE_DISCORD_TOKEN and IMAGINE_APPLICATION_ID to start it)")
+
+    code = supervise(children, settings, stop)
+    shut_down(children)
+    return code
+
+
+def supervise(children: list[Child], settings: Settings, stop: threading.Event) -> int:
+    """Until Ctrl-C (0) or a child exits on its own (1)."""
+    announced = False
+    while not stop.wait(0.2):
+        dead = [c for c in children if not c.alive()]
+        if dead:
+            say(f"{dead[0].name} exited with code {dead[0].popen.returncode}; stopping everything")
+            return 1
+        if not announced and web_answers(settings) and worker_registered(settings.redis_url):
+            announced = True
+            say(f"ready: web UI on http://{settings.web_host}:{settings.web_port}  (Ctrl-C stops)")
+    return 0
+
+
+def shut_down(children: list[Child]) -> None:
+    """Front ends first, then the worker (RQ finishes its current job), then Redis last."""
+    deadline = time.monotonic() + STOP_TIMEOUT_S
+    for child in reversed(children):
+        child.stop(deadline)
+        say(f"stopped {child.name}")
+    say("all stopped")

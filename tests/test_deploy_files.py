@@ -1,0 +1,107 @@
+"""docker/compose.yaml, the Dockerfiles and .env.example agree with each other and with the
+Settings the code reads (docker itself cannot run here)."""
+
+from __future__ import annotations
+
+import json
+import re
+import tomllib
+
+import pytest
+import yaml
+
+from settings.catalog import build_catalog
+from settings.config import Settings
+from tests.stack import ROOT
+
+COMPOSE = yaml.safe_load((ROOT / "docker" / "compose.yaml").read_text())
+SERVICES = COMPOSE["services"]
+WORKERS = {name: s for name, s in SERVICES.items() if name.startswith("worker")}
+SETTING_KEYS = {f"IMAGINE_{name.upper()}" for name in Settings.model_fields}
+
+
+def env_keys(service: dict) -> set[str]:
+    return set(service.get("environment") or {})
+
+
+def test_env_example_documents_every_setting_and_nothing_else():
+    documented = set(re.findall(r"^#?\s*(IMAGINE_[A-Z0-9_]+)=", (ROOT / ".env.example").read_text(), re.M))
+    assert documented == SETTING_KEYS, (
+        f"missing: {sorted(SETTING_KEYS - documented)}; unknown: {sorted(documented - SETTING_KEYS)}")
+
+
+def test_expected_services_with_healthchecks_and_restart():
+    assert {"redis", "bot", "web", "rq-dashboard"} <= set(SERVICES) and len(WORKERS) >= 2
+    for name, service in SERVICES.items():
+        assert "healthcheck" in service, f"{name} has no healthcheck"
+        assert service.get("restart") == "unless-stopped", name
+
+
+def test_every_imagine_variable_is_a_setting():
+    for name, service in SERVICES.items():
+        unknown = {k for k in env_keys(service) if k.startswith("IMAGINE_")} - SETTING_KEYS
+        assert not unknown, f"{name} sets unknown settings {unknown}"
+
+
+def test_redis_is_durable_and_never_evicts():
+    redis = SERVICES["redis"]
+    command = " ".join(redis["command"])
+    for option in ("--appendonly yes", "--appendfsync everysec", "--maxmemory-policy noeviction"):
+        assert option in command
+    assert any(v.endswith(":/data") for v in redis["volumes"])
+
+
+def test_named_volumes_are_declared():
+    declared = set(COMPOSE["volumes"])
+    used = {v.split(":")[0] for s in SERVICES.values() for v in s.get("volumes", []) if not v.startswith((".", "/"))}
+    assert used and used <= declared
+
+
+def test_app_services_reach_redis_by_service_name_and_wait_for_it():
+    for name in ("bot", "web", *WORKERS):
+        service = SERVICES[name]
+        assert Settings(_env_file=None, redis_url=service["environment"]["IMAGINE_REDIS_URL"]).redis_url.startswith("redis://redis:")
+        assert service["depends_on"]["redis"]["condition"] == "service_healthy"
+    assert "redis://redis:6379" in " ".join(SERVICES["rq-dashboard"]["command"])
+    assert "--json" in SERVICES["rq-dashboard"]["command"]  # jobs are JSON-serialized
+
+
+def test_one_gpu_per_worker_and_known_models():
+    catalog = build_catalog()
+    device_ids = []
+    for name, worker in WORKERS.items():
+        devices = worker["deploy"]["resources"]["reservations"]["devices"]
+        assert [d["driver"] for d in devices] == ["nvidia"] and devices[0]["capabilities"] == ["gpu"]
+        device_ids += devices[0]["device_ids"]
+        models = Settings(_env_file=None, worker_models=json.loads(worker["environment"]["IMAGINE_WORKER_MODELS"])).worker_models
+        assert models and set(models) <= set(catalog), name
+        port = worker["environment"]["IMAGINE_WORKER_METRICS_PORT"]
+        assert f":{port}/metrics" in " ".join(worker["healthcheck"]["test"])
+    assert len(device_ids) == len(set(device_ids)), "two workers on one GPU"
+
+
+def test_metrics_and_web_ports_match_healthchecks():
+    bot, web = SERVICES["bot"], SERVICES["web"]
+    assert f":{bot['environment']['IMAGINE_BOT_METRICS_PORT']}/metrics" in " ".join(bot["healthcheck"]["test"])
+    port = web["environment"]["IMAGINE_WEB_PORT"]
+    assert web["ports"] == [f"{port}:{port}"] and web["environment"]["IMAGINE_WEB_HOST"] == "0.0.0.0"
+
+
+@pytest.mark.parametrize("name", sorted(SERVICES))
+def test_builds_point_at_existing_dockerfiles_and_targets(name):
+    build = SERVICES[name].get("build")
+    if build is None:
+        return
+    dockerfile = (ROOT / "docker" / build["context"] / build["dockerfile"]).resolve()
+    assert dockerfile.is_file()
+    if "target" in build:
+        assert re.search(rf"^FROM .+ AS {build['target']}$", dockerfile.read_text(), re.M)
+
+
+def test_frontend_requirements_are_project_dependencies():
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    declared = {re.split(r"[<>=\[ ]", d)[0].lower() for d in project["dependencies"]}
+    lines = (ROOT / "docker" / "requirements-frontend.txt").read_text().splitlines()
+    wanted = {re.split(r"[<>=\[ ]", line)[0].lower() for line in lines if line and not line.startswith("#")}
+    assert wanted <= declared
+    assert "torch" not in wanted and "diffusers" not in wanted

@@ -1,0 +1,156 @@
+"""The Gradio page: the seed article's demo, now a second front end to the same queue.
+
+    python -m web.app        # http://127.0.0.1:7860 (IMAGINE_WEB_HOST / IMAGINE_WEB_PORT)
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import os
+import sys
+import time
+from collections.abc import Iterator
+
+# Gradio reads these when imported: no analytics, no version check, no phoning home.
+os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+
+import gradio as gr  # noqa: E402
+from PIL import Image  # noqa: E402
+from redis.exceptions import RedisError  # noqa: E402
+
+from bot.queue import AlreadyQueued, connect  # noqa: E402
+from settings.config import Settings  # noqa: E402
+from settings.jobs import JobRequest, JobResult  # noqa: E402
+from settings.logs import configure_logging, secrets_of  # noqa: E402
+from settings.validation import SIZE_STEP, ImagineOptions, InvalidRequest  # noqa: E402
+from web.jobs import Progress, WebJobs  # noqa: E402
+
+log = logging.getLogger("web")
+
+POLL_S = 0.25
+QUEUE_DOWN = "The image queue is unavailable right now. Please try again shortly."
+# System fonts only: the page must not fetch anything from the internet.
+THEME = gr.themes.Default(font=["ui-sans-serif", "system-ui", "sans-serif"],
+                          font_mono=["ui-monospace", "monospace"])
+
+
+def progress_text(request: JobRequest, progress: Progress) -> str:
+    if progress.state == "queued":
+        where = f"#{progress.position}" if progress.position else "next"
+        return f"Queued on **{request.model}** — position **{where}** of {progress.waiting or 1}."
+    if progress.state == "running":
+        return f"Generating on **{request.model}** — step {progress.step}/{progress.steps}."
+    if progress.state == "gone":
+        return "The job expired before a worker took it. Please try again."
+    return "Sorry: your image could not be generated. The operators have the details."
+
+
+def result_text(result: JobResult) -> str:
+    t = result.timings
+    seeds = ", ".join(map(str, result.seeds))
+    return (f"Done: **{result.model}** · {result.width}×{result.height} · seed{'s' if len(result.seeds) > 1 else ''} "
+            f"**{seeds}**\n\nqueue {t.queue_wait_ms:.0f} ms · inference {t.inference_ms:.0f} ms · "
+            f"store {t.post_ms:.0f} ms · total {t.total_ms:.0f} ms")
+
+
+def gallery_items(jobs: WebJobs, result: JobResult) -> list[tuple[Image.Image, str]]:
+    return [(Image.open(io.BytesIO(data)), f"seed {seed}")
+            for data, seed in zip(jobs.images(result), result.seeds)]
+
+
+def size_choices(settings: Settings) -> list[int]:
+    first = -(-settings.min_size // SIZE_STEP) * SIZE_STEP
+    return list(range(first, settings.max_size + 1, SIZE_STEP))
+
+
+def run_job(jobs: WebJobs, options: ImagineOptions) -> Iterator[tuple[str, list]]:
+    """Submit, then yield (status text, gallery) until the images are there."""
+    try:
+        request, position = jobs.submit(options)
+    except InvalidRequest as error:
+        yield f"**Cannot generate:** {error}", []
+        return
+    except (RedisError, AlreadyQueued) as error:
+        log.warning("queue unavailable: %s", error)
+        yield QUEUE_DOWN, []
+        return
+    log.info("queued %s on %s at #%d", request.job_id, request.model, position,
+             extra={"job_id": request.job_id})
+    deadline = time.monotonic() + jobs.settings.queue_ttl_s + jobs.settings.job_timeout_s
+    progress = Progress("queued", position, position)
+    while not progress.done and time.monotonic() < deadline:
+        yield progress_text(request, progress), []
+        time.sleep(POLL_S)
+        try:
+            progress = jobs.progress(request)
+        except RedisError as error:
+            log.warning("queue unavailable while waiting: %s", error)
+    if progress.result is None:
+        yield progress_text(request, progress if progress.done else Progress("gone")), []
+        return
+    yield result_text(progress.result), gallery_items(jobs, progress.result)
+
+
+def build_ui(jobs: WebJobs) -> gr.Blocks:
+    settings, catalog = jobs.settings, jobs.catalog
+    default = catalog[settings.default_model]
+
+    def defaults_for(key: str):
+        entry = catalog[key]
+        size = entry.native_size if entry.native_size in size_choices(settings) else None
+        return entry.default_steps, entry.default_guidance, size
+
+    def generate(prompt, negative, model, steps, guidance, seed, count, size):
+        options = ImagineOptions(prompt=prompt or "", negative_prompt=negative or None, model=model,
+                                 steps=int(steps), guidance=float(guidance),
+                                 seed=None if seed is None or seed < 0 else int(seed),
+                                 size=None if size in (None, "") else int(size), count=int(count))
+        yield from run_job(jobs, options)
+
+    with gr.Blocks(title="Imagine", analytics_enabled=False) as ui:
+        gr.Markdown("# Imagine\nText to image on the same queue and GPU workers as the Discord bot.")
+        with gr.Row():
+            with gr.Column(scale=2):
+                prompt = gr.Textbox(label="Prompt", lines=2, max_length=settings.max_prompt_chars,
+                                    placeholder="an orange cat staring off", elem_id="prompt")
+                negative = gr.Textbox(label="Negative prompt", lines=1,
+                                      placeholder="empty: the server's default negative prompt")
+                with gr.Row():
+                    model = gr.Dropdown(label="Model", choices=list(catalog), value=default.key)
+                    size = gr.Dropdown(label="Size (px)", choices=size_choices(settings),
+                                       value=defaults_for(default.key)[2])
+                with gr.Row():
+                    steps = gr.Slider(1, settings.max_steps, step=1, value=default.default_steps, label="Steps")
+                    guidance = gr.Slider(0, settings.max_guidance, step=0.5, value=default.default_guidance,
+                                         label="Guidance")
+                with gr.Row():
+                    seed = gr.Number(label="Seed (-1: random)", value=-1, precision=0, elem_id="seed")
+                    count = gr.Slider(1, settings.max_count, step=1, value=1, label="Images")
+                button = gr.Button("Generate", variant="primary", elem_id="generate")
+            with gr.Column(scale=3):
+                status = gr.Markdown(elem_id="status")
+                gallery = gr.Gallery(label="Images", columns=2, elem_id="results", format="png")
+        model.change(defaults_for, model, [steps, guidance, size])
+        inputs = [prompt, negative, model, steps, guidance, seed, count, size]
+        button.click(generate, inputs, [status, gallery])
+        prompt.submit(generate, inputs, [status, gallery])
+    return ui
+
+
+def main() -> int:
+    settings = Settings()
+    configure_logging("web", json_lines=settings.log_format == "json", level=settings.log_level,
+                      secrets=secrets_of(settings))
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # Gradio's own startup probes
+    ui = build_ui(WebJobs(connect(settings), settings))
+    ui.queue(default_concurrency_limit=32)  # handlers mostly wait on Redis
+    log.info("web UI on http://%s:%d", settings.web_host, settings.web_port)
+    ui.launch(server_name=settings.web_host, server_port=settings.web_port, ssr_mode=False,
+              theme=THEME, footer_links=[], quiet=True, show_error=False)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,76 @@
+"""The web's side of the queue: submit a request the way the bot does, then follow the job
+(position, progress, result, stored images) through RQ's job record in Redis."""
+
+from __future__ import annotations
+
+import time
+import uuid
+from dataclasses import dataclass
+
+from redis import Redis
+from rq.exceptions import NoSuchJobError
+from rq.job import Job, JobStatus
+from rq.serializers import JSONSerializer
+
+from bot.queue import JobQueue
+from settings.config import Settings
+from settings.jobs import PROGRESS_META, JobRequest, JobResult
+from settings.validation import ImagineOptions, build_request
+from web.policy import apply_default_policy
+
+WAITING = {JobStatus.CREATED, JobStatus.QUEUED, JobStatus.DEFERRED, JobStatus.SCHEDULED,
+           JobStatus.RATE_LIMITED, JobStatus.READY_TO_ENQUEUE}
+
+
+@dataclass(frozen=True)
+class Progress:
+    state: str  # "queued" | "running" | "finished" | "failed" | "gone"
+    position: int | None = None  # 1-based, while queued
+    waiting: int | None = None  # jobs in the model's queue, while queued
+    step: int = 0
+    steps: int = 0
+    result: JobResult | None = None
+
+    @property
+    def done(self) -> bool:
+        return self.state in ("finished", "failed", "gone")
+
+
+def new_job_id() -> str:
+    return f"web-{uuid.uuid4().hex}"
+
+
+class WebJobs:
+    def __init__(self, redis: Redis, settings: Settings):
+        self.redis = redis
+        self.settings = settings
+        self.catalog = settings.catalog()
+        self.queue = JobQueue(redis, settings)
+
+    def submit(self, options: ImagineOptions) -> tuple[JobRequest, int]:
+        """Validate, apply the policy and enqueue; (request, 1-based position). Raises
+        ``InvalidRequest`` for the user and ``RedisError`` when the queue is down."""
+        request = build_request(options, job_id=new_job_id(), settings=self.settings,
+                                catalog=self.catalog, created_at=time.time())
+        request = apply_default_policy(request.model_copy(update={"store_images": True}), self.settings)
+        return request, self.queue.submit(request)
+
+    def progress(self, request: JobRequest) -> Progress:
+        try:
+            job = Job.fetch(request.job_id, connection=self.redis, serializer=JSONSerializer)
+        except NoSuchJobError:
+            return Progress("gone")
+        status = job.get_status(refresh=False)
+        if status in WAITING:
+            queue = self.queue.queue(request.model)
+            position = queue.get_job_position(request.job_id)
+            return Progress("queued", None if position is None else position + 1, queue.count)
+        if status == JobStatus.STARTED:
+            step = job.meta.get(PROGRESS_META) or {}
+            return Progress("running", step=step.get("step", 0), steps=step.get("steps", request.steps))
+        if status == JobStatus.FINISHED:
+            return Progress("finished", result=JobResult.model_validate(job.return_value()))
+        return Progress("failed")
+
+    def images(self, result: JobResult) -> list[bytes]:
+        return [data for data in self.redis.mget(result.image_keys) if data is not None]
