@@ -58,6 +58,8 @@ class Settings(BaseSettings):
     # Web front end (Gradio) and operations. A metrics port of 0 turns that endpoint off.
     web_host: str = "127.0.0.1"
     web_port: int = 7860
+    # The web applies this Discord server's policy (set with /imagine-admin); unset: defaults.
+    web_policy_guild_id: int | None = None
     bot_metrics_port: int = 9101
     worker_metrics_port: int = 9102
     log_format: Literal["json", "text"] = "json"

@@ -12,11 +12,13 @@ from rq.exceptions import NoSuchJobError
 from rq.job import Job, JobStatus
 from rq.serializers import JSONSerializer
 
+from bot.admission import enqueue_moderated
+from bot.policy_store import PolicyStore
 from bot.queue import JobQueue
 from settings.config import Settings
 from settings.jobs import PROGRESS_META, JobRequest, JobResult
-from settings.validation import ImagineOptions, build_request
-from web.policy import apply_default_policy
+from settings.validation import ImagineOptions
+from web.policy import web_requester
 
 WAITING = {JobStatus.CREATED, JobStatus.QUEUED, JobStatus.DEFERRED, JobStatus.SCHEDULED,
            JobStatus.RATE_LIMITED, JobStatus.READY_TO_ENQUEUE}
@@ -46,14 +48,16 @@ class WebJobs:
         self.settings = settings
         self.catalog = settings.catalog()
         self.queue = JobQueue(redis, settings)
+        self.policies = PolicyStore(redis, settings.queue_prefix)
 
     def submit(self, options: ImagineOptions) -> tuple[JobRequest, int]:
         """Validate, apply the policy and enqueue; (request, 1-based position). Raises
         ``InvalidRequest`` for the user and ``RedisError`` when the queue is down."""
-        request = build_request(options, job_id=new_job_id(), settings=self.settings,
-                                catalog=self.catalog, created_at=time.time())
-        request = apply_default_policy(request.model_copy(update={"store_images": True}), self.settings)
-        return request, self.queue.submit(request)
+        moderated, position = enqueue_moderated(
+            options, web_requester(self.settings), job_id=new_job_id(), settings=self.settings,
+            catalog=self.catalog, policies=self.policies, jobs=self.queue, created_at=time.time(),
+            store_images=True)
+        return moderated.request, position
 
     def progress(self, request: JobRequest) -> Progress:
         try:

@@ -1,18 +1,18 @@
-"""The policy the web front end applies before enqueueing: the server default policy.
+"""The policy the web front end applies: the same moderation path as Discord commands.
 
-The limits every front end shares (prompt length, steps, count, size, guidance) are already
-enforced by ``settings.validation.build_request``; server moderation (banned terms, forced
-negative prompt, per-server caps) plugs in here as one function call, so swapping this body
-for the shared ``apply_policy`` of the moderation work changes no caller.
+Web users are anonymous, so the per-user limits do not apply; the policy of the Discord
+server named by ``IMAGINE_WEB_POLICY_GUILD_ID`` does (banned terms, forced and default negative
+prompts, allowed models, caps), so admins moderate the web from Discord with ``/imagine-admin``.
 """
 
 from __future__ import annotations
 
+from bot.admission import Requester
 from settings.config import Settings
-from settings.jobs import JobRequest
+
+WEB_USER_ID = 0
 
 
-def apply_default_policy(request: JobRequest, settings: Settings) -> JobRequest:
-    """Return the request as the server default policy allows it (today: the Settings limits,
-    applied by ``build_request``), or raise ``InvalidRequest`` with a message for the user."""
-    return request
+def web_requester(settings: Settings) -> Requester:
+    return Requester(user_id=WEB_USER_ID, guild_id=settings.web_policy_guild_id, channel_id=None,
+                     exempt=True)

@@ -38,7 +38,7 @@ def delivery_for(interaction: discord.Interaction) -> Delivery:
 def requester_for(interaction: discord.Interaction) -> Requester:
     return Requester(user_id=interaction.user.id, guild_id=interaction.guild_id,
                      channel_id=interaction.channel_id,
-                     is_admin=interaction.permissions.manage_guild)
+                     exempt=interaction.permissions.manage_guild)
 
 
 def queued_message(moderated: Moderated, position: int) -> str:
