@@ -14,7 +14,7 @@ from discord import app_commands
 from discord.gateway import DiscordWebSocket
 from discord.http import Route
 
-from bot.commands import imagine, models
+from bot.commands import cancel, imagine, models
 from bot.queue import JobQueue, connect
 from settings.config import Settings
 
@@ -40,7 +40,7 @@ class ImagineBot(discord.Client):
         self.tree.on_error = self.on_app_command_error
 
     async def setup_hook(self) -> None:
-        for command in (imagine.imagine, models.list_models):
+        for command in (imagine.imagine, models.list_models, cancel.cancel):
             self.tree.add_command(command)
         if self.sync_commands:
             guild = discord.Object(self.settings.sync_guild_id) if self.settings.sync_guild_id else None

@@ -7,28 +7,33 @@ queues with an in-process RQ worker.
 from __future__ import annotations
 
 import argparse
+import itertools
 import logging
 import os
+import signal
 import sys
+import threading
 
 from redis import Redis
-from rq import Queue, SimpleWorker
+from redis.backoff import ExponentialWithJitterBackoff
+from redis.exceptions import RedisError
+from redis.retry import Retry
 from rq.serializers import JSONSerializer
 
 from settings.catalog import ModelEntry
 from settings.config import Settings
 from settings.jobs import JobRequest, queue_name
 from worker.delivery import use_api_base
+from worker.failures import Reporter
 from worker.generate import generate
+from worker.outcomes import Outcomes
 from worker.pipelines import ResidentPipelines, resolve_device, resolve_dtype
+from worker.rq_worker import ImagineQueue, ImagineWorker
 from worker.tasks import WorkerRuntime, install_runtime
 
+__all__ = ["ImagineWorker", "build_worker", "main", "serve"]
+
 log = logging.getLogger("worker")
-
-
-class ImagineWorker(SimpleWorker):
-    """In-process worker: CUDA state cannot cross a fork and a pipeline takes seconds to load,
-    so every job runs in this process next to the resident pipelines."""
 
 
 def served_models(settings: Settings) -> list[ModelEntry]:
@@ -58,11 +63,64 @@ def load_pipelines(settings: Settings) -> ResidentPipelines:
     return pipelines
 
 
-def build_worker(settings: Settings, models: list[str], redis: Redis) -> ImagineWorker:
-    queues = [Queue(queue_name(key, settings.queue_prefix), connection=redis,
-                    serializer=JSONSerializer) for key in models]
+def connect(settings: Settings) -> Redis:
+    """A client that rides through a Redis restart: each command is retried with back-off for
+    about ``redis_retry_s`` before the error reaches RQ."""
+    backoff_cap = 2.0
+    retries = max(1, int(settings.redis_retry_s / backoff_cap) + 3)
+    return Redis.from_url(settings.redis_url, health_check_interval=30,
+                          retry=Retry(ExponentialWithJitterBackoff(base=0.05, cap=backoff_cap), retries))
+
+
+def build_worker(settings: Settings, models: list[str], redis: Redis, reporter: Reporter | None = None,
+                 generation: int = 0) -> ImagineWorker:
+    queues = [ImagineQueue(queue_name(key, settings.queue_prefix), connection=redis,
+                           serializer=JSONSerializer) for key in models]
+    suffix = f"-{generation}" if generation else ""
     return ImagineWorker(queues, connection=redis, serializer=JSONSerializer,
-                         name=f"imagine-{os.uname().nodename}-{os.getpid()}")
+                         name=f"imagine-{os.uname().nodename}-{os.getpid()}{suffix}",
+                         heartbeat_s=settings.heartbeat_s, reporter=reporter,
+                         report_window_s=settings.failure_ttl_s,
+                         maintenance_interval=settings.maintenance_interval_s,
+                         # RQ blocks on the queues for worker_ttl - 15 s between maintenance runs.
+                         worker_ttl=settings.idle_poll_s + 15)
+
+
+def wait_for_redis(redis: Redis, stop: threading.Event) -> None:
+    delay = 1.0
+    while not stop.is_set():
+        try:
+            redis.ping()
+            return
+        except RedisError as error:
+            log.warning("Redis unreachable (%s); retrying in %.0f s", error, delay)
+            stop.wait(delay)
+            delay = min(delay * 2, 30)
+
+
+def serve(settings: Settings, models: list[str], redis: Redis, reporter: Reporter,
+          burst: bool = False, max_jobs: int | None = None) -> None:
+    """Run the RQ work loop; when it ends because Redis went away for longer than the client
+    rides through, wait for Redis and start a fresh loop. SIGTERM ends it after the current job."""
+    stop = threading.Event()
+    done = 0
+    for generation in itertools.count():
+        worker = build_worker(settings, models, redis, reporter, generation)
+        left = None if max_jobs is None else max_jobs - done
+        try:
+            worker.work(burst=burst, max_jobs=left, with_scheduler=True)
+        except RedisError as error:
+            log.warning("worker loop ended: %s", error)
+        done += worker.jobs_done
+        if worker.stop_asked or burst or (max_jobs is not None and done >= max_jobs):
+            return
+        # RQ's loop quits on Redis errors it does not retry itself; come back when Redis does.
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, lambda *_: stop.set())
+        wait_for_redis(redis, stop)
+        if stop.is_set():
+            return
+        log.info("Redis is back; resuming work")
 
 
 def quiet_progress_bars() -> None:
@@ -84,11 +142,14 @@ def main(argv: list[str] | None = None) -> int:
     settings = Settings()
     use_api_base(settings.discord_api_base)
     pipelines = load_pipelines(settings)
-    install_runtime(WorkerRuntime(pipelines=pipelines))
-    redis = Redis.from_url(settings.redis_url)
-    worker = build_worker(settings, pipelines.keys(), redis)
+    redis = connect(settings)
+    token = settings.discord_token.get_secret_value() if settings.discord_token else None
+    outcomes = Outcomes(redis, settings.queue_prefix, settings.failure_ttl_s)
+    runtime = WorkerRuntime(pipelines=pipelines, outcomes=outcomes, bot_token=token)
+    install_runtime(runtime)
     log.info("ready: serving %s on %s", ", ".join(pipelines.keys()), pipelines.device)
-    worker.work(burst=args.burst, max_jobs=args.max_jobs, with_scheduler=True)
+    serve(settings, pipelines.keys(), redis, Reporter(outcomes, runtime.session, token),
+          burst=args.burst, max_jobs=args.max_jobs)
     return 0
 
 

@@ -32,10 +32,10 @@ def delivery_for(interaction: discord.Interaction) -> Delivery:
     )
 
 
-def queued_message(request: JobRequest, position: int) -> str:
+def queued_message(request: JobRequest, position: int | None) -> str:
     images = "1 image" if request.count == 1 else f"{request.count} images"
-    return (f"🎨 Queued {images} on **{request.model}** — position **#{position}** in its queue.\n"
-            f"> {request.prompt[:300]}")
+    where = "" if position is None else f" — position **#{position}** in its queue"
+    return f"🎨 Queued {images} on **{request.model}**{where}.\n> {request.prompt[:300]}"
 
 
 async def model_autocomplete(interaction: discord.Interaction, current: str) -> list[app_commands.Choice[str]]:
@@ -86,5 +86,5 @@ async def imagine(
         log.warning("queue unavailable: %s", error)
         await interaction.response.send_message(f"⏳ {QUEUE_DOWN}", ephemeral=True)
         return
-    log.info("queued %s on %s at #%d", request.job_id, request.model, position)
+    log.info("queued %s on %s at #%s", request.job_id, request.model, position)
     await interaction.response.send_message(queued_message(request, position))
