@@ -25,9 +25,13 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from redis import Redis
+from redis.exceptions import RedisError
+from rq import Queue
+
 from tests.fake_discord import FakeDiscord, slash_command
-from tests.stack import (Process, RedisServer, live_workers, stack_env, start_bot, start_worker,
-                         wait_for)
+from tests.stack import (TINY_MODEL, Process, RedisServer, live_workers, stack_env, start_bot,
+                         start_worker, wait_for)
 
 # Fast liveness for a short run: 1 s heartbeats (4 s lease), maintenance every 2 s.
 CHAOS_ENV = {"IMAGINE_HEARTBEAT_S": "1", "IMAGINE_MAINTENANCE_INTERVAL_S": "2",
@@ -39,10 +43,10 @@ class Config:
     commands: int = 200
     workers: int = 3
     rate: float = 5.0  # commands per second
-    kill_every: tuple[float, float] = (3.0, 6.0)  # seconds between worker kills
+    kill_every: tuple[float, float] = (5.0, 10.0)  # seconds between worker kills
     max_kills: int | None = None
     restart_redis: bool = True
-    settle_s: float = 120.0  # how long to wait for the last messages
+    settle_s: float = 600.0  # at most this long for the queues to drain after the last command
     seed: int = 1
 
 
@@ -168,6 +172,15 @@ def tally(fake: FakeDiscord, payloads: list[dict], report: Report) -> list[dict]
     return waiting
 
 
+def _pending(redis_url: str) -> int | None:
+    """Jobs still waiting or running on the tiny model's queue (None: Redis unreachable)."""
+    try:
+        queue = Queue(f"imagine:{TINY_MODEL}", connection=Redis.from_url(redis_url))
+        return queue.count + queue.started_job_registry.get_job_count(cleanup=False)
+    except RedisError:
+        return None
+
+
 def run(cfg: Config, logs: Path | None = None) -> Report:
     from worker.tiny import write_tiny_pipeline
 
@@ -189,8 +202,11 @@ def run(cfg: Config, logs: Path | None = None) -> Report:
         payloads = _submit(fake, cfg, rng, report)
         stop.set()
         chaos.join()
-        deadline = time.monotonic() + cfg.settle_s
-        while tally(fake, payloads, report) and time.monotonic() < deadline:
+        # Wait until every accepted command has its message, or the system has nothing left to
+        # do (queue and started registry empty for a while): only then is a missing one lost.
+        deadline, idle = time.monotonic() + cfg.settle_s, 0
+        while tally(fake, payloads, report) and time.monotonic() < deadline and idle < 10:
+            idle = idle + 1 if _pending(redis.url) == 0 else 0
             time.sleep(1)
         time.sleep(3)  # a late second message would show up now
         tally(fake, payloads, report)
