@@ -21,8 +21,8 @@ log = logging.getLogger(__name__)
 
 
 def is_admin(interaction: discord.Interaction) -> bool:
-    permissions = getattr(interaction.user, "guild_permissions", None)
-    return bool(permissions and permissions.manage_guild)
+    # The member's resolved permissions in this channel, as Discord sent them with the command.
+    return interaction.permissions.manage_guild
 
 
 def cancel_jobs(bot: "ImagineBot", job_ids: list[str], user_id: int, guild_id: int | None,
