@@ -15,7 +15,7 @@ from discord.gateway import DiscordWebSocket
 from discord.http import Route
 
 from bot import metrics
-from bot.commands import admin, imagine, models
+from bot.commands import admin, cancel, imagine, models
 from bot.policy_store import PolicyStore
 from bot.queue import JobQueue, connect
 from settings.config import Settings
@@ -45,7 +45,7 @@ class ImagineBot(discord.Client):
         self.tree.on_error = self.on_app_command_error
 
     async def setup_hook(self) -> None:
-        for command in (imagine.imagine, models.list_models, admin.admin):
+        for command in (imagine.imagine, models.list_models, cancel.cancel, admin.admin):
             self.tree.add_command(command)
         if self.sync_commands:
             guild = discord.Object(self.settings.sync_guild_id) if self.settings.sync_guild_id else None

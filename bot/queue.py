@@ -1,11 +1,17 @@
-"""The bot's side of the job queue: enqueue, position, depth, live workers. Blocking redis-py
+"""The bot's side of the job queue: enqueue, position, depth, live workers, cancel. Blocking redis-py
 calls; the async bot runs them in a thread."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 from redis import Redis
+from redis.backoff import ConstantBackoff
+from redis.exceptions import RedisError
+from redis.retry import Retry as RedisRetry
 from rq import Callback, Queue, Retry, Worker
-from rq.exceptions import DuplicateJobError
+from rq.exceptions import DuplicateJobError, InvalidJobOperation, NoSuchJobError
+from rq.job import Job, JobStatus
 from rq.serializers import JSONSerializer
 
 from settings.config import Settings
@@ -22,9 +28,12 @@ class AlreadyQueued(Exception):
 
 
 def connect(settings: Settings) -> Redis:
-    # Short timeouts: a command must be answered within Discord's 3 s even when Redis is down.
-    return Redis.from_url(settings.redis_url, socket_connect_timeout=1, socket_timeout=1,
-                          health_check_interval=30, retry_on_timeout=False)
+    """Short timeouts and a single quick retry: a command must be answered within Discord's 3 s
+    even when Redis is down (redis-py's default retries for about 3 s on its own). The pool
+    reconnects by itself once Redis is back."""
+    timeout = settings.redis_timeout_s
+    return Redis.from_url(settings.redis_url, socket_connect_timeout=timeout, socket_timeout=timeout,
+                          health_check_interval=30, retry=RedisRetry(ConstantBackoff(0.1), 1))
 
 
 class JobQueue:
@@ -40,16 +49,16 @@ class JobQueue:
         """Longest a job can stay queued or running: queue TTL, every try's timeout, slack."""
         return self.settings.queue_ttl_s + self.settings.job_timeout_s * (RETRIES + 1) + 60
 
-    def submit(self, request: JobRequest, active_key: str | None = None) -> int:
-        """Enqueue and return the 1-based position in the model's queue. ``active_key`` names
-        the user's active-job set the worker frees the job from when it ends."""
+    def submit(self, request: JobRequest, active_key: str | None = None) -> int | None:
+        """Enqueue and return the 1-based position in the model's queue (None: unknown).
+        ``active_key`` names the user's active-job set the worker frees the job from when it ends."""
         queue = self.queue(request.model)
         try:
             queue.enqueue(
                 JOB_FUNCTION, request.model_dump(mode="json"),
                 job_id=request.job_id, unique=True,
                 ttl=self.settings.queue_ttl_s, job_timeout=self.settings.job_timeout_s,
-                result_ttl=self.settings.result_ttl_s,
+                result_ttl=self.settings.result_ttl_s, failure_ttl=self.settings.failure_ttl_s,
                 retry=Retry(max=RETRIES), on_failure=Callback(FAILURE_CALLBACK),
                 on_success=Callback(SUCCESS_CALLBACK), on_stopped=Callback(STOPPED_CALLBACK),
                 meta={ACTIVE_KEY_META: active_key} if active_key else None,
@@ -57,7 +66,10 @@ class JobQueue:
             )
         except DuplicateJobError:
             raise AlreadyQueued(request.job_id) from None
-        position = queue.get_job_position(request.job_id)
+        try:
+            position = queue.get_job_position(request.job_id)
+        except RedisError:
+            return None  # queued, but Redis went away before we could tell where
         return 1 if position is None else position + 1
 
     def depths(self, models: list[str]) -> dict[str, int]:
@@ -70,3 +82,63 @@ class JobQueue:
         for worker in Worker.all(connection=self.redis):
             served.update(name[len(prefix):] for name in worker.queue_names() if name.startswith(prefix))
         return served
+
+
+@dataclass(frozen=True)
+class QueuedJob:
+    job_id: str
+    model: str
+    request: JobRequest
+
+
+def may_cancel(request: JobRequest, user_id: int, guild_id: int | None, is_admin: bool) -> bool:
+    """Users cancel their own jobs; admins (Manage Server) any job of their own server."""
+    delivery = request.delivery
+    if delivery is None:
+        return False
+    if delivery.user_id == user_id:
+        return True
+    return is_admin and guild_id is not None and delivery.guild_id == guild_id
+
+
+class Cancelling:
+    """Cancel queued jobs (RQ ``Job.cancel``: out of the queue, into the canceled registry).
+    A job a worker has already started is not interrupted; it finishes and posts."""
+
+    def __init__(self, jobs: JobQueue, models: list[str]):
+        self.jobs = jobs
+        self.models = models
+
+    def queued(self, guild_id: int | None, user_id: int | None = None) -> list[QueuedJob]:
+        found = []
+        for model in self.models:
+            queue = self.jobs.queue(model)
+            for job in queue.get_jobs():
+                request = JobRequest.model_validate(job.args[0])
+                delivery = request.delivery
+                if delivery is None or delivery.guild_id != guild_id:
+                    continue
+                if user_id is None or delivery.user_id == user_id:
+                    found.append(QueuedJob(job.id, model, request))
+        return found
+
+    def cancel(self, job_id: str, user_id: int, guild_id: int | None, is_admin: bool) -> JobRequest:
+        """Cancel one queued job; raises :class:`CannotCancel` with a user-facing reason."""
+        try:
+            job = Job.fetch(job_id, connection=self.jobs.redis, serializer=JSONSerializer)
+        except NoSuchJobError:
+            raise CannotCancel(f"No job `{job_id}` is waiting.") from None
+        request = JobRequest.model_validate(job.args[0])
+        if not may_cancel(request, user_id, guild_id, is_admin):
+            raise CannotCancel("You can only cancel your own jobs (admins: any job in this server).")
+        if job.get_status() != JobStatus.QUEUED:
+            raise CannotCancel(f"Job `{job_id}` is not waiting any more ({job.get_status()}).")
+        try:
+            job.cancel()
+        except InvalidJobOperation:
+            raise CannotCancel(f"Job `{job_id}` was already cancelled.") from None
+        return request
+
+
+class CannotCancel(Exception):
+    """The message says why, for the user."""

@@ -36,6 +36,12 @@ class Settings(BaseSettings):
     queue_ttl_s: int = 600
     job_timeout_s: int = 300
     result_ttl_s: int = 3600
+    # Failed jobs stay visible to operators (RQ's failed registry) this long; the record that a
+    # user was told about a job lives a day longer, so a failure is never reported twice.
+    failure_ttl_s: int = 7 * 24 * 3600
+    # The bot gives Redis this long per command before answering "queue unavailable" (Discord
+    # allows 3 s for the first answer).
+    redis_timeout_s: float = 1.0
 
     # Models: built-in catalog plus operator overrides/additions (JSON in IMAGINE_MODELS).
     models: dict[str, dict] = Field(default_factory=dict)
@@ -64,6 +70,16 @@ class Settings(BaseSettings):
     worker_metrics_port: int = 9102
     log_format: Literal["json", "text"] = "json"
     log_level: str = "INFO"
+
+    # Liveness: while a job runs, a thread renews its started-job entry every heartbeat, with a
+    # lease of 4 heartbeats; a dead worker's job is retried once the lease runs out and any
+    # worker's maintenance (every maintenance_interval_s) finds it.
+    heartbeat_s: int = 5
+    maintenance_interval_s: int = 15
+    # How long an idle worker blocks on its queues between heartbeats/maintenance.
+    idle_poll_s: int = 10
+    # A worker rides through Redis outages up to about this long before restarting its loop.
+    redis_retry_s: float = 30.0
 
     # Limits applied to every command (server policies can only tighten them).
     max_prompt_chars: int = 500

@@ -227,7 +227,10 @@ class FakeDiscord:
             _, status = self.failures.pop(index)
         if status == 429:
             return _json({"message": "You are being rate limited.", "retry_after": 0.05, "global": False},
-                         status=429, headers={"Retry-After": "0.05", "X-RateLimit-Scope": "user"})
+                         status=429, headers={"Retry-After": "0.05", "X-RateLimit-Scope": "user",
+                                              # Discord's API answers carry this; discord.py treats a
+                                              # 429 without it as a Cloudflare ban and does not retry.
+                                              "Via": "1.1 google"})
         return _json({"message": "Server error", "code": 0}, status=status)
 
 

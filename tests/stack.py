@@ -90,6 +90,8 @@ def stack_env(redis_url: str, api_base: str, gateway_url: str, model_dir: Path, 
             "default_steps": 2, "variant": None}}),
         "IMAGINE_DEFAULT_MODEL": TINY_MODEL, "IMAGINE_WORKER_MODELS": json.dumps([TINY_MODEL]),
         "IMAGINE_MIN_SIZE": "64", "IMAGINE_DEVICE": "cpu",
+        # Many processes per test run: no fixed metrics ports (tests that scrape set their own).
+        "IMAGINE_BOT_METRICS_PORT": "0", "IMAGINE_WORKER_METRICS_PORT": "0",
     })
     env.update(extra)
     return env
@@ -98,10 +100,21 @@ def stack_env(redis_url: str, api_base: str, gateway_url: str, model_dir: Path, 
 class Process:
     """A child process with its output in a log file (shown when a test fails)."""
 
-    def __init__(self, args: list[str], env: dict[str, str], log_path: Path):
+    def __init__(self, args: list[str], env: dict[str, str], log_path: Path, new_session: bool = False):
         self.log_path = log_path
-        self._log = open(log_path, "wb")
-        self.popen = subprocess.Popen(args, env=env, cwd=ROOT, stdout=self._log, stderr=subprocess.STDOUT)
+        self._log = open(log_path, "ab")
+        # new_session: the process and its children (RQ's scheduler) form one group to kill.
+        self.popen = subprocess.Popen(args, env=env, cwd=ROOT, stdout=self._log, stderr=subprocess.STDOUT,
+                                      start_new_session=new_session)
+
+    def kill_group(self) -> None:
+        """SIGKILL the process and everything it started, like a crashed container."""
+        try:
+            os.killpg(self.popen.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        self.popen.wait()
+        self._log.close()
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")
@@ -120,8 +133,8 @@ class Process:
         self._log.close()
 
 
-def start_worker(env: dict[str, str], log_path: Path, *args: str) -> Process:
-    return Process([sys.executable, "-m", "worker.main", *args], env, log_path)
+def start_worker(env: dict[str, str], log_path: Path, *args: str, new_session: bool = False) -> Process:
+    return Process([sys.executable, "-m", "worker.main", *args], env, log_path, new_session)
 
 
 def start_bot(env: dict[str, str], log_path: Path) -> Process:

@@ -108,18 +108,16 @@ def test_worker_batches_queued_compatible_jobs(env, redis_server, fake_discord, 
 def test_worker_prefers_models_on_the_gpu_without_starving_others(redis_server):
     from collections import OrderedDict
 
-    from rq import Queue
-
-    from worker.main import ImagineWorker
+    from worker.rq_worker import ImagineQueue, ImagineWorker
     from worker.tasks import WorkerRuntime, install_runtime
 
     redis = Redis.from_url(redis_server.url)
     prefix = f"pref{snowflake()[-6:]}"
     resident = ResidentPipelines(device=CPU, dtype=torch.float32, on_device=OrderedDict(hot=1))
     install_runtime(WorkerRuntime(pipelines=resident))
-    queues = [Queue(queue_name(m, prefix), connection=redis, serializer=JSONSerializer) for m in ("cold", "hot")]
-    worker = ImagineWorker(queues, connection=redis, serializer=JSONSerializer)
-    worker.starvation_s = 20
+    queues = [ImagineQueue(queue_name(m, prefix), connection=redis, serializer=JSONSerializer)
+              for m in ("cold", "hot")]
+    worker = ImagineWorker(queues, connection=redis, serializer=JSONSerializer, starvation_s=20)
     settings = Settings(redis_url=redis_server.url, queue_prefix=prefix, _env_file=None)
     jobs = JobQueue(redis, settings)
 

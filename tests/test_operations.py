@@ -50,7 +50,9 @@ def run(env, fake_discord, redis_server, tmp_path_factory):
         good = slash_command("imagine", {"prompt": "a quiet harbour", "seed": 3})
         bad = slash_command("imagine", {"prompt": "cat", "steps": 500})
         expired = slash_command("imagine", {"prompt": "too late", "seed": 4})
+        # Token expired and the channel fallback refused (bot lost access): every try fails.
         fake_discord.expired_tokens.add(expired["token"])
+        fake_discord.fail_next("channel", *[403] * 4)
         for payload in (good, bad, expired):
             fake_discord.dispatch("INTERACTION_CREATE", payload)
         wait_for(lambda: fake_discord.messages("followup", good["token"]), 60, what="result post")
@@ -61,6 +63,7 @@ def run(env, fake_discord, redis_server, tmp_path_factory):
     finally:
         bot.stop()
         worker.stop()
+        fake_discord.failures.clear()
 
 
 def test_bot_metrics_count_commands_and_queue_depth(run):

@@ -1,35 +1,80 @@
 """Tell the user once when their job has failed for good.
 
 RQ calls :func:`report_failure` as the job's ``on_failure`` callback both when the job raised
-and when registry clean-up finds it abandoned by a dead worker. It is called before RQ decides
-on a retry, so it stays silent while retries are left: the user hears only the final outcome.
+and when registry clean-up finds it abandoned by a dead worker (rq/registry.py,
+``StartedJobRegistry.cleanup``). It is called before RQ decides on a retry, so it stays silent
+while retries are left: the user hears only the final outcome.
+
+Some failures run no callback at all: a job RQ finds stuck in a queue's intermediate list fails
+without one, and a callback can itself fail (Discord unreachable). :func:`report_untold_failures`
+is the safety net: worker maintenance runs it over the failed-job registry. Every path checks and
+writes the same :class:`~worker.outcomes.Outcomes` record, so each failure is told once.
 """
 
 from __future__ import annotations
 
 import logging
+import time
+from dataclasses import dataclass, field
 
 import requests
-from rq.exceptions import AbandonedJobError
+from redis import Redis
+from rq import Queue
 from rq.job import Job
-from rq.timeouts import JobTimeoutException
 
+from settings.config import Settings
 from settings.jobs import JobRequest
 from worker import metrics
-from worker.delivery import post_failure
+from worker.delivery import post_failure, use_api_base
+from worker.outcomes import Outcomes, Told
 from worker.release import release_slot
 
 log = logging.getLogger(__name__)
 
+REASONS = {
+    "JobTimeoutException": "Your image took too long to generate and was stopped. Try fewer steps or images.",
+    "AbandonedJobError": "The GPU worker stopped while generating your image, and retries ran out.",
+    "stuck in intermediate queue": "The GPU worker stopped while generating your image, and retries ran out.",
+    "OutOfMemoryError": "The GPU ran out of memory for this request. Try fewer images or a smaller size.",
+}
+GENERIC = "Your image could not be generated. The operators have the details."
 
-def friendly_reason(exc_type: type[BaseException] | None) -> str:
-    if exc_type is not None and issubclass(exc_type, JobTimeoutException):
-        return "Your image took too long to generate and was stopped. Try fewer steps or images."
-    if exc_type is not None and issubclass(exc_type, AbandonedJobError):
-        return "The GPU worker stopped while generating your image, and retries ran out."
-    if exc_type is not None and exc_type.__name__ == "OutOfMemoryError":
-        return "The GPU ran out of memory for this request. Try fewer images or a smaller size."
-    return "Your image could not be generated. The operators have the details."
+
+def friendly_reason(failure: type[BaseException] | str | None) -> str:
+    """The user's one line for an exception type, or for RQ's stored failure text."""
+    text = failure.__name__ if isinstance(failure, type) else (failure or "")
+    return next((reason for marker, reason in REASONS.items() if marker in text), GENERIC)
+
+
+@dataclass
+class Reporter:
+    outcomes: Outcomes
+    session: requests.Session = field(default_factory=requests.Session)
+    bot_token: str | None = field(default=None, repr=False)
+
+    def tell(self, job: Job, reason: str) -> bool:
+        """Post ``reason`` to the job's user unless they were already told; True when posted."""
+        request = JobRequest.model_validate(job.args[0])
+        if request.delivery is None or self.outcomes.get(job.id) is not None:
+            return False
+        posted = post_failure(request.delivery, reason, self.session, self.bot_token,
+                              nonce=job.id[:25])
+        self.outcomes.record(job.id, Told("failure", posted.message_id, posted.via))
+        return True
+
+
+def reporter_for(connection: Redis) -> Reporter:
+    """Inside a worker, its own reporter; in any other process where RQ runs this callback
+    (registry clean-up triggered by ``rq info`` or rq-dashboard), one built from the environment."""
+    from worker import tasks
+
+    if tasks._runtime is not None and tasks._runtime.outcomes is not None:
+        runtime = tasks._runtime
+        return Reporter(runtime.outcomes, runtime.session, runtime.bot_token)
+    settings = Settings()
+    use_api_base(settings.discord_api_base)
+    token = settings.discord_token.get_secret_value() if settings.discord_token else None
+    return Reporter(Outcomes(connection, settings.queue_prefix, settings.failure_ttl_s), bot_token=token)
 
 
 def report_failure(job: Job, connection, exc_type=None, exc_value=None, traceback=None) -> None:
@@ -38,9 +83,22 @@ def report_failure(job: Job, connection, exc_type=None, exc_value=None, tracebac
         log.warning("job %s failed (%s); %s retries left", job.id, exc_type, job.retries_left)
         return
     release_slot(job, connection)
-    request = JobRequest.model_validate(job.args[0])
     log.error("job %s failed for good: %s", job.id, exc_type.__name__ if exc_type else "unknown")
-    if request.delivery is None:
-        return
-    with requests.Session() as session:
-        post_failure(request.delivery, friendly_reason(exc_type), session)
+    reporter_for(connection).tell(job, friendly_reason(exc_type))
+
+
+def report_untold_failures(queue: Queue, reporter: Reporter, window_s: float) -> int:
+    """Tell the users of failed jobs (ended within ``window_s``) that nobody told yet."""
+    job_ids = queue.failed_job_registry.get_job_ids(cleanup=False)
+    told = 0
+    for job_id in reporter.outcomes.untold(job_ids) if job_ids else []:
+        job = queue.fetch_job(job_id)
+        if job is None or (job.ended_at and time.time() - job.ended_at.timestamp() > window_s):
+            continue
+        try:
+            told += reporter.tell(job, friendly_reason(job.exc_info))
+        except Exception:
+            log.exception("could not report failed job %s yet; will try again", job_id)
+        else:
+            log.warning("job %s had failed without telling its user; told now", job_id)
+    return told

@@ -3,6 +3,8 @@ benchmarkable on its own."""
 
 from __future__ import annotations
 
+import gc
+import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -13,6 +15,9 @@ from PIL.Image import Image
 
 from settings.jobs import JobRequest
 
+log = logging.getLogger(__name__)
+StepCallback = Callable[[int, int], None]
+
 
 @dataclass(frozen=True)
 class Generation:
@@ -21,6 +26,20 @@ class Generation:
     inference_ms: float
     started_at: float  # epoch seconds when the pipeline call began
     batch_images: int = 1  # images made in that pipeline call (this request's and others')
+
+
+@dataclass(frozen=True)
+class _Batch:
+    """Per-image inputs of one pipeline call, split together on out-of-memory."""
+
+    prompts: list[str]
+    negatives: list[str]
+    seeds: list[int]
+
+    def halves(self) -> tuple["_Batch", "_Batch"]:
+        h = len(self.seeds) // 2
+        return (_Batch(self.prompts[:h], self.negatives[:h], self.seeds[:h]),
+                _Batch(self.prompts[h:], self.negatives[h:], self.seeds[h:]))
 
 
 def batch_key(request: JobRequest) -> tuple:
@@ -35,7 +54,14 @@ def seeded_generators(seeds: list[int]) -> list[torch.Generator]:
     return [torch.Generator(device="cpu").manual_seed(seed) for seed in seeds]
 
 
-def _step_callback(on_step: Callable[[int, int], None], steps: int):
+def free_memory(device: torch.device) -> None:
+    """Return what a failed call left behind: tensors die with its frames, then the CUDA cache."""
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def _step_callback(on_step: StepCallback, steps: int):
     """Adapt ``on_step(done, total)`` to diffusers' ``callback_on_step_end`` signature."""
     def callback(pipe, step: int, timestep, callback_kwargs: dict) -> dict:
         on_step(step + 1, steps)
@@ -43,35 +69,64 @@ def _step_callback(on_step: Callable[[int, int], None], steps: int):
     return callback
 
 
+def _run(pipe: DiffusionPipeline, batch: _Batch, first: JobRequest, on_step: StepCallback | None) -> list[Image]:
+    progress = {} if on_step is None else {"callback_on_step_end": _step_callback(on_step, first.steps)}
+    with torch.inference_mode():
+        output = pipe(
+            prompt=batch.prompts, negative_prompt=batch.negatives, num_inference_steps=first.steps,
+            guidance_scale=first.guidance, height=first.size, width=first.size,
+            num_images_per_prompt=1, generator=seeded_generators(batch.seeds), **progress,
+        )
+    return list(output.images)
+
+
+def _run_splitting(pipe: DiffusionPipeline, batch: _Batch, first: JobRequest,
+                   on_step: StepCallback | None) -> list[Image]:
+    """All images in one call; on CUDA out-of-memory, free memory and make the images in two
+    halves (recursively, down to one per call). Each image keeps its own seed's generator, so
+    the split changes no pixels. A single image that does not fit raises for the caller."""
+    try:
+        return _run(pipe, batch, first, on_step)
+    except torch.cuda.OutOfMemoryError:
+        if len(batch.seeds) == 1:
+            raise
+        log.warning("out of GPU memory with %d images per call; retrying in halves", len(batch.seeds))
+    # Outside the except block, so the exception's traceback (and the tensors it holds) is gone.
+    free_memory(pipe.device)
+    low, high = batch.halves()
+    return _run_splitting(pipe, low, first, on_step) + _run_splitting(pipe, high, first, on_step)
+
+
 def generate_batch(pipe: DiffusionPipeline, requests: list[JobRequest],
-                   on_step: Callable[[int, int], None] | None = None) -> list[Generation]:
+                   on_step: StepCallback | None = None) -> list[Generation]:
     """One pipeline call for several compatible requests; one Generation per request.
     ``on_step(done, total)`` is called after each denoising step (progress for front ends)."""
     first = requests[0]
     if any(batch_key(r) != batch_key(first) for r in requests):
         raise ValueError("requests in one batch must share model, size, steps and guidance")
-    prompts = [r.prompt for r in requests for _ in r.seeds()]
-    negatives = [r.negative_prompt for r in requests for _ in r.seeds()]
-    seeds = [seed for r in requests for seed in r.seeds()]
-    progress = {} if on_step is None else {"callback_on_step_end": _step_callback(on_step, first.steps)}
+    batch = _Batch(prompts=[r.prompt for r in requests for _ in r.seeds()],
+                   negatives=[r.negative_prompt for r in requests for _ in r.seeds()],
+                   seeds=[seed for r in requests for seed in r.seeds()])
     started_at, started = time.time(), time.perf_counter()
-    with torch.inference_mode():
-        output = pipe(
-            prompt=prompts, negative_prompt=negatives, num_inference_steps=first.steps,
-            guidance_scale=first.guidance, height=first.size, width=first.size,
-            num_images_per_prompt=1, generator=seeded_generators(seeds), **progress,
-        )
-    if pipe.device.type == "cuda":
-        torch.cuda.synchronize(pipe.device)
-    inference_ms = (time.perf_counter() - started) * 1000
-    generations, offset = [], 0
-    for request in requests:
-        images = list(output.images[offset:offset + request.count])
-        generations.append(Generation(images, request.seeds(), inference_ms, started_at, len(seeds)))
-        offset += request.count
-    return generations
+    try:
+        images = _run_splitting(pipe, batch, first, on_step)
+    except torch.cuda.OutOfMemoryError as error:
+        message = str(error)
+    else:
+        if pipe.device.type == "cuda":
+            torch.cuda.synchronize(pipe.device)
+        inference_ms = (time.perf_counter() - started) * 1000
+        generations, offset = [], 0
+        for request in requests:
+            generations.append(Generation(images[offset:offset + request.count], request.seeds(),
+                                          inference_ms, started_at, len(batch.seeds)))
+            offset += request.count
+        return generations
+    # Free only once the traceback (which pins the failed call's tensors) is gone, so the
+    # worker can serve its next job; the job itself fails and is reported.
+    free_memory(pipe.device)
+    raise torch.cuda.OutOfMemoryError(message)
 
 
-def generate(pipe: DiffusionPipeline, request: JobRequest,
-             on_step: Callable[[int, int], None] | None = None) -> Generation:
+def generate(pipe: DiffusionPipeline, request: JobRequest, on_step: StepCallback | None = None) -> Generation:
     return generate_batch(pipe, [request], on_step)[0]

@@ -1,5 +1,5 @@
 """Start a GPU worker: load the configured pipelines once, warm them up, then serve their
-queues with an in-process RQ worker.
+queues with an in-process RQ worker (``worker.rq_worker.ImagineWorker``).
 
     python -m worker.main [--burst] [--max-jobs N]
 """
@@ -7,16 +7,18 @@ queues with an in-process RQ worker.
 from __future__ import annotations
 
 import argparse
+import itertools
 import logging
 import os
+import signal
 import sys
-
-import time
+import threading
 
 from redis import Redis
-from rq import Queue, SimpleWorker, get_current_job
-from rq.intermediate_queue import IntermediateQueue
-from rq.job import Job
+from redis.backoff import ExponentialWithJitterBackoff
+from redis.exceptions import RedisError
+from redis.retry import Retry
+from rq import get_current_job
 from rq.serializers import JSONSerializer
 
 from settings.catalog import ModelEntry
@@ -25,51 +27,17 @@ from settings.jobs import JobRequest, queue_name
 from settings.logs import configure_logging, secrets_of
 from worker import metrics
 from worker.delivery import use_api_base
-from worker.batching import claim_companions, request_of
+from worker.failures import Reporter
 from worker.generate import generate
 from worker.optimize import SpeedOptions
+from worker.outcomes import Outcomes
 from worker.pipelines import ModelLoadError, ResidentPipelines, resolve_device, resolve_dtype
-from worker.tasks import WorkerRuntime, current_runtime, install_runtime
+from worker.rq_worker import ImagineQueue, ImagineWorker
+from worker.tasks import WorkerRuntime, install_runtime
+
+__all__ = ["ImagineWorker", "build_worker", "main", "serve"]
 
 log = logging.getLogger("worker")
-
-
-class ImagineWorker(SimpleWorker):
-    """In-process worker: CUDA state cannot cross a fork and a pipeline takes seconds to load,
-    so every job runs in this process next to the resident pipelines.
-
-    Adds batching of compatible queued jobs and, when it serves several models, a queue order
-    that prefers models already on the GPU without starving the others."""
-
-    max_batch_images: int = 1
-    starvation_s: float = 20.0
-
-    def execute_job(self, job: Job, queue: Queue) -> None:
-        batches = current_runtime().batches
-        lead = request_of(job)
-        claimed = claim_companions(queue, lead, self.max_batch_images) if self.max_batch_images > lead.count else []
-        batches.plan(job, claimed)
-        super().execute_job(job, queue)
-        batches.forget(job.id)
-        for companion in claimed:
-            super().execute_job(companion, queue)
-            batches.forget(companion.id)
-            IntermediateQueue(queue.key, self.connection).remove(companion.id)
-
-    def dequeue_job_and_maintain_ttl(self, timeout, max_idle_time=None):
-        if len(self.queues) > 1:
-            self._ordered_queues = sorted(self.queues, key=self._queue_priority)
-        return super().dequeue_job_and_maintain_ttl(timeout, max_idle_time)
-
-    def _queue_priority(self, queue: Queue) -> int:
-        """0: a job has waited too long (serve it even if it costs a swap), 1: model on the GPU,
-        2: model parked in host RAM."""
-        head_id = self.connection.lindex(queue.key, 0)
-        head = queue.fetch_job(head_id.decode()) if head_id else None
-        if head is not None and time.time() - request_of(head).created_at > self.starvation_s:
-            return 0
-        model = queue.name.split(":", 1)[1]
-        return 1 if model in current_runtime().pipelines.resident_keys() else 2
 
 
 def served_models(settings: Settings) -> list[ModelEntry]:
@@ -108,14 +76,65 @@ def load_pipelines(settings: Settings) -> ResidentPipelines:
     return pipelines
 
 
-def build_worker(settings: Settings, models: list[str], redis: Redis) -> ImagineWorker:
-    queues = [Queue(queue_name(key, settings.queue_prefix), connection=redis,
-                    serializer=JSONSerializer) for key in models]
-    worker = ImagineWorker(queues, connection=redis, serializer=JSONSerializer,
-                           name=f"imagine-{os.uname().nodename}-{os.getpid()}")
-    worker.max_batch_images = settings.max_batch_images
-    worker.starvation_s = settings.starvation_s
-    return worker
+def connect(settings: Settings) -> Redis:
+    """A client that rides through a Redis restart: each command is retried with back-off for
+    about ``redis_retry_s`` before the error reaches RQ."""
+    backoff_cap = 2.0
+    retries = max(1, int(settings.redis_retry_s / backoff_cap) + 3)
+    return Redis.from_url(settings.redis_url, health_check_interval=30,
+                          retry=Retry(ExponentialWithJitterBackoff(base=0.05, cap=backoff_cap), retries))
+
+
+def build_worker(settings: Settings, models: list[str], redis: Redis, reporter: Reporter | None = None,
+                 generation: int = 0) -> ImagineWorker:
+    queues = [ImagineQueue(queue_name(key, settings.queue_prefix), connection=redis,
+                           serializer=JSONSerializer) for key in models]
+    suffix = f"-{generation}" if generation else ""
+    return ImagineWorker(queues, connection=redis, serializer=JSONSerializer,
+                         name=f"imagine-{os.uname().nodename}-{os.getpid()}{suffix}",
+                         heartbeat_s=settings.heartbeat_s, reporter=reporter,
+                         report_window_s=settings.failure_ttl_s,
+                         maintenance_interval=settings.maintenance_interval_s,
+                         # RQ blocks on the queues for worker_ttl - 15 s between maintenance runs.
+                         worker_ttl=settings.idle_poll_s + 15,
+                         max_batch_images=settings.max_batch_images, starvation_s=settings.starvation_s)
+
+
+def wait_for_redis(redis: Redis, stop: threading.Event) -> None:
+    delay = 1.0
+    while not stop.is_set():
+        try:
+            redis.ping()
+            return
+        except RedisError as error:
+            log.warning("Redis unreachable (%s); retrying in %.0f s", error, delay)
+            stop.wait(delay)
+            delay = min(delay * 2, 30)
+
+
+def serve(settings: Settings, models: list[str], redis: Redis, reporter: Reporter,
+          burst: bool = False, max_jobs: int | None = None) -> None:
+    """Run the RQ work loop; when it ends because Redis went away for longer than the client
+    rides through, wait for Redis and start a fresh loop. SIGTERM ends it after the current job."""
+    stop = threading.Event()
+    done = 0
+    for generation in itertools.count():
+        worker = build_worker(settings, models, redis, reporter, generation)
+        left = None if max_jobs is None else max_jobs - done
+        try:
+            worker.work(burst=burst, max_jobs=left, with_scheduler=True)
+        except RedisError as error:
+            log.warning("worker loop ended: %s", error)
+        done += worker.jobs_done
+        if worker.stop_asked or burst or (max_jobs is not None and done >= max_jobs):
+            return
+        # RQ's loop quits on Redis errors it does not retry itself; come back when Redis does.
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, lambda *_: stop.set())
+        wait_for_redis(redis, stop)
+        if stop.is_set():
+            return
+        log.info("Redis is back; resuming work")
 
 
 def quiet_progress_bars() -> None:
@@ -145,12 +164,16 @@ def main(argv: list[str] | None = None) -> int:
         pipelines = load_pipelines(settings)
     except ModelLoadError as error:
         raise SystemExit(f"error: {error}") from None
-    install_runtime(WorkerRuntime(pipelines=pipelines, key_prefix=settings.queue_prefix))
+    redis = connect(settings)
+    token = settings.discord_token.get_secret_value() if settings.discord_token else None
+    outcomes = Outcomes(redis, settings.queue_prefix, settings.failure_ttl_s)
+    runtime = WorkerRuntime(pipelines=pipelines, outcomes=outcomes, bot_token=token,
+                            key_prefix=settings.queue_prefix)
+    install_runtime(runtime)
     metrics.serve(settings.worker_metrics_port)
-    redis = Redis.from_url(settings.redis_url)
-    worker = build_worker(settings, pipelines.keys(), redis)
     log.info("ready: serving %s on %s", ", ".join(pipelines.keys()), pipelines.device)
-    worker.work(burst=args.burst, max_jobs=args.max_jobs, with_scheduler=True)
+    serve(settings, pipelines.keys(), redis, Reporter(outcomes, runtime.session, token),
+          burst=args.burst, max_jobs=args.max_jobs)
     return 0
 
 

@@ -20,6 +20,7 @@ from worker.batching import BatchPlan
 from worker.delivery import Upload, post_result, result_embed
 from worker.generate import Generation, generate_batch
 from worker.images import encode_for_upload, png_bytes
+from worker.outcomes import Outcomes, Told
 from worker.pipelines import ResidentPipelines
 
 log = logging.getLogger(__name__)
@@ -31,6 +32,8 @@ class WorkerRuntime:
     session: requests.Session = field(default_factory=requests.Session)
     batches: BatchPlan = field(default_factory=BatchPlan)
     key_prefix: str = "imagine"  # settings.queue_prefix: where stored images go
+    outcomes: Outcomes | None = None  # None: nothing is posted twice-checked (local runs)
+    bot_token: str | None = field(default=None, repr=False)  # channel fallback for expired tokens
 
 
 _runtime: WorkerRuntime | None = None
@@ -97,9 +100,21 @@ def store_images(job: Job | None, request: JobRequest, generation: Generation, p
     return keys
 
 
+def already_told(runtime: WorkerRuntime, request: JobRequest) -> Told | None:
+    """A previous run of this job (killed after posting, or retried after a lost lease) already
+    gave the user their message: do not generate or post again."""
+    if request.delivery is None or runtime.outcomes is None:
+        return None
+    return runtime.outcomes.get(request.job_id)
+
+
 def run_imagine(payload: dict) -> dict:
     runtime = current_runtime()
     request = JobRequest.model_validate(payload)
+    if (told := already_told(runtime, request)) is not None:
+        log.info("job %s: user already has a %s message; not running again", request.job_id, told.kind)
+        return {"job_id": request.job_id, "already_told": told.kind, "message_id": told.message_id,
+                "delivered_via": told.via}
     job = get_current_job()
     generation = images_for(runtime, request, job)
     queue_wait_ms = (generation.started_at - request.created_at) * 1000
@@ -116,10 +131,11 @@ def run_imagine(payload: dict) -> dict:
         uploads = uploads_for(request, generation, request.delivery.filesize_limit)
         result.timings.total_ms = (time.time() - request.created_at) * 1000
         embed = result_embed(request, generation.seeds, result.timings)
-        result.message_id = post_result(
-            request.delivery, f"<@{request.delivery.user_id}>", embed, uploads, runtime.session
-        )
-        result.delivered_via = "webhook"
+        posted = post_result(request.delivery, f"<@{request.delivery.user_id}>", embed, uploads,
+                             runtime.session, runtime.bot_token, nonce=request.job_id[:25])
+        if runtime.outcomes is not None:
+            runtime.outcomes.record(request.job_id, Told("result", posted.message_id, posted.via))
+        result.message_id, result.delivered_via = posted.message_id, posted.via
         result.timings.post_ms = (time.perf_counter() - post_started) * 1000
     if request.store_images:
         stored_at = time.perf_counter()

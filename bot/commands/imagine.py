@@ -41,12 +41,12 @@ def requester_for(interaction: discord.Interaction) -> Requester:
                      exempt=interaction.permissions.manage_guild)
 
 
-def queued_message(moderated: Moderated, position: int) -> str:
+def queued_message(moderated: Moderated, position: int | None) -> str:
     request = moderated.request
     images = "1 image" if request.count == 1 else f"{request.count} images"
+    where = "" if position is None else f" — position **#{position}** in its queue"
     notes = "".join(f"\nℹ️ {note}" for note in moderated.notes)
-    return (f"🎨 Queued {images} on **{request.model}** — position **#{position}** in its queue."
-            f"{notes}\n> {request.prompt[:300]}")
+    return f"🎨 Queued {images} on **{request.model}**{where}.{notes}\n> {request.prompt[:300]}"
 
 
 async def model_autocomplete(interaction: discord.Interaction, current: str) -> list[app_commands.Choice[str]]:
@@ -103,6 +103,6 @@ async def imagine(
         return
     request = moderated.request
     metrics.command("imagine", "queued")
-    log.info("queued %s on %s at #%d", request.job_id, request.model, position,
+    log.info("queued %s on %s at #%s", request.job_id, request.model, position,
              extra={"job_id": request.job_id})
     await interaction.response.send_message(queued_message(moderated, position))

@@ -1,0 +1,236 @@
+"""Failure paths through the real processes: worker death, Discord errors and expired tokens,
+Redis outage and restart, job timeout, warm shutdown, cancel — each told to the user once."""
+
+from __future__ import annotations
+
+import signal
+import time
+
+import pytest
+from redis import Redis
+from rq import Queue, Worker
+from rq.exceptions import NoSuchJobError
+from rq.job import Job, JobStatus
+from rq.serializers import JSONSerializer
+
+from bench.chaos import CHAOS_ENV, Config, run
+from settings.jobs import job_id_for_interaction
+from tests.fake_discord import slash_command
+from tests.stack import RedisServer, stack_env, start_bot, start_worker, wait_for
+
+MANAGE_GUILD = 1 << 5
+
+
+@pytest.fixture(scope="module")
+def redis_aof():
+    server = RedisServer(appendonly=True).start()
+    yield server
+    server.cleanup()
+
+
+@pytest.fixture(scope="module")
+def chaos_env(redis_aof, fake_discord, tiny_model_dir):
+    return stack_env(redis_aof.url, fake_discord.api_base, fake_discord.gateway_url, tiny_model_dir,
+                     IMAGINE_QUEUE_PREFIX="resil", **CHAOS_ENV)
+
+
+@pytest.fixture(scope="module")
+def bot(chaos_env, fake_discord, tmp_path_factory):
+    proc = start_bot(chaos_env, tmp_path_factory.mktemp("bot") / "bot.log")
+    wait_for(lambda: fake_discord.identified.is_set() and fake_discord.synced_commands, 30, what="bot ready")
+    yield proc
+    proc.stop()
+
+
+@pytest.fixture
+def worker_log(tmp_path):
+    return tmp_path / "worker.log"
+
+
+def start_ready_worker(env, log, redis_url, *args, **kw):
+    proc = start_worker(env, log, *args, **kw)
+    connection = Redis.from_url(redis_url)
+    wait_for(lambda: any(w.pid == proc.popen.pid for w in Worker.all(connection=connection)),
+             180, 0.2, "worker ready")
+    return proc
+
+
+def command(fake, name="imagine", user="820000000000000001", permissions="0", **options):
+    payload = slash_command(name, options, user_id=user, permissions=permissions)
+    fake.dispatch("INTERACTION_CREATE", payload)
+    return payload
+
+
+def answer(fake, payload, timeout=10) -> str:
+    post = wait_for(lambda: fake.messages("callback", payload["token"]), timeout, what="reply")[0]
+    return post.payload["data"]["content"]
+
+
+def messages_for(fake, payload):
+    mention = f"<@{payload['member']['user']['id']}>"
+    return (fake.messages("followup", payload["token"])
+            + [p for p in fake.messages("channel") if mention in (p.payload.get("content") or "")])
+
+
+def one_message(fake, payload, timeout=60):
+    wait_for(lambda: messages_for(fake, payload), timeout, 0.1, "a message for the command")
+    time.sleep(1.5)  # a second (wrong) message would arrive now
+    found = messages_for(fake, payload)
+    assert len(found) == 1, [(m.kind, m.payload.get("content")) for m in found]
+    return found[0]
+
+
+def job_of(redis_url, payload) -> Job:
+    return Job.fetch(job_id_for_interaction(int(payload["id"])), connection=Redis.from_url(redis_url),
+                     serializer=JSONSerializer)
+
+
+def status_of(redis_url, payload) -> JobStatus | None:
+    """The job's status, or None while the bot has not enqueued it yet."""
+    try:
+        return job_of(redis_url, payload).get_status()
+    except NoSuchJobError:
+        return None
+
+
+def test_killed_worker_job_is_retried_on_a_live_worker(bot, chaos_env, fake_discord, redis_aof, tmp_path):
+    # A job that takes long enough for the kill to land mid-generation.
+    slow = start_ready_worker(chaos_env, tmp_path / "slow.log", redis_aof.url, new_session=True)
+    payload = command(fake_discord, prompt="killed mid-job", seed=3, steps=10, size=128)
+    assert "Queued" in answer(fake_discord, payload)
+    wait_for(lambda: status_of(redis_aof.url, payload) == JobStatus.STARTED, 30, 0.05, "job started")
+    slow.kill_group()
+    survivor = start_ready_worker(chaos_env, tmp_path / "survivor.log", redis_aof.url)
+    try:
+        post = one_message(fake_discord, payload, timeout=90)
+        assert post.files, "expected the images, not a failure"
+        assert job_of(redis_aof.url, payload).retries_left == 1  # one retry used by the death
+    finally:
+        survivor.stop()
+
+
+def test_discord_429_500_and_expired_token(bot, chaos_env, fake_discord, redis_aof, tmp_path):
+    worker = start_ready_worker(chaos_env, tmp_path / "w.log", redis_aof.url)
+    try:
+        fake_discord.fail_next("followup", 429, 500)
+        flaky = command(fake_discord, prompt="rate limited then 500", seed=4, user="820000000000000004")
+        post = one_message(fake_discord, flaky)
+        assert post.kind == "followup" and post.files
+        job = job_of(redis_aof.url, flaky)
+        assert job.retries_left == 2, "429/500 must be retried by the HTTP client, not by re-running the job"
+
+        expired = slash_command("imagine", {"prompt": "token expired", "seed": 5},
+                                user_id="820000000000000005", permissions="0")
+        fake_discord.expired_tokens.add(expired["token"])
+        fake_discord.dispatch("INTERACTION_CREATE", expired)
+        post = one_message(fake_discord, expired)
+        assert post.kind == "channel" and post.files
+        assert post.payload["content"] == "<@820000000000000005>"
+        assert [str(u) for u in post.payload["allowed_mentions"]["users"]] == ["820000000000000005"]
+    finally:
+        worker.stop()
+    assert "test-bot-token" not in (tmp_path / "w.log").read_text()
+
+
+def test_job_timeout_is_stopped_and_told_once(bot, chaos_env, fake_discord, redis_aof, tmp_path):
+    queue = Queue("resil:tiny", connection=Redis.from_url(redis_aof.url), serializer=JSONSerializer)
+    # 50 steps at 512 px take several seconds even for the tiny model; the job gets 1 s.
+    payload = command(fake_discord, prompt="too slow", seed=6, steps=50, size=512, user="820000000000000006")
+    assert "Queued" in answer(fake_discord, payload)
+    job = job_of(redis_aof.url, payload)
+    job.timeout = 1  # the bot enqueues with the settings' 60 s; this job gets 1 s
+    job.save()
+    worker = start_ready_worker(chaos_env, tmp_path / "w.log", redis_aof.url)
+    try:
+        post = one_message(fake_discord, payload, timeout=90)
+        assert "took too long" in post.payload["content"] and not post.files
+        assert job.id in queue.failed_job_registry.get_job_ids()
+        assert "JobTimeoutException" in job_of(redis_aof.url, payload).exc_info
+    finally:
+        worker.stop()
+
+
+def test_sigterm_finishes_current_job_and_takes_no_new_one(bot, chaos_env, fake_discord, redis_aof, tmp_path):
+    worker = start_ready_worker(chaos_env, tmp_path / "w.log", redis_aof.url)
+    running = command(fake_discord, prompt="finish me", seed=7, steps=10, size=128, user="820000000000000007")
+    wait_for(lambda: status_of(redis_aof.url, running) == JobStatus.STARTED, 30, 0.05, "job started")
+    waiting = command(fake_discord, prompt="leave me queued", seed=8, user="820000000000000008")
+    assert "Queued" in answer(fake_discord, waiting)
+    worker.popen.send_signal(signal.SIGTERM)
+    worker.popen.wait(60)
+    assert one_message(fake_discord, running, timeout=5).files
+    assert job_of(redis_aof.url, waiting).get_status() == JobStatus.QUEUED
+    assert not messages_for(fake_discord, waiting)
+    # Clean up for later tests: let a worker take it.
+    after = start_ready_worker(chaos_env, tmp_path / "w2.log", redis_aof.url)
+    try:
+        assert one_message(fake_discord, waiting).files
+    finally:
+        after.stop()
+
+
+def test_cancel_own_job_and_admin_cancels_others(bot, fake_discord, redis_aof):
+    # No worker runs: the jobs stay queued.
+    mine = command(fake_discord, prompt="cancel me", user="820000000000000011")
+    theirs = command(fake_discord, prompt="admin cancels me", user="820000000000000012")
+    other = command(fake_discord, prompt="not yours", user="820000000000000013")
+    for payload in (mine, theirs, other):
+        assert "Queued" in answer(fake_discord, payload)
+
+    own = command(fake_discord, "cancel", user="820000000000000011")
+    assert "Cancelled 1 waiting job" in answer(fake_discord, own)
+    assert job_of(redis_aof.url, mine).get_status() == JobStatus.CANCELED
+
+    other_id = job_id_for_interaction(int(other["id"]))
+    refused = command(fake_discord, "cancel", user="820000000000000011", job=other_id)
+    assert "only cancel your own" in answer(fake_discord, refused)
+    assert job_of(redis_aof.url, other).get_status() == JobStatus.QUEUED
+
+    theirs_id = job_id_for_interaction(int(theirs["id"]))
+    admin = command(fake_discord, "cancel", user="820000000000000099", permissions=str(MANAGE_GUILD),
+                    job=theirs_id)
+    assert "Cancelled 1 waiting job" in answer(fake_discord, admin)
+    assert job_of(redis_aof.url, theirs).get_status() == JobStatus.CANCELED
+    told = wait_for(lambda: fake_discord.messages("followup", theirs["token"]), 10, what="owner told")
+    assert "cancelled by <@820000000000000099>" in told[0].payload["content"]
+    Job.fetch(other_id, connection=Redis.from_url(redis_aof.url), serializer=JSONSerializer).cancel()
+
+
+def test_redis_down_answers_fast_and_everything_recovers(bot, chaos_env, fake_discord, redis_aof, tmp_path):
+    worker = start_ready_worker(chaos_env, tmp_path / "w.log", redis_aof.url)
+    try:
+        redis_aof.stop()
+        started = time.monotonic()
+        down = command(fake_discord, prompt="while redis is down", user="820000000000000021")
+        text = answer(fake_discord, down, timeout=5)
+        assert time.monotonic() - started < 3.0
+        assert "queue is unavailable" in text
+        redis_aof.start()  # same port and directory: the AOF brings the data back
+        up = command(fake_discord, prompt="after the restart", seed=9, user="820000000000000022")
+        assert "Queued" in answer(fake_discord, up)
+        assert one_message(fake_discord, up).files, "the worker reconnected on its own"
+        assert worker.alive()
+    finally:
+        worker.stop()
+
+
+def test_queued_jobs_survive_a_redis_restart(bot, chaos_env, fake_discord, redis_aof, tmp_path):
+    payload = command(fake_discord, prompt="survive the restart", seed=10, user="820000000000000031")
+    assert "Queued" in answer(fake_discord, payload)
+    redis_aof.stop()
+    redis_aof.start()
+    assert job_of(redis_aof.url, payload).get_status() == JobStatus.QUEUED
+    worker = start_ready_worker(chaos_env, tmp_path / "w.log", redis_aof.url)
+    try:
+        assert one_message(fake_discord, payload).files
+    finally:
+        worker.stop()
+
+
+def test_short_chaos_run_loses_and_duplicates_nothing(tmp_path):
+    report = run(Config(commands=20, workers=2, rate=2.0, max_kills=2, kill_every=(3.0, 5.0), settle_s=120), tmp_path)
+    print(report.line())
+    assert report.kills >= 1 and report.redis_restarts == 1
+    assert report.accepted >= 15
+    assert report.lost == 0 and report.duplicated == 0
+    assert report.results + report.failures == report.accepted
