@@ -14,7 +14,8 @@ from discord import app_commands
 from discord.gateway import DiscordWebSocket
 from discord.http import Route
 
-from bot.commands import imagine, models
+from bot.buttons import DYNAMIC_ITEMS
+from bot.commands import imagine, models, queue
 from bot.queue import JobQueue, connect
 from settings.config import Settings
 
@@ -40,8 +41,10 @@ class ImagineBot(discord.Client):
         self.tree.on_error = self.on_app_command_error
 
     async def setup_hook(self) -> None:
-        for command in (imagine.imagine, models.list_models):
+        for command in (imagine.imagine, models.list_models, queue.show_queue):
             self.tree.add_command(command)
+        # Result and cancel buttons are matched by custom id, so they outlive restarts.
+        self.add_dynamic_items(*DYNAMIC_ITEMS)
         if self.sync_commands:
             guild = discord.Object(self.settings.sync_guild_id) if self.settings.sync_guild_id else None
             if guild:

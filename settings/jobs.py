@@ -58,6 +58,30 @@ class Timings(BaseModel):
     post_ms: float = 0.0
 
 
+class Reproducibility(BaseModel):
+    """Everything needed to make the same images again; shown by ℹ Info and kept in the PNGs."""
+
+    model: str
+    source: str  # hub id or local folder
+    revision: str | None = None
+    pipeline: str  # pipeline class
+    scheduler: str  # scheduler class
+    diffusers_version: str
+    seeds: list[int]
+    steps: int
+    guidance: float
+    width: int
+    height: int
+    prompt: str
+    negative_prompt: str = ""
+
+    def png_text(self, seed: int) -> dict[str, str]:
+        """The PNG text record of the image made with ``seed``."""
+        record = self.model_dump(exclude={"seeds"})
+        return {"seed": str(seed), **{k: "" if v is None else f"{v:g}" if isinstance(v, float) else str(v)
+                                      for k, v in record.items()}}
+
+
 class JobResult(BaseModel):
     job_id: str
     model: str
@@ -67,6 +91,7 @@ class JobResult(BaseModel):
     timings: Timings
     message_id: int | None = None
     delivered_via: str | None = None  # "webhook" | "channel" | None (not delivered)
+    reproducibility: Reproducibility | None = None
 
 
 def queue_name(model: str, prefix: str = "imagine") -> str:

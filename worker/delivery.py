@@ -1,4 +1,8 @@
-"""Post results and failures to Discord over REST (the interaction follow-up webhook).
+"""Post results and failures to Discord over REST (the interaction webhook).
+
+The result replaces the user's "queued"/progress message (an edit of the interaction's
+original response), carrying the result buttons. Edits are idempotent, so a retried delivery
+can never post the result twice.
 
 Uses discord.py's synchronous webhook client, which already retries 5xx with backoff and
 sleeps on 429 ``retry_after``. No gateway connection is involved.
@@ -14,12 +18,16 @@ import discord
 import requests
 from discord.http import Route
 
-from settings.jobs import Delivery, JobRequest, Timings
+from settings.catalog import ModelEntry
+from settings.jobs import Delivery, JobRequest, Reproducibility, Timings
+from settings.messages import model_custom_id, result_custom_id
 
 log = logging.getLogger(__name__)
 
 EMBED_COLOUR = 0x5865F2
 FIELD_LIMIT = 1024
+ORIGINAL = "@original"
+SELECT_LIMIT = 25  # options in one Discord select
 
 
 def use_api_base(url: str) -> None:
@@ -37,7 +45,14 @@ def _clip(text: str, limit: int = FIELD_LIMIT) -> str:
     return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
-def result_embed(request: JobRequest, seeds: list[int], timings: Timings) -> discord.Embed:
+def reproducibility_footer(record: Reproducibility) -> str:
+    revision = record.revision or "default revision"
+    return (f"{record.pipeline} · {record.scheduler} · diffusers {record.diffusers_version} · "
+            f"{record.source} @ {revision}")
+
+
+def result_embed(request: JobRequest, seeds: list[int], timings: Timings,
+                 record: Reproducibility | None = None, image_name: str | None = None) -> discord.Embed:
     embed = discord.Embed(description=_clip(request.prompt, 4000), colour=EMBED_COLOUR)
     if request.negative_prompt:
         label = "Negative prompt (server policy applied)" if request.forced_negative_applied else "Negative prompt"
@@ -55,7 +70,38 @@ def result_embed(request: JobRequest, seeds: list[int], timings: Timings) -> dis
         ),
         inline=False,
     )
+    if record is not None:
+        embed.set_footer(text=_clip(reproducibility_footer(record), 2048))
+    if image_name is not None:
+        embed.set_image(url=f"attachment://{image_name}")
     return embed
+
+
+class ResultComponents(discord.ui.View):
+    """The buttons under a result. The worker only renders them; the bot's persistent dynamic
+    items answer the clicks (matched by custom id), so no state lives here.
+
+    discord.py's SyncWebhook refuses views it would have to dispatch; these are dispatched by
+    the bot's gateway client, and Discord accepts interactive components from the
+    application-owned interaction webhook."""
+
+    def __init__(self, job_id: str, model: str, catalog: dict[str, ModelEntry]):
+        super().__init__(timeout=None)
+        buttons = (("reroll", "Reroll", "🔁"), ("vary", "Variations", "🎲"),
+                   ("info", "Info", "ℹ️"), ("delete", "Delete", "🗑️"))
+        for action, label, emoji in buttons:
+            style = discord.ButtonStyle.danger if action == "delete" else discord.ButtonStyle.secondary
+            self.add_item(discord.ui.Button(label=label, emoji=emoji, style=style,
+                                            custom_id=result_custom_id(action, job_id), row=0))
+        others = [key for key in catalog if key != model][:SELECT_LIMIT]
+        if others:
+            self.add_item(discord.ui.Select(
+                custom_id=model_custom_id(job_id), placeholder="🔀 Same prompt and seed on another model",
+                options=[discord.SelectOption(label=key, value=key, description=catalog[key].description[:100] or None)
+                         for key in others], row=1))
+
+    def is_dispatchable(self) -> bool:
+        return False  # dispatched by the bot process, not by this webhook client
 
 
 def _webhook(delivery: Delivery, session: requests.Session) -> discord.SyncWebhook:
@@ -69,6 +115,26 @@ def post_result(
     files = [discord.File(io.BytesIO(u.data), filename=u.filename) for u in uploads]
     message = _webhook(delivery, session).send(
         content=content, embed=embed, files=files, wait=True,
+        allowed_mentions=discord.AllowedMentions(users=[discord.Object(delivery.user_id)]),
+    )
+    return message.id
+
+
+def edit_original(delivery: Delivery, session: requests.Session, content: str,
+                  files: list[Upload] | None = None) -> None:
+    """Replace the text (and, given files, the attachments) of the user's message."""
+    extra = {} if files is None else {
+        "attachments": [discord.File(io.BytesIO(u.data), filename=u.filename) for u in files]}
+    _webhook(delivery, session).edit_message(ORIGINAL, content=content, **extra)
+
+
+def deliver_result(delivery: Delivery, content: str, embed: discord.Embed, uploads: list[Upload],
+                   view: discord.ui.View, session: requests.Session) -> int:
+    """Replace the queued/progress message with the result: images, embed and buttons.
+    Returns the message id."""
+    files = [discord.File(io.BytesIO(u.data), filename=u.filename) for u in uploads]
+    message = _webhook(delivery, session).edit_message(
+        ORIGINAL, content=content, embed=embed, attachments=files, view=view,
         allowed_mentions=discord.AllowedMentions(users=[discord.Object(delivery.user_id)]),
     )
     return message.id

@@ -87,8 +87,8 @@ def main(argv: list[str] | None = None) -> int:
         pipelines = load_pipelines(settings)
     except ModelLoadError as error:
         raise SystemExit(f"error: {error}") from None
-    install_runtime(WorkerRuntime(pipelines=pipelines))
     redis = Redis.from_url(settings.redis_url)
+    install_runtime(WorkerRuntime(pipelines=pipelines, settings=settings, redis=redis))
     worker = build_worker(settings, pipelines.keys(), redis)
     log.info("ready: serving %s on %s", ", ".join(pipelines.keys()), pipelines.device)
     worker.work(burst=args.burst, max_jobs=args.max_jobs, with_scheduler=True)

@@ -1,41 +1,17 @@
-"""``/imagine``: validate, enqueue on the model's queue, answer within Discord's 3 seconds."""
+"""``/imagine``: the command's options, handed to the one submit path."""
 
 from __future__ import annotations
 
-import asyncio
-import logging
-import time
 from typing import TYPE_CHECKING
 
 import discord
 from discord import app_commands
-from redis.exceptions import RedisError
 
-from bot.queue import AlreadyQueued
-from settings.jobs import Delivery, JobRequest, job_id_for_interaction
-from settings.validation import ImagineOptions, InvalidRequest, build_request
+from bot.submit import submit_imagine
+from settings.validation import ImagineOptions
 
 if TYPE_CHECKING:
     from bot.app import ImagineBot
-
-log = logging.getLogger(__name__)
-
-QUEUE_DOWN = "The image queue is unavailable right now. Please try again shortly."
-
-
-def delivery_for(interaction: discord.Interaction) -> Delivery:
-    return Delivery(
-        application_id=interaction.application_id, interaction_id=interaction.id,
-        interaction_token=interaction.token, channel_id=interaction.channel_id,
-        guild_id=interaction.guild_id, user_id=interaction.user.id,
-        filesize_limit=interaction.filesize_limit,
-    )
-
-
-def queued_message(request: JobRequest, position: int) -> str:
-    images = "1 image" if request.count == 1 else f"{request.count} images"
-    return (f"🎨 Queued {images} on **{request.model}** — position **#{position}** in its queue.\n"
-            f"> {request.prompt[:300]}")
 
 
 async def model_autocomplete(interaction: discord.Interaction, current: str) -> list[app_commands.Choice[str]]:
@@ -68,23 +44,5 @@ async def imagine(
     size: int | None = None,
     count: int = 1,
 ) -> None:
-    received_at = time.time()
-    bot: ImagineBot = interaction.client  # type: ignore[assignment]
     options = ImagineOptions(prompt, negative_prompt, model, steps, guidance, seed, size, count)
-    try:
-        request = build_request(options, job_id=job_id_for_interaction(interaction.id),
-                                settings=bot.settings, catalog=bot.catalog,
-                                delivery=delivery_for(interaction), created_at=received_at)
-        position = await asyncio.to_thread(bot.jobs.submit, request)
-    except InvalidRequest as error:
-        await interaction.response.send_message(f"❌ {error}", ephemeral=True)
-        return
-    except AlreadyQueued:
-        log.info("interaction %s replayed; job already queued", interaction.id)
-        return
-    except RedisError as error:
-        log.warning("queue unavailable: %s", error)
-        await interaction.response.send_message(f"⏳ {QUEUE_DOWN}", ephemeral=True)
-        return
-    log.info("queued %s on %s at #%d", request.job_id, request.model, position)
-    await interaction.response.send_message(queued_message(request, position))
+    await submit_imagine(interaction, options)
