@@ -112,7 +112,7 @@ class JobQueue:
                 position = 1 if index is None else index + 1
                 outlook = Outlook(position, self.stats.eta(request.model, position, self.workers_for(request.model)))
             jobs.append(QueuedJob(request, job.get_status(refresh=False).value, outlook))
-        return jobs
+        return sorted(jobs, key=lambda j: (j.request.model, j.outlook.position))
 
     def cancel_job(self, job_id: str, user_id: int) -> tuple[JobRequest | None, str]:
         """Cancel a waiting job of ``user_id``. Returns (the request when cancelled, a message

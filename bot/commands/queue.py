@@ -29,8 +29,8 @@ def job_line(job: QueuedJob) -> str:
 def queue_view(jobs: list[QueuedJob]) -> discord.ui.View:
     view = discord.ui.View(timeout=None)
     waiting = [job for job in jobs if job.outlook.position > 0][:MAX_BUTTONS]
-    for number, job in enumerate(waiting, 1):
-        view.add_item(CancelButton(job.request.job_id, label=f"Cancel {number}"))
+    for job in waiting:
+        view.add_item(CancelButton(job.request.job_id, label=f"Cancel: {job.request.prompt[:60]}"))
     return view
 
 
@@ -45,8 +45,5 @@ async def show_queue(interaction: discord.Interaction) -> None:
     if not jobs:
         await interaction.response.send_message("You have no jobs waiting.", ephemeral=True)
         return
-    waiting = [job for job in jobs if job.outlook.position > 0]
-    lines = [f"`{waiting.index(job) + 1}.` " + job_line(job) if job in waiting else "`·` " + job_line(job)
-             for job in jobs]
-    embed = discord.Embed(title="Your jobs", description="\n".join(lines), colour=0x5865F2)
+    embed = discord.Embed(title="Your jobs", description="\n".join(map(job_line, jobs)), colour=0x5865F2)
     await interaction.response.send_message(embed=embed, view=queue_view(jobs), ephemeral=True)
