@@ -108,18 +108,6 @@ def _webhook(delivery: Delivery, session: requests.Session) -> discord.SyncWebho
     return discord.SyncWebhook.partial(delivery.application_id, delivery.interaction_token, session=session)
 
 
-def post_result(
-    delivery: Delivery, content: str, embed: discord.Embed, uploads: list[Upload], session: requests.Session
-) -> int:
-    """Post the images as a follow-up to the user's command; returns the message id."""
-    files = [discord.File(io.BytesIO(u.data), filename=u.filename) for u in uploads]
-    message = _webhook(delivery, session).send(
-        content=content, embed=embed, files=files, wait=True,
-        allowed_mentions=discord.AllowedMentions(users=[discord.Object(delivery.user_id)]),
-    )
-    return message.id
-
-
 def edit_original(delivery: Delivery, session: requests.Session, content: str,
                   files: list[Upload] | None = None) -> None:
     """Replace the text (and, given files, the attachments) of the user's message."""

@@ -73,7 +73,8 @@ Send = Callable[[int, int, bytes | None], None]  # (step, total, preview PNG or 
 class ProgressReporter:
     """Takes step callbacks from the denoising loop; a daemon thread sends the latest one at
     most once per ``interval_s``. ``close()`` waits for an edit in flight, so no progress edit
-    can land after the final result."""
+    can land after the final result; ``stop()`` first lets the caller overlap that wait with
+    other work."""
 
     def __init__(self, send: Send, interval_s: float, gate: Callable[[], bool] = lambda: True,
                  preview: Callable[[torch.Tensor], bytes] | None = None):
@@ -120,9 +121,14 @@ class ProgressReporter:
                 log.warning("progress edit failed: %s", error)
             self._last_sent = time.monotonic()
 
-    def close(self, timeout: float = 10) -> None:
+    def stop(self) -> None:
+        """No more edits start; one in flight may still finish (see :meth:`close`)."""
         self._closed.set()
         self._wake.set()
+
+    def close(self, timeout: float = 10) -> None:
+        """Stop and wait for an edit in flight, so nothing lands after the final result."""
+        self.stop()
         self._thread.join(timeout)
 
 

@@ -100,8 +100,32 @@ def refresh_queue_later(runtime: WorkerRuntime, model: str) -> None:
         return
     queue = Queue(queue_name(model, runtime.settings.queue_prefix), connection=runtime.redis,
                   serializer=JSONSerializer)
-    runtime.background.submit(refresh_queued_messages, runtime.redis, queue, runtime.stats(),
-                              runtime.gate(), runtime.session, runtime.settings.queue_refresh_jobs)
+    future = runtime.background.submit(refresh_queued_messages, runtime.redis, queue, runtime.stats(),
+                                       runtime.gate(), runtime.session, runtime.settings.queue_refresh_jobs)
+    future.add_done_callback(_log_refresh_failure)
+
+
+def _log_refresh_failure(future) -> None:
+    if future.exception() is not None:  # a nicety: never fail a job for it, but say so
+        log.warning("queue position refresh failed: %s", future.exception())
+
+
+def deliver(runtime: WorkerRuntime, request: JobRequest, generation: Generation, result: JobResult,
+            progress: ProgressReporter | None) -> None:
+    """Replace the user's queued/progress message with the images, embed and buttons."""
+    assert request.delivery is not None and result.reproducibility is not None
+    post_started = time.perf_counter()
+    uploads = uploads_for(generation, result.reproducibility, request.delivery.filesize_limit)
+    result.timings.total_ms = (time.time() - request.created_at) * 1000
+    embed = result_embed(request, generation.seeds, result.timings, result.reproducibility,
+                         uploads[-1].filename)  # the image, or the grid of several
+    if progress is not None:
+        progress.close()  # no progress edit may land after the result
+    view = ResultComponents(request.job_id, request.model, runtime.settings.catalog())
+    result.message_id = deliver_result(
+        request.delivery, f"<@{request.delivery.user_id}>", embed, uploads, view, runtime.session)
+    result.delivered_via = "webhook"
+    result.timings.post_ms = (time.perf_counter() - post_started) * 1000
 
 
 def run_imagine(payload: dict) -> dict:
@@ -116,7 +140,7 @@ def run_imagine(payload: dict) -> dict:
         generation = generate(pipe, request, on_step=progress.on_step if progress else None)
     finally:
         if progress is not None:
-            progress.close()
+            progress.stop()  # an edit in flight finishes while the images are encoded
     record = reproducibility(runtime.pipelines.entries[request.model], pipe, request, generation)
     result = JobResult(
         job_id=request.job_id, model=request.model, seeds=generation.seeds, width=record.width,
@@ -125,17 +149,10 @@ def run_imagine(payload: dict) -> dict:
                         total_ms=(time.time() - request.created_at) * 1000),
     )
     if request.delivery is not None:
-        post_started = time.perf_counter()
-        uploads = uploads_for(generation, record, request.delivery.filesize_limit)
-        result.timings.total_ms = (time.time() - request.created_at) * 1000
-        embed = result_embed(request, generation.seeds, result.timings, record, uploads[-1].filename)
-        view = ResultComponents(request.job_id, request.model, runtime.settings.catalog())
-        result.message_id = deliver_result(
-            request.delivery, f"<@{request.delivery.user_id}>", embed, uploads, view, runtime.session)
-        result.delivered_via = "webhook"
-        result.timings.post_ms = (time.perf_counter() - post_started) * 1000
+        deliver(runtime, request, generation, result, progress)
     if runtime.redis is not None:
         runtime.records().attach_result(request.job_id, record)
+        # How long this job held the worker: what the next ETAs are made of.
         runtime.stats().record(request.model, (time.perf_counter() - started) * 1000)
     log.info("job %s done: %s", request.job_id, result.timings.model_dump())
     return result.model_dump(mode="json")
