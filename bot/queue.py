@@ -42,7 +42,6 @@ class Outlook:
 @dataclass(frozen=True)
 class QueuedJob:
     request: JobRequest
-    status: str  # "queued" | "started"
     outlook: Outlook
 
 
@@ -98,20 +97,20 @@ class JobQueue:
 
     def user_jobs(self, user_id: int) -> list[QueuedJob]:
         """The user's jobs still waiting or generating, with position and ETA."""
-        ids = self.records.user_jobs(user_id)
         jobs = []
-        for job in Job.fetch_many(ids, connection=self.redis, serializer=JSONSerializer):
-            if job is None or job.get_status(refresh=False) not in (JobStatus.QUEUED, JobStatus.STARTED):
+        for job in Job.fetch_many(self.records.user_jobs(user_id), connection=self.redis,
+                                  serializer=JSONSerializer):
+            status = job.get_status(refresh=False) if job is not None else None
+            if status not in (JobStatus.QUEUED, JobStatus.STARTED):
                 continue
             request = JobRequest.model_validate(job.args[0])
-            queue = self.queue(request.model)
-            if job.get_status(refresh=False) == JobStatus.STARTED:
-                outlook = Outlook(0, self.stats.eta(request.model, 1, 1))
+            if status == JobStatus.STARTED:
+                outlook = Outlook(0, self.stats.eta(request.model, 1, 1))  # about one job's time
             else:
-                index = queue.get_job_position(job.id)
+                index = self.queue(request.model).get_job_position(job.id)
                 position = 1 if index is None else index + 1
                 outlook = Outlook(position, self.stats.eta(request.model, position, self.workers_for(request.model)))
-            jobs.append(QueuedJob(request, job.get_status(refresh=False).value, outlook))
+            jobs.append(QueuedJob(request, outlook))
         return sorted(jobs, key=lambda j: (j.request.model, j.outlook.position))
 
     def cancel_job(self, job_id: str, user_id: int) -> tuple[JobRequest | None, str]:

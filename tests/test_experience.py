@@ -100,8 +100,10 @@ def custom_ids(message: dict) -> list[str]:
 
 
 def job_of(stack, payload) -> dict:
-    job = Job.fetch(job_id_for_interaction(int(payload["id"])), connection=stack.redis, serializer=JSONSerializer)
-    return job.args[0]
+    """The job request the interaction made (the answer goes out just before the enqueue)."""
+    job_id = job_id_for_interaction(int(payload["id"]))
+    wait_for(lambda: Job.exists(job_id, connection=stack.redis), 5, what="enqueued")
+    return Job.fetch(job_id, connection=stack.redis, serializer=JSONSerializer).args[0]
 
 
 # -- tests -----------------------------------------------------------------------------------
@@ -154,8 +156,7 @@ def test_waiting_messages_follow_their_position(stack):
     for i in (1, 2):
         behind.append(command(stack, "imagine", prompt=f"behind #{i}", seed=20 + i))
         assert f"position **#{i}**" in reply(stack, behind[-1]).payload["data"]["content"]
-        job_id = job_id_for_interaction(int(behind[-1]["id"]))
-        wait_for(lambda: Job.exists(job_id, connection=stack.redis), 5, what="enqueued")
+        job_of(stack, behind[-1])
     # When the slow job is done and the next one starts, the last one moves up to #1.
     moved = wait_for(lambda: [e for e in stack.fake.messages("edit", behind[1]["token"])
                               if "position **#1**" in e.payload.get("content", "")], 60, what="position update")
@@ -184,7 +185,8 @@ def test_reroll_keeps_settings_with_a_new_seed(stack, base):
 def test_variations_use_the_next_seeds(stack, base):
     payload, post = base
     clicked = click(stack, f"img:vary:{job_id_for_interaction(int(payload['id']))}", post.message)
-    args = job_of(stack, wait_for(lambda: reply(stack, clicked) and clicked))
+    reply(stack, clicked)
+    args = job_of(stack, clicked)
     assert (args["seed"], args["count"], args["prompt"]) == (101, 4, "a red fox in snow")
     final = result(stack, clicked)
     assert fields(final)["Seeds"] == "101, 102, 103, 104"
@@ -254,8 +256,7 @@ def test_queue_lists_own_jobs_and_cancels(stack):
     for i in (1, 2):
         waiting.append(command(stack, "imagine", prompt=f"waiting #{i}", model="sdxl-base", steps=2))
         assert f"position **#{i}**" in reply(stack, waiting[-1]).payload["data"]["content"]
-        job_id = job_id_for_interaction(int(waiting[-1]["id"]))
-        wait_for(lambda: Job.exists(job_id, connection=stack.redis), 5, what="enqueued")
+        job_of(stack, waiting[-1])
     other = command(stack, "imagine", user_id=STRANGER, prompt="someone else's", model="sdxl-base", steps=2)
     reply(stack, other)
     listing = reply(stack, command(stack, "queue"))

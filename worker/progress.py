@@ -20,7 +20,7 @@ import torch
 from PIL import Image
 from redis import Redis
 from rq import Queue, Worker
-from rq.job import Job
+from rq.job import Job, JobStatus
 from rq.serializers import JSONSerializer
 
 from settings.fleet import FleetStats
@@ -144,6 +144,8 @@ def refresh_queued_messages(redis: Redis, queue: Queue, stats: FleetStats, gate:
             continue
         request = JobRequest.model_validate(job.args[0])
         if request.delivery is None or not gate.acquire(request.job_id):
+            continue
+        if job.get_status() != JobStatus.QUEUED:  # taken meanwhile: its own progress follows
             continue
         eta = stats.eta(request.model, position, workers)
         try:
