@@ -15,6 +15,7 @@ from redis import Redis
 from rq.job import Job, JobStatus
 from rq.serializers import JSONSerializer
 
+from settings.fleet import FleetStats
 from settings.jobs import job_id_for_interaction
 from tests.fake_discord import MANAGE_GUILD, component_interaction, slash_command
 from tests.stack import live_workers, start_bot, start_worker, wait_for
@@ -108,15 +109,19 @@ def job_of(stack, payload) -> dict:
 
 # -- tests -----------------------------------------------------------------------------------
 def test_eta_appears_once_a_few_jobs_have_run(stack):
+    fleet = FleetStats(stack.redis, PREFIX, min_samples=3)
     first = command(stack, "imagine", prompt="first job on a fresh fleet", seed=1)
     text = reply(stack, first).payload["data"]["content"]
     assert "position **#1**" in text and "ETA" not in text  # no numbers yet: no guess
     result(stack, first)
     for seed in (2, 3):
         result(stack, command(stack, "imagine", prompt="warming the numbers", seed=seed))
+    # The worker records a job's time just after posting its result.
+    wait_for(lambda: fleet.latency("tiny"), 10, what="three jobs recorded")
     later = command(stack, "imagine", prompt="now with an estimate", seed=4)
     assert re.search(r"position \*\*#1\*\* in its queue · ETA ~\d+ s", reply(stack, later).payload["data"]["content"])
     result(stack, later)
+    wait_for(lambda: fleet.latency("tiny").samples == 4, 10, what="four jobs recorded")
     models = reply(stack, command(stack, "models")).payload["data"]["embeds"][0]["description"]
     assert re.search(r"\*\*tiny\*\* — .*⏱ p50 \d+ s, p95 \d+ s per job \(4 recent\)", models)
 

@@ -148,10 +148,11 @@ def run_imagine(payload: dict) -> dict:
         timings=Timings(queue_wait_ms=queue_wait_ms, inference_ms=generation.inference_ms,
                         total_ms=(time.time() - request.created_at) * 1000),
     )
+    if runtime.redis is not None:  # before the buttons exist, so ℹ Info always has it
+        runtime.records().attach_result(request.job_id, record)
     if request.delivery is not None:
         deliver(runtime, request, generation, result, progress)
     if runtime.redis is not None:
-        runtime.records().attach_result(request.job_id, record)
         # How long this job held the worker: what the next ETAs are made of.
         runtime.stats().record(request.model, (time.perf_counter() - started) * 1000)
     log.info("job %s done: %s", request.job_id, result.timings.model_dump())
