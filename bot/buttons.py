@@ -15,8 +15,9 @@ from typing import TYPE_CHECKING, Any
 
 import discord
 from discord import ui
+from redis.exceptions import RedisError
 
-from bot.submit import submit_imagine
+from bot.submit import QUEUE_DOWN, submit_imagine
 from settings.jobs import Reproducibility
 from settings.messages import (CANCEL_TEMPLATE, MODEL_TEMPLATE, RESULT_TEMPLATE, cancel_custom_id,
                                model_custom_id, result_custom_id)
@@ -80,7 +81,12 @@ def info_embed(record: JobRecord) -> discord.Embed:
 # -- shared steps ----------------------------------------------------------------------------
 async def load_record(interaction: discord.Interaction, job_id: str) -> JobRecord | None:
     bot: ImagineBot = interaction.client  # type: ignore[assignment]
-    record = await asyncio.to_thread(bot.jobs.records.load, job_id)
+    try:
+        record = await asyncio.to_thread(bot.jobs.records.load, job_id)
+    except RedisError as error:
+        log.warning("job records unavailable: %s", error)
+        await interaction.response.send_message(f"⏳ {QUEUE_DOWN}", ephemeral=True)
+        return None
     if record is None:
         await interaction.response.send_message(f"⌛ {EXPIRED}", ephemeral=True)
     return record
@@ -155,7 +161,10 @@ class CancelButton(ui.DynamicItem[ui.Button], template=CANCEL_TEMPLATE):
 
     async def callback(self, interaction: discord.Interaction) -> None:
         bot: ImagineBot = interaction.client  # type: ignore[assignment]
-        request, text = await asyncio.to_thread(bot.jobs.cancel_job, self.job_id, interaction.user.id)
+        try:
+            request, text = await asyncio.to_thread(bot.jobs.cancel_job, self.job_id, interaction.user.id)
+        except RedisError:
+            request, text = None, QUEUE_DOWN
         await interaction.response.send_message(("🚫 " if request else "ℹ️ ") + text, ephemeral=True)
         if request is not None and request.delivery is not None:
             # Tell the channel too: the job's own queued message says it will not come.
