@@ -4,7 +4,6 @@ grid, job records (real Redis), the options each result button asks for."""
 from __future__ import annotations
 
 import io
-import re
 import threading
 import time
 
