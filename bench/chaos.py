@@ -121,10 +121,10 @@ def _submit(fake: FakeDiscord, cfg: Config, rng: random.Random, report: Report) 
             fake.expired_tokens.add(payload["token"])
             report.injected["expired"] += 1
         elif roll < 0.16:
-            fake.fail_next("followup", 429)
+            fake.fail_next("edit", 429)
             report.injected["429"] += 1
         elif roll < 0.22:
-            fake.fail_next("followup", 500)
+            fake.fail_next("edit", 500)
             report.injected["500"] += 1
         elif roll < 0.25:
             fake.fail_next("channel", 429)
@@ -136,10 +136,7 @@ def _submit(fake: FakeDiscord, cfg: Config, rng: random.Random, report: Report) 
 
 
 def _messages_for(fake: FakeDiscord, payload: dict) -> list:
-    mention = f"<@{payload['member']['user']['id']}>"
-    followups = fake.messages("followup", payload["token"])
-    channel = [p for p in fake.messages("channel") if mention in (p.payload.get("content") or "")]
-    return followups + channel
+    return fake.outcomes(payload["token"], payload["member"]["user"]["id"])
 
 
 def _answer(fake: FakeDiscord, payload: dict) -> str | None:

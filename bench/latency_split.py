@@ -40,7 +40,9 @@ def run(jobs: int, steps: int, size: int) -> dict[str, list[float]]:
             sent = time.time()
             fake.dispatch("INTERACTION_CREATE", payload)
             reply = wait_for(lambda: fake.messages("callback", payload["token"]), 10)[0]
-            post = wait_for(lambda: fake.messages("followup", payload["token"]), 60)[0]
+            # The result replaces the queued message: the first edit that carries the embed.
+            post = wait_for(lambda: [e for e in fake.messages("edit", payload["token"])
+                                     if e.payload.get("embeds")], 60)[0]
             job = Job.fetch(job_id_for_interaction(int(payload["id"])), connection=redis, serializer=JSONSerializer)
             timings = wait_for(lambda: job.latest_result(), 10).return_value["timings"]
             stages["reply"].append((reply.at - sent) * 1000)

@@ -1,6 +1,6 @@
 """The one way into the queue for every front end: load the server's policy, apply it
-(pure), count the job against the user's limits, enqueue. Blocking (Redis): the async bot
-calls :func:`enqueue_moderated` in a thread."""
+(pure), count the job against the user's limits (:func:`admit`), enqueue
+(:func:`enqueue_admitted`). Blocking (Redis): the async bot calls these in a thread."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from bot.policy_store import PolicyStore
 from bot.queue import AlreadyQueued, JobQueue
 from settings.catalog import ModelEntry
 from settings.config import Settings
-from settings.jobs import Delivery
+from settings.jobs import Delivery, JobRequest
 from settings.validation import ImagineOptions
 
 
@@ -27,7 +27,19 @@ class Requester:
     exempt: bool = False
 
 
-def enqueue_moderated(
+@dataclass(frozen=True)
+class Admitted:
+    """A request the server's policy accepted, holding its slot in the user's limits."""
+
+    moderated: Moderated
+    active_key: str | None  # the user's active-job set, freed by the worker when the job ends
+
+    @property
+    def request(self) -> JobRequest:
+        return self.moderated.request
+
+
+def admit(
     options: ImagineOptions,
     requester: Requester,
     *,
@@ -35,30 +47,47 @@ def enqueue_moderated(
     settings: Settings,
     catalog: dict[str, ModelEntry],
     policies: PolicyStore,
-    jobs: JobQueue,
     delivery: Delivery | None = None,
     created_at: float | None = None,
     store_images: bool = False,
-) -> tuple[Moderated, int]:
-    """Returns the moderated request and its queue position. Raises InvalidRequest (policy
-    violations included), AlreadyQueued or RedisError; nothing is enqueued then."""
+) -> Admitted:
+    """Load the server's policy, apply it and count the job against the user's limits.
+    Raises InvalidRequest (policy violations and limits included) or RedisError."""
     policy = policies.load(requester.guild_id)
     if requester.channel_id is None:  # channel allowlists concern Discord channels only
         policy = policy.model_copy(update={"channels": ()})
     moderated = apply_policy(options, policy, job_id=job_id, settings=settings, catalog=catalog,
                              channel_id=requester.channel_id, delivery=delivery,
                              created_at=created_at)
-    active_key = None
     if store_images:
         moderated = replace(moderated, request=moderated.request.model_copy(update={"store_images": True}))
+    active_key = None
     if requester.guild_id is not None and not requester.exempt:
         active_key = policies.admit(policy, requester.guild_id, requester.user_id, job_id)
+    return Admitted(moderated, active_key)
+
+
+def enqueue_admitted(admitted: Admitted, jobs: JobQueue, policies: PolicyStore) -> int | None:
+    """Enqueue; the queue position (None: unknown). Frees the user's slot if enqueueing fails."""
     try:
-        position = jobs.submit(moderated.request, active_key)
+        return jobs.submit(admitted.request, admitted.active_key)
     except AlreadyQueued:
         raise  # the first submission holds the slot
     except Exception:
-        if active_key:
-            policies.release(active_key, job_id)
+        if admitted.active_key:
+            policies.release(admitted.active_key, admitted.request.job_id)
         raise
-    return moderated, position
+
+
+def enqueue_moderated(
+    options: ImagineOptions,
+    requester: Requester,
+    *,
+    jobs: JobQueue,
+    policies: PolicyStore,
+    **admit_options,
+) -> tuple[Moderated, int | None]:
+    """:func:`admit` then :func:`enqueue_admitted`, for front ends that answer afterwards (web).
+    Raises InvalidRequest, AlreadyQueued or RedisError; nothing is enqueued then."""
+    admitted = admit(options, requester, policies=policies, **admit_options)
+    return admitted.moderated, enqueue_admitted(admitted, jobs, policies)

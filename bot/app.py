@@ -15,7 +15,8 @@ from discord.gateway import DiscordWebSocket
 from discord.http import Route
 
 from bot import metrics
-from bot.commands import admin, cancel, imagine, models
+from bot.buttons import DYNAMIC_ITEMS
+from bot.commands import admin, cancel, imagine, models, queue
 from bot.policy_store import PolicyStore
 from bot.queue import JobQueue, connect
 from settings.config import Settings
@@ -45,8 +46,10 @@ class ImagineBot(discord.Client):
         self.tree.on_error = self.on_app_command_error
 
     async def setup_hook(self) -> None:
-        for command in (imagine.imagine, models.list_models, cancel.cancel, admin.admin):
+        for command in (imagine.imagine, models.list_models, queue.show_queue, cancel.cancel, admin.admin):
             self.tree.add_command(command)
+        # Result and cancel buttons are matched by custom id, so they outlive restarts.
+        self.add_dynamic_items(*DYNAMIC_ITEMS)
         if self.sync_commands:
             guild = discord.Object(self.settings.sync_guild_id) if self.settings.sync_guild_id else None
             if guild:

@@ -1,5 +1,5 @@
-"""The bot's side of the job queue: enqueue, position, depth, live workers, cancel. Blocking redis-py
-calls; the async bot runs them in a thread."""
+"""The bot's side of the job queue: enqueue, position, depth, live workers, ETAs, job records,
+cancel. Blocking redis-py calls; the async bot runs them in a thread."""
 
 from __future__ import annotations
 
@@ -15,7 +15,9 @@ from rq.job import Job, JobStatus
 from rq.serializers import JSONSerializer
 
 from settings.config import Settings
+from settings.fleet import FleetStats
 from settings.jobs import ACTIVE_KEY_META, JOB_FUNCTION, JobRequest, queue_name
+from settings.records import JobRecord, RecordStore
 
 FAILURE_CALLBACK = "worker.failures.report_failure"
 SUCCESS_CALLBACK = "worker.release.on_success"
@@ -36,10 +38,28 @@ def connect(settings: Settings) -> Redis:
                           health_check_interval=30, retry=RedisRetry(ConstantBackoff(0.1), 1))
 
 
+@dataclass(frozen=True)
+class Outlook:
+    """Where a job stands: 1-based position in its model's queue (0 = generating now) and the
+    estimated seconds until it is done (None until the fleet has latency numbers)."""
+
+    position: int
+    eta_s: float | None
+
+
+@dataclass(frozen=True)
+class UserJob:
+    request: JobRequest
+    outlook: Outlook
+
+
 class JobQueue:
     def __init__(self, redis: Redis, settings: Settings):
         self.redis = redis
         self.settings = settings
+        self.stats = FleetStats(redis, settings.queue_prefix, settings.latency_samples,
+                                settings.eta_min_samples)
+        self.records = RecordStore(redis, settings.queue_prefix, settings.record_ttl_s)
 
     def queue(self, model: str) -> Queue:
         return Queue(queue_name(model, self.settings.queue_prefix), connection=self.redis,
@@ -71,6 +91,45 @@ class JobQueue:
         except RedisError:
             return None  # queued, but Redis went away before we could tell where
         return 1 if position is None else position + 1
+
+    def claim(self, job_id: str) -> bool:
+        """True once per job id: the first delivery of an interaction answers it, a gateway
+        replay (even arriving at the same moment) does not."""
+        key = f"{self.settings.queue_prefix}:claim:{job_id}"
+        return bool(self.redis.set(key, 1, nx=True, ex=self.settings.queue_ttl_s))
+
+    def workers_for(self, model: str) -> int:
+        return Worker.count(connection=self.redis, queue=self.queue(model))
+
+    def outlook_if_enqueued(self, model: str) -> Outlook:
+        """Position and ETA a job would get if enqueued now (for the immediate answer)."""
+        position = self.queue(model).count + 1
+        return Outlook(position, self.stats.eta(model, position, self.workers_for(model)))
+
+    def save_record(self, request: JobRequest, options: dict) -> None:
+        delivery = request.delivery
+        self.records.save(JobRecord(
+            job_id=request.job_id, user_id=delivery.user_id if delivery else 0,
+            guild_id=delivery.guild_id if delivery else None,
+            channel_id=delivery.channel_id if delivery else None, options=options, request=request))
+
+    def user_jobs(self, user_id: int) -> list[UserJob]:
+        """The user's jobs still waiting or generating, with position and ETA."""
+        jobs = []
+        for job in Job.fetch_many(self.records.user_jobs(user_id), connection=self.redis,
+                                  serializer=JSONSerializer):
+            status = job.get_status(refresh=False) if job is not None else None
+            if status not in (JobStatus.QUEUED, JobStatus.STARTED):
+                continue
+            request = JobRequest.model_validate(job.args[0])
+            if status == JobStatus.STARTED:
+                outlook = Outlook(0, self.stats.eta(request.model, 1, 1))  # about one job's time
+            else:
+                index = self.queue(request.model).get_job_position(job.id)
+                position = 1 if index is None else index + 1
+                outlook = Outlook(position, self.stats.eta(request.model, position, self.workers_for(request.model)))
+            jobs.append(UserJob(request, outlook))
+        return sorted(jobs, key=lambda j: (j.request.model, j.outlook.position))
 
     def depths(self, models: list[str]) -> dict[str, int]:
         return {model: self.queue(model).count for model in models}

@@ -81,6 +81,16 @@ class Settings(BaseSettings):
     # A worker rides through Redis outages up to about this long before restarting its loop.
     redis_retry_s: float = 30.0
 
+    # Experience: progress edits, previews, ETAs, result buttons.
+    progress_interval_s: float = Field(
+        default=1.5, description="At most one edit of a user's message per this many seconds.")
+    progress_preview: bool = False  # attach a tiny latent preview to progress edits
+    record_ttl_s: int = 7 * 24 * 3600  # how long result buttons keep working
+    latency_samples: int = 200  # recent jobs per model kept for p50/p95 and ETAs
+    eta_min_samples: int = 3  # no ETA is shown before this many jobs have run on a model
+    queue_refresh_jobs: int = 10  # queued messages whose position is refreshed as jobs start
+    variations_count: int = 4  # images made by the Variations button (capped by max_count)
+
     # Limits applied to every command (server policies can only tighten them).
     max_prompt_chars: int = 500
     max_steps: int = 50

@@ -64,6 +64,30 @@ class Timings(BaseModel):
     post_ms: float = 0.0
 
 
+class Reproducibility(BaseModel):
+    """Everything needed to make the same images again; shown by ℹ Info and kept in the PNGs."""
+
+    model: str
+    source: str  # hub id or local folder
+    revision: str | None = None
+    pipeline: str  # pipeline class
+    scheduler: str  # scheduler class
+    diffusers_version: str
+    seeds: list[int]
+    steps: int
+    guidance: float
+    width: int
+    height: int
+    prompt: str
+    negative_prompt: str = ""
+
+    def png_text(self, seed: int) -> dict[str, str]:
+        """The PNG text record of the image made with ``seed``."""
+        record = self.model_dump(exclude={"seeds"})
+        return {"seed": str(seed), **{k: "" if v is None else f"{v:g}" if isinstance(v, float) else str(v)
+                                      for k, v in record.items()}}
+
+
 class JobResult(BaseModel):
     job_id: str
     model: str
@@ -78,6 +102,7 @@ class JobResult(BaseModel):
     message_id: int | None = None
     delivered_via: str | None = None  # "webhook" | "channel" | None (not delivered)
     image_keys: list[str] = Field(default_factory=list)  # Redis keys of PNGs (store_images)
+    reproducibility: Reproducibility | None = None
 
 
 # The worker keeps ``job.meta[PROGRESS_META] = {"step": i, "steps": n}`` up to date while it runs.

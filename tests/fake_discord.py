@@ -43,6 +43,7 @@ class Posted:
     files: list[tuple[str, bytes]] = field(default_factory=list)
     message_id: str = ""
     at: float = field(default_factory=time.time)
+    message: dict[str, Any] = field(default_factory=dict)  # the message object answered, if any
 
 
 class FakeDiscord:
@@ -55,6 +56,7 @@ class FakeDiscord:
         self._seq = itertools.count(1)
         self._lock = threading.Lock()
         self.identified = threading.Event()
+        self.identify_count = 0  # IDENTIFYs received: a restarted bot identifies again
         self.loop = asyncio.new_event_loop()
         self.port = 0
         self.application_id = "1"
@@ -105,6 +107,23 @@ class FakeDiscord:
         with self._lock:
             return [p for p in self.posts if (kind is None or p.kind == kind) and (key is None or p.key == key)]
 
+    def results(self, token: str) -> list[Posted]:
+        """Result messages of one command: the edit of its message that carries the embed."""
+        return [p for p in self.messages("edit", token) if p.payload.get("embeds")]
+
+    def final_edits(self, token: str) -> list[Posted]:
+        """Edits that end a command's story: its result, or the bot's "⏳ queue unavailable" /
+        "🚫 cancelled" notes (progress and position edits are not final)."""
+        return [p for p in self.messages("edit", token)
+                if p.payload.get("embeds") or (p.payload.get("content") or "").startswith(("⏳", "🚫"))]
+
+    def outcomes(self, token: str, user_id: str) -> list[Posted]:
+        """Everything that told a user how their command ended: the result edit, a failure (or
+        cancel) follow-up, or either posted to the channel when the token had expired."""
+        mention = f"<@{user_id}>"
+        return (self.final_edits(token) + self.messages("followup", token)
+                + [p for p in self.messages("channel") if mention in (p.payload.get("content") or "")])
+
     def fail_next(self, kind: str, *statuses: int) -> None:
         """Answer the next requests of ``kind`` ("followup", "channel", …) with these statuses."""
         with self._lock:
@@ -139,6 +158,7 @@ class FakeDiscord:
                     "resume_gateway_url": self.gateway_url,
                     "application": {"id": frame["d"].get("application_id", "1"), "flags": 0},
                 }}))
+                self.identify_count += 1
                 self.identified.set()
         if socket in self._sockets:
             self._sockets.remove(socket)
@@ -172,7 +192,7 @@ class FakeDiscord:
         body = await request.json()
         token = request.match_info["token"]
         message = _message(body.get("data") or {}, channel_id="0")
-        self._record(Posted("callback", token, body, message_id=message["id"]))
+        self._record(Posted("callback", token, body, message_id=message["id"], message=message))
         return _json({
             "interaction": {"id": request.match_info["id"], "type": 2,
                             "response_message_id": message["id"],
@@ -187,7 +207,7 @@ class FakeDiscord:
             return failure
         payload, files = await _read_message(request)
         message = _message(payload, channel_id="0", files=files)
-        self._record(Posted("followup", token, payload, files, message["id"]))
+        self._record(Posted("followup", token, payload, files, message["id"], message=message))
         return _json(message)
 
     async def _edit(self, request: web.Request) -> web.Response:
@@ -196,7 +216,7 @@ class FakeDiscord:
             return failure
         payload, files = await _read_message(request)
         message = _message(payload, channel_id="0", files=files)
-        self._record(Posted("edit", token, payload, files, request.match_info["message"]))
+        self._record(Posted("edit", token, payload, files, request.match_info["message"], message=message))
         return _json(message)
 
     async def _delete(self, request: web.Request) -> web.Response:
@@ -275,17 +295,45 @@ def slash_command(name: str, options: dict[str, Any], *, guild_id: str = "800000
                   size_limit: int = 10 * 1024 * 1024) -> dict:
     """An INTERACTION_CREATE payload for a chat-input command, as Discord documents it."""
     type_of = {str: 3, int: 4, bool: 5, float: 10}
+    data = {"id": snowflake(), "name": name, "type": 1,
+            "options": [{"name": k, "type": type_of[type(v)], "value": v} for k, v in options.items()]}
+    return _interaction(2, data, guild_id=guild_id, channel_id=channel_id, user_id=user_id,
+                        application_id=application_id, permissions=permissions, size_limit=size_limit)
+
+
+# Permission bits (https://discord.com/developers/docs/topics/permissions)
+MANAGE_GUILD = 1 << 5
+MEMBER_PERMISSIONS = str((1 << 10) | (1 << 11))  # view channel + send messages: no admin bits
+
+
+def component_interaction(custom_id: str, message: dict[str, Any], *, values: list[str] | None = None,
+                          user_id: str = "820000000000000001", permissions: str = MEMBER_PERMISSIONS,
+                          **where: Any) -> dict:
+    """An INTERACTION_CREATE payload for a click on a message component (type 3,
+    MESSAGE_COMPONENT): a button, or a string select when ``values`` is given. ``message`` is
+    the message object the component sits on, as Discord sends it."""
+    data: dict[str, Any] = {"custom_id": custom_id, "component_type": 2 if values is None else 3}
+    if values is not None:
+        data["values"] = values
+    payload = _interaction(3, data, user_id=user_id, permissions=permissions, **where)
+    payload["message"] = {**message, "channel_id": payload["channel_id"]}
+    return payload
+
+
+def _interaction(kind: int, data: dict[str, Any], *, guild_id: str = "800000000000000001",
+                 channel_id: str = "810000000000000001", user_id: str = "820000000000000001",
+                 application_id: str = "1", permissions: str = "2147483647",
+                 size_limit: int = 10 * 1024 * 1024) -> dict:
     user = {"id": user_id, "username": f"user{user_id[-4:]}", "discriminator": "0",
             "global_name": None, "avatar": None}
     return {
-        "id": snowflake(), "application_id": application_id, "type": 2, "token": f"tok-{snowflake()}",
+        "id": snowflake(), "application_id": application_id, "type": kind, "token": f"tok-{snowflake()}",
         "version": 1, "guild_id": guild_id, "channel_id": channel_id,
         "channel": {"id": channel_id, "type": 0, "guild_id": guild_id, "name": "general",
                     "position": 0, "permission_overwrites": [], "nsfw": False, "parent_id": None},
         "member": {"user": user, "roles": [], "joined_at": now_iso(), "deaf": False, "mute": False,
                    "flags": 0, "pending": False, "nick": None, "avatar": None, "permissions": permissions},
-        "data": {"id": snowflake(), "name": name, "type": 1,
-                 "options": [{"name": k, "type": type_of[type(v)], "value": v} for k, v in options.items()]},
+        "data": data,
         "locale": "en-US", "guild_locale": "en-US", "app_permissions": "2147483647",
         "entitlements": [], "authorizing_integration_owners": {"0": guild_id}, "context": 0,
         "attachment_size_limit": size_limit,

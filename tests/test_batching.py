@@ -98,7 +98,7 @@ def test_worker_batches_queued_compatible_jobs(env, redis_server, fake_discord, 
                for name, r in requests.items()}
     assert {n: r["batch_images"] for n, r in results.items()} == {"a": 3, "b": 3, "c": 3, "d": 1, "e": 1}, worker.log()
     for name, req in requests.items():
-        post = fake_discord.messages("followup", req.delivery.interaction_token)
+        post = fake_discord.results(req.delivery.interaction_token)
         assert len(post) == 1, f"{name} posted {len(post)} times"
         posted = as_array(Image.open(io.BytesIO(post[0].files[0][1])).convert("RGB"))
         alone = as_array(generate(pipe, req).images[0])

@@ -1,5 +1,6 @@
 """The whole way: gateway INTERACTION_CREATE → real bot process → Redis/RQ → real worker
-process with a tiny pipeline → follow-up webhook with PNG attachments on the fake Discord."""
+process with a tiny pipeline → the queued message replaced (edited) with the PNG attachments
+on the fake Discord."""
 
 from __future__ import annotations
 
@@ -41,12 +42,19 @@ def reply(fake, payload, timeout: float = 10):
     return wait_for(lambda: fake.messages("callback", payload["token"]), timeout, what="interaction reply")[0]
 
 
+def results(fake, payload) -> list:
+    """Edits of the command's message that carry the result (an embed); progress edits do not."""
+    return [p for p in fake.messages("edit", payload["token"]) if p.payload.get("embeds")]
+
+
 def result(fake, payload, timeout: float = 60):
-    return wait_for(lambda: fake.messages("followup", payload["token"]), timeout, what="result post")[0]
+    return wait_for(lambda: results(fake, payload), timeout, what="result post")[0]
 
 
 def decode(post) -> list[np.ndarray]:
-    return [np.asarray(Image.open(io.BytesIO(data)).convert("RGB")) for _, data in post.files]
+    """The individual images (the grid of a multi-image result left out)."""
+    return [np.asarray(Image.open(io.BytesIO(data)).convert("RGB"))
+            for name, data in post.files if not name.endswith("-grid.png")]
 
 
 def fields(post) -> dict[str, str]:
@@ -72,7 +80,9 @@ def test_imagine_posts_images_with_seeds_and_latency(stack):
     assert embed_fields["Size"] == "64×64"
     latency = embed_fields["Latency"]
     assert "queue" in latency and "inference" in latency and "total" in latency
-    assert [name for name, _ in post.files] == ["imagine-tiny-1234.png", "imagine-tiny-1235.png"]
+    assert [name for name, _ in post.files] == ["imagine-tiny-1234.png", "imagine-tiny-1235.png",
+                                                "imagine-tiny-grid.png"]
+    assert post.message_id == "@original", "the result replaces the queued message"
     images = decode(post)
     assert all(image.shape == (64, 64, 3) for image in images)
     assert all(image.std() > 1.0 for image in images), "blank image"
@@ -114,7 +124,8 @@ def test_replayed_interaction_makes_one_job(stack):
     import time
 
     time.sleep(2)  # leave time for a second result to (wrongly) appear
-    assert len(stack.messages("followup", payload["token"])) == 1
+    assert len(results(stack, payload)) == 1
+    assert not stack.messages("followup", payload["token"])
     assert len(stack.messages("callback", payload["token"])) == 1
 
 

@@ -124,7 +124,7 @@ def test_forced_negative_reaches_the_pipeline_and_the_embed(stack, redis, guild)
     payload, answer = imagine(stack, guild, prompt="a red barn", negative_prompt="blurry", seed=3)
     assert "Queued" in answer["data"]["content"]
     assert fetch(redis, payload).args[0]["negative_prompt"] == "purple elephants, blurry"
-    post = wait_for(lambda: stack.messages("followup", payload["token"]), 60, what="result")[0]
+    post = wait_for(lambda: stack.results(payload["token"]), 60, what="result")[0]
     fields = {f["name"]: f["value"] for f in post.payload["embeds"][0]["fields"]}
     assert fields["Negative prompt (server policy applied)"] == "purple elephants, blurry"
     # What the worker ran (its JobResult) and what it wrote into the PNG.
@@ -210,7 +210,7 @@ def test_max_active_jobs_per_user_admins_exempt(stack, redis, guild):
 def test_finished_job_frees_the_users_slot(stack, redis, guild):
     admin(stack, guild, "limits", max_active=1)
     first, _ = imagine(stack, guild, prompt="a cat", seed=1)
-    wait_for(lambda: stack.messages("followup", first["token"]), 60, what="first result")
+    wait_for(lambda: stack.results(first["token"]), 60, what="first result")
     # The worker's success callback released the slot.
     wait_for(lambda: not redis.zcard(f"imagine:active:{guild}:{MEMBER_ID}"), 10, what="slot released")
     second, answer = imagine(stack, guild, prompt="a dog", seed=2)

@@ -55,7 +55,7 @@ def run(env, fake_discord, redis_server, tmp_path_factory):
         fake_discord.fail_next("channel", *[403] * 4)
         for payload in (good, bad, expired):
             fake_discord.dispatch("INTERACTION_CREATE", payload)
-        wait_for(lambda: fake_discord.messages("followup", good["token"]), 60, what="result post")
+        wait_for(lambda: fake_discord.results(good["token"]), 60, what="result post")
         wait_for(lambda: fake_discord.messages("callback", bad["token"]), 10, what="rejection")
         wait_for(lambda: b"failed for good" in (logs / "worker.log").read_bytes(), 60, what="final failure")
         yield {"ports": ports, "tokens": [p["token"] for p in (good, bad, expired)],

@@ -67,9 +67,7 @@ def answer(fake, payload, timeout=10) -> str:
 
 
 def messages_for(fake, payload):
-    mention = f"<@{payload['member']['user']['id']}>"
-    return (fake.messages("followup", payload["token"])
-            + [p for p in fake.messages("channel") if mention in (p.payload.get("content") or "")])
+    return fake.outcomes(payload["token"], payload["member"]["user"]["id"])
 
 
 def one_message(fake, payload, timeout=60):
@@ -112,10 +110,10 @@ def test_killed_worker_job_is_retried_on_a_live_worker(bot, chaos_env, fake_disc
 def test_discord_429_500_and_expired_token(bot, chaos_env, fake_discord, redis_aof, tmp_path):
     worker = start_ready_worker(chaos_env, tmp_path / "w.log", redis_aof.url)
     try:
-        fake_discord.fail_next("followup", 429, 500)
+        fake_discord.fail_next("edit", 429, 500)
         flaky = command(fake_discord, prompt="rate limited then 500", seed=4, user="820000000000000004")
         post = one_message(fake_discord, flaky)
-        assert post.kind == "followup" and post.files
+        assert post.kind == "edit" and post.files
         job = job_of(redis_aof.url, flaky)
         assert job.retries_left == 2, "429/500 must be retried by the HTTP client, not by re-running the job"
 

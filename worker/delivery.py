@@ -1,9 +1,13 @@
-"""Post results and failures to Discord over REST (the interaction follow-up webhook).
+"""Post results and failures to Discord over REST (the interaction webhook).
 
-Uses discord.py's synchronous webhook client, which already retries 5xx with backoff and
-sleeps on 429 ``retry_after``. When the interaction token has expired (15 minutes), the message
-goes to the command's channel with the bot token instead, mentioning the user: never dropped.
-No gateway connection is involved; the bot token is only ever sent as a header, never logged.
+The result replaces the user's "queued"/progress message (an edit of the interaction's
+original response), carrying the result buttons; failures are follow-ups. When the interaction
+token has expired (15 minutes), the message goes to the command's channel with the bot token
+instead, mentioning the user: never dropped.
+
+Uses discord.py's synchronous webhook client and REST adapter, which already retry 5xx with
+backoff and sleep on 429 ``retry_after``. No gateway connection is involved; the bot token is
+only ever sent as a header, never logged.
 """
 
 from __future__ import annotations
@@ -17,12 +21,16 @@ import requests
 from discord.http import Route, handle_message_parameters
 from discord.webhook.sync import _get_webhook_adapter
 
-from settings.jobs import Delivery, JobRequest, Timings
+from settings.catalog import ModelEntry
+from settings.jobs import Delivery, JobRequest, Reproducibility, Timings
+from settings.messages import model_custom_id, result_custom_id
 
 log = logging.getLogger(__name__)
 
 EMBED_COLOUR = 0x5865F2
 FIELD_LIMIT = 1024
+ORIGINAL = "@original"
+SELECT_LIMIT = 25  # options in one Discord select
 
 
 def use_api_base(url: str) -> None:
@@ -40,7 +48,14 @@ def _clip(text: str, limit: int = FIELD_LIMIT) -> str:
     return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
-def result_embed(request: JobRequest, seeds: list[int], timings: Timings) -> discord.Embed:
+def reproducibility_footer(record: Reproducibility) -> str:
+    revision = record.revision or "default revision"
+    return (f"{record.pipeline} · {record.scheduler} · diffusers {record.diffusers_version} · "
+            f"{record.source} @ {revision}")
+
+
+def result_embed(request: JobRequest, seeds: list[int], timings: Timings,
+                 record: Reproducibility | None = None, image_name: str | None = None) -> discord.Embed:
     embed = discord.Embed(description=_clip(request.prompt, 4000), colour=EMBED_COLOUR)
     if request.negative_prompt:
         label = "Negative prompt (server policy applied)" if request.forced_negative_applied else "Negative prompt"
@@ -58,18 +73,53 @@ def result_embed(request: JobRequest, seeds: list[int], timings: Timings) -> dis
         ),
         inline=False,
     )
+    if record is not None:
+        embed.set_footer(text=_clip(reproducibility_footer(record), 2048))
+    if image_name is not None:
+        embed.set_image(url=f"attachment://{image_name}")
     return embed
+
+
+class ResultComponents(discord.ui.View):
+    """The buttons under a result. The worker only renders them; the bot's persistent dynamic
+    items answer the clicks (matched by custom id), so no state lives here.
+
+    discord.py's SyncWebhook refuses views it would have to dispatch; these are dispatched by
+    the bot's gateway client, and Discord accepts interactive components from the
+    application-owned interaction webhook."""
+
+    def __init__(self, job_id: str, model: str, catalog: dict[str, ModelEntry]):
+        super().__init__(timeout=None)
+        buttons = (("reroll", "Reroll", "🔁"), ("vary", "Variations", "🎲"),
+                   ("info", "Info", "ℹ️"), ("delete", "Delete", "🗑️"))
+        for action, label, emoji in buttons:
+            style = discord.ButtonStyle.danger if action == "delete" else discord.ButtonStyle.secondary
+            self.add_item(discord.ui.Button(label=label, emoji=emoji, style=style,
+                                            custom_id=result_custom_id(action, job_id), row=0))
+        others = [key for key in catalog if key != model][:SELECT_LIMIT]
+        if others:
+            self.add_item(discord.ui.Select(
+                custom_id=model_custom_id(job_id), placeholder="🔀 Same prompt and seed on another model",
+                options=[discord.SelectOption(label=key, value=key, description=catalog[key].description[:100] or None)
+                         for key in others], row=1))
+
+    def is_dispatchable(self) -> bool:
+        return False  # dispatched by the bot process, not by this webhook client
 
 
 @dataclass(frozen=True)
 class Posted:
     message_id: int
-    via: str  # "webhook" (the interaction follow-up) | "channel" (bot token fallback)
+    via: str  # "webhook" (the interaction's message) | "channel" (bot token fallback)
 
 
 # Discord answers 404 (Unknown Webhook) or 401 (Invalid Webhook Token) once an interaction's
 # 15-minute token has expired; retrying the webhook cannot help.
 EXPIRED_TOKEN_STATUSES = (401, 404)
+
+
+def _webhook(delivery: Delivery, session: requests.Session) -> discord.SyncWebhook:
+    return discord.SyncWebhook.partial(delivery.application_id, delivery.interaction_token, session=session)
 
 
 def _files(uploads: list[Upload]) -> list[discord.File]:
@@ -78,27 +128,25 @@ def _files(uploads: list[Upload]) -> list[discord.File]:
 
 
 def _mention_only(delivery: Delivery) -> discord.AllowedMentions:
-    return discord.AllowedMentions(everyone=False, roles=False,
-                                   users=[discord.Object(delivery.user_id)])
+    return discord.AllowedMentions(everyone=False, roles=False, users=[discord.Object(delivery.user_id)])
 
 
-def _post_webhook(delivery: Delivery, session: requests.Session, content: str,
-                  embed: discord.Embed | None, uploads: list[Upload]) -> int:
-    webhook = discord.SyncWebhook.partial(delivery.application_id, delivery.interaction_token,
-                                          session=session)
-    message = webhook.send(content=content, embed=embed or discord.utils.MISSING,
-                           files=_files(uploads), wait=True, allowed_mentions=_mention_only(delivery))
-    return message.id
+def edit_original(delivery: Delivery, session: requests.Session, content: str,
+                  files: list[Upload] | None = None) -> None:
+    """Replace the text (and, given files, the attachments) of the user's message."""
+    extra = {} if files is None else {"attachments": _files(files)}
+    _webhook(delivery, session).edit_message(ORIGINAL, content=content, **extra)
 
 
 def _post_channel(delivery: Delivery, session: requests.Session, bot_token: str, content: str,
-                  embed: discord.Embed | None, uploads: list[Upload], nonce: str | None) -> int:
+                  embed: discord.Embed | None, uploads: list[Upload], nonce: str | None,
+                  view: discord.ui.View | None = None) -> int:
     """``POST /channels/{id}/messages`` with the bot token, through discord.py's synchronous
     REST adapter, so 429 ``retry_after`` and 5xx back-off behave as for webhooks. ``nonce`` with
     ``enforce_nonce`` lets Discord drop a repeat of the same post."""
     route = Route("POST", "/channels/{channel_id}/messages", channel_id=delivery.channel_id)
     with handle_message_parameters(content=content, embed=embed or discord.utils.MISSING,
-                                   files=_files(uploads), nonce=nonce,
+                                   files=_files(uploads), nonce=nonce, view=view or discord.utils.MISSING,
                                    allowed_mentions=_mention_only(delivery)) as params:
         data = _get_webhook_adapter().request(route, session, payload=params.payload,
                                               multipart=params.multipart, files=params.files,
@@ -106,29 +154,39 @@ def _post_channel(delivery: Delivery, session: requests.Session, bot_token: str,
     return int(data["id"])
 
 
-def send(delivery: Delivery, session: requests.Session, bot_token: str | None, *, content: str,
-         embed: discord.Embed | None = None, uploads: list[Upload] = (), nonce: str | None = None,
-         ) -> Posted:
-    """Post to the interaction webhook; when its token has expired, to the channel instead."""
-    uploads = list(uploads)
+def _expired(error: discord.HTTPException, delivery: Delivery, bot_token: str | None) -> None:
+    """Return when the channel fallback applies; re-raise otherwise."""
+    if error.status not in EXPIRED_TOKEN_STATUSES:
+        raise error
+    if bot_token is None or delivery.channel_id is None:
+        raise RuntimeError("interaction token expired and no bot token/channel to fall back to") from error
+    log.warning("interaction %s: webhook answered %s; posting to channel %s instead",
+                delivery.interaction_id, error.status, delivery.channel_id)
+
+
+def deliver_result(delivery: Delivery, content: str, embed: discord.Embed, uploads: list[Upload],
+                   view: discord.ui.View, session: requests.Session, bot_token: str | None = None,
+                   nonce: str | None = None) -> Posted:
+    """Replace the queued/progress message with the result: images, embed and buttons (an
+    edit, so a retry cannot duplicate it); a new channel message when the token has expired."""
     try:
-        return Posted(_post_webhook(delivery, session, content, embed, uploads), "webhook")
+        message = _webhook(delivery, session).edit_message(
+            ORIGINAL, content=content, embed=embed, attachments=_files(uploads), view=view,
+            allowed_mentions=_mention_only(delivery))
+        return Posted(message.id, "webhook")
     except discord.HTTPException as error:
-        if error.status not in EXPIRED_TOKEN_STATUSES:
-            raise
-        if bot_token is None or delivery.channel_id is None:
-            raise RuntimeError("interaction token expired and no bot token/channel to fall back to") from error
-        log.warning("interaction %s: webhook answered %s; posting to channel %s instead",
-                    delivery.interaction_id, error.status, delivery.channel_id)
-    return Posted(_post_channel(delivery, session, bot_token, content, embed, uploads, nonce), "channel")
-
-
-def post_result(delivery: Delivery, content: str, embed: discord.Embed, uploads: list[Upload],
-                session: requests.Session, bot_token: str | None = None, nonce: str | None = None) -> Posted:
-    """Post the images as a follow-up to the user's command (mentioning them)."""
-    return send(delivery, session, bot_token, content=content, embed=embed, uploads=uploads, nonce=nonce)
+        _expired(error, delivery, bot_token)
+    return Posted(_post_channel(delivery, session, bot_token, content, embed, uploads, nonce, view), "channel")
 
 
 def post_failure(delivery: Delivery, text: str, session: requests.Session,
                  bot_token: str | None = None, nonce: str | None = None) -> Posted:
-    return send(delivery, session, bot_token, content=f"<@{delivery.user_id}> ⚠️ {text}", nonce=nonce)
+    """A follow-up telling the user their job failed for good (mentioning them)."""
+    content = f"<@{delivery.user_id}> ⚠️ {text}"
+    try:
+        message = _webhook(delivery, session).send(content=content, wait=True,
+                                                   allowed_mentions=_mention_only(delivery))
+        return Posted(message.id, "webhook")
+    except discord.HTTPException as error:
+        _expired(error, delivery, bot_token)
+    return Posted(_post_channel(delivery, session, bot_token, content, None, [], nonce), "channel")

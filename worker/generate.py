@@ -1,5 +1,5 @@
 """Requests → images and inference time. Pure of Discord and Redis, so it is testable and
-benchmarkable on its own."""
+benchmarkable on its own; progress goes out through an optional plain callback."""
 
 from __future__ import annotations
 
@@ -9,14 +9,17 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
+import diffusers
 import torch
 from diffusers import DiffusionPipeline
 from PIL.Image import Image
 
-from settings.jobs import JobRequest
+from settings.catalog import ModelEntry
+from settings.jobs import JobRequest, Reproducibility
 
 log = logging.getLogger(__name__)
-StepCallback = Callable[[int, int], None]
+# (steps done, total steps, current latents) — called from inside the denoising loop.
+StepCallback = Callable[[int, int, torch.Tensor], None]
 
 
 @dataclass(frozen=True)
@@ -61,21 +64,25 @@ def free_memory(device: torch.device) -> None:
         torch.cuda.empty_cache()
 
 
-def _step_callback(on_step: StepCallback, steps: int):
-    """Adapt ``on_step(done, total)`` to diffusers' ``callback_on_step_end`` signature."""
-    def callback(pipe, step: int, timestep, callback_kwargs: dict) -> dict:
-        on_step(step + 1, steps)
-        return callback_kwargs
-    return callback
+def step_callback_kwargs(on_step: StepCallback | None) -> dict:
+    """diffusers' ``callback_on_step_end`` hook, adapted to a plain (step, total, latents) call."""
+    if on_step is None:
+        return {}
+
+    def callback(pipe: DiffusionPipeline, index: int, timestep, tensors: dict) -> dict:
+        on_step(index + 1, pipe.num_timesteps, tensors["latents"])
+        return tensors
+
+    return {"callback_on_step_end": callback, "callback_on_step_end_tensor_inputs": ["latents"]}
 
 
 def _run(pipe: DiffusionPipeline, batch: _Batch, first: JobRequest, on_step: StepCallback | None) -> list[Image]:
-    progress = {} if on_step is None else {"callback_on_step_end": _step_callback(on_step, first.steps)}
     with torch.inference_mode():
         output = pipe(
             prompt=batch.prompts, negative_prompt=batch.negatives, num_inference_steps=first.steps,
             guidance_scale=first.guidance, height=first.size, width=first.size,
-            num_images_per_prompt=1, generator=seeded_generators(batch.seeds), **progress,
+            num_images_per_prompt=1, generator=seeded_generators(batch.seeds),
+            **step_callback_kwargs(on_step),
         )
     return list(output.images)
 
@@ -100,7 +107,7 @@ def _run_splitting(pipe: DiffusionPipeline, batch: _Batch, first: JobRequest,
 def generate_batch(pipe: DiffusionPipeline, requests: list[JobRequest],
                    on_step: StepCallback | None = None) -> list[Generation]:
     """One pipeline call for several compatible requests; one Generation per request.
-    ``on_step(done, total)`` is called after each denoising step (progress for front ends)."""
+    ``on_step(done, total, latents)`` is called after each denoising step (progress)."""
     first = requests[0]
     if any(batch_key(r) != batch_key(first) for r in requests):
         raise ValueError("requests in one batch must share model, size, steps and guidance")
@@ -130,3 +137,15 @@ def generate_batch(pipe: DiffusionPipeline, requests: list[JobRequest],
 
 def generate(pipe: DiffusionPipeline, request: JobRequest, on_step: StepCallback | None = None) -> Generation:
     return generate_batch(pipe, [request], on_step)[0]
+
+
+def reproducibility(entry: ModelEntry, pipe: DiffusionPipeline, request: JobRequest,
+                    generation: Generation) -> Reproducibility:
+    width, height = generation.images[0].size
+    return Reproducibility(
+        model=entry.key, source=entry.source, revision=entry.revision,
+        pipeline=type(pipe).__name__, scheduler=type(pipe.scheduler).__name__,
+        diffusers_version=diffusers.__version__, seeds=generation.seeds, steps=request.steps,
+        guidance=request.guidance, width=width, height=height, prompt=request.prompt,
+        negative_prompt=request.negative_prompt,
+    )

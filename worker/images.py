@@ -4,6 +4,7 @@ dropped) when it would exceed the interaction's file-size limit."""
 from __future__ import annotations
 
 import io
+import math
 
 from PIL import Image, PngImagePlugin
 
@@ -41,3 +42,14 @@ def encode_for_upload(
         if min(image.size) <= 16:
             return data, "jpg"  # cannot shrink further; let Discord answer
         image = image.resize((image.width // 2, image.height // 2), Image.Resampling.LANCZOS)
+
+
+def grid(images: list[Image.Image]) -> Image.Image:
+    """All images on one sheet, as square as possible (2 → 2×1, 3–4 → 2×2)."""
+    columns = math.ceil(math.sqrt(len(images)))
+    rows = math.ceil(len(images) / columns)
+    width, height = images[0].size
+    sheet = Image.new("RGB", (columns * width, rows * height), "white")
+    for index, image in enumerate(images):
+        sheet.paste(image, ((index % columns) * width, (index // columns) * height))
+    return sheet

@@ -167,8 +167,8 @@ def main(argv: list[str] | None = None) -> int:
     redis = connect(settings)
     token = settings.discord_token.get_secret_value() if settings.discord_token else None
     outcomes = Outcomes(redis, settings.queue_prefix, settings.failure_ttl_s)
-    runtime = WorkerRuntime(pipelines=pipelines, outcomes=outcomes, bot_token=token,
-                            key_prefix=settings.queue_prefix)
+    runtime = WorkerRuntime(pipelines=pipelines, settings=settings, redis=redis, outcomes=outcomes,
+                            bot_token=token)
     install_runtime(runtime)
     metrics.serve(settings.worker_metrics_port)
     log.info("ready: serving %s on %s", ", ".join(pipelines.keys()), pipelines.device)

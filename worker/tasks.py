@@ -8,20 +8,29 @@ from __future__ import annotations
 
 import logging
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import requests
-from rq import get_current_job
+from redis import Redis
+from rq import Queue, get_current_job
 from rq.job import Job
+from rq.serializers import JSONSerializer
 
-from settings.jobs import PROGRESS_META, JobRequest, JobResult, Timings, image_key
+from settings.config import Settings
+from settings.fleet import FleetStats
+from settings.jobs import PROGRESS_META, JobRequest, JobResult, Reproducibility, Timings, image_key, queue_name
+from settings.messages import generating_text
+from settings.records import RecordStore
 from worker import metrics
 from worker.batching import BatchPlan
-from worker.delivery import Upload, post_result, result_embed
-from worker.generate import Generation, generate_batch
-from worker.images import encode_for_upload, png_bytes
+from worker.delivery import ResultComponents, Upload, deliver_result, edit_original, result_embed
+from worker.generate import Generation, StepCallback, generate_batch, reproducibility
+from worker.images import encode_for_upload, grid, png_bytes
 from worker.outcomes import Outcomes, Told
 from worker.pipelines import ResidentPipelines
+from worker.progress import (PREVIEW_NAME, EditGate, ProgressReporter, latent_preview,
+                             refresh_queued_messages)
 
 log = logging.getLogger(__name__)
 
@@ -29,11 +38,28 @@ log = logging.getLogger(__name__)
 @dataclass
 class WorkerRuntime:
     pipelines: ResidentPipelines
+    settings: Settings = field(default_factory=Settings)
+    redis: Redis | None = None  # shared state: fleet latency, job records, edit gates, outcomes
     session: requests.Session = field(default_factory=requests.Session)
     batches: BatchPlan = field(default_factory=BatchPlan)
-    key_prefix: str = "imagine"  # settings.queue_prefix: where stored images go
-    outcomes: Outcomes | None = None  # None: nothing is posted twice-checked (local runs)
+    outcomes: Outcomes | None = None  # who was told what; None: local runs, nothing to check
     bot_token: str | None = field(default=None, repr=False)  # channel fallback for expired tokens
+    # One background thread refreshes queue positions, so a job never waits on those edits.
+    background: ThreadPoolExecutor = field(default_factory=lambda: ThreadPoolExecutor(1, "queue-refresh"))
+
+    @property
+    def key_prefix(self) -> str:
+        return self.settings.queue_prefix
+
+    def stats(self) -> FleetStats:
+        return FleetStats(self.redis, self.key_prefix, self.settings.latency_samples,
+                          self.settings.eta_min_samples)
+
+    def records(self) -> RecordStore:
+        return RecordStore(self.redis, self.key_prefix, self.settings.record_ttl_s)
+
+    def gate(self) -> EditGate:
+        return EditGate(self.redis, self.key_prefix, self.settings.progress_interval_s)
 
 
 _runtime: WorkerRuntime | None = None
@@ -50,42 +76,97 @@ def current_runtime() -> WorkerRuntime:
     return _runtime
 
 
-def uploads_for(request: JobRequest, generation: Generation, limit: int) -> list[Upload]:
-    uploads = []
-    for image, seed in zip(generation.images, generation.seeds):
-        record = {"prompt": request.prompt, "negative_prompt": request.negative_prompt,
-                  "model": request.model, "seed": str(seed), "steps": str(request.steps),
-                  "guidance": f"{request.guidance:g}", "size": str(request.size)}
-        data, ext = encode_for_upload(image, limit, record)
-        uploads.append(Upload(data, f"imagine-{request.model}-{seed}.{ext}"))
-    return uploads
+# -- progress ------------------------------------------------------------------------------------
+def discord_progress(runtime: WorkerRuntime, request: JobRequest) -> ProgressReporter | None:
+    """Step bar (and optional preview) edited into the user's message, rate-limited."""
+    if request.delivery is None or runtime.redis is None:
+        return None
+    delivery, gate = request.delivery, runtime.gate()
+
+    def send(step: int, total: int, preview: bytes | None) -> None:
+        text = generating_text(request.model, request.prompt, request.count, step, total)
+        edit_original(delivery, runtime.session, text,
+                      None if preview is None else [Upload(preview, PREVIEW_NAME)])
+
+    xl = "XL" in runtime.pipelines.entries[request.model].pipeline
+    preview = (lambda latents: latent_preview(latents, xl)) if runtime.settings.progress_preview else None
+    return ProgressReporter(send, runtime.settings.progress_interval_s,
+                            gate=lambda: gate.acquire(request.job_id), preview=preview)
 
 
-def images_for(runtime: WorkerRuntime, request: JobRequest, job: Job | None) -> Generation:
-    """This job's images: made earlier in a batch, or now together with its batch companions."""
-    ready = runtime.batches.take_ready(request.job_id)
-    if ready is not None:
-        return ready
-    companions = runtime.batches.take_companions(request.job_id)
-    generations = generate_batch(runtime.pipelines.get(request.model), [request, *companions],
-                                 progress_reporter(job))
-    runtime.batches.store({c.job_id: g for c, g in zip(companions, generations[1:])})
-    return generations[0]
-
-
-def progress_reporter(job: Job | None):
-    """Keep the job's progress in its meta, where a waiting front end reads it."""
+def meta_progress(job: Job | None) -> StepCallback | None:
+    """Keep the job's progress in its RQ meta, where the web front end reads it."""
     if job is None:
         return None
 
-    def report(step: int, steps: int) -> None:
+    def report(step: int, steps: int, latents) -> None:
         job.meta[PROGRESS_META] = {"step": step, "steps": steps}
         job.save_meta()
     return report
 
 
+def refresh_queue_later(runtime: WorkerRuntime, model: str) -> None:
+    """The jobs behind this one moved up: update their messages, off the job's thread."""
+    if runtime.redis is None:
+        return
+    queue = Queue(queue_name(model, runtime.key_prefix), connection=runtime.redis, serializer=JSONSerializer)
+    future = runtime.background.submit(refresh_queued_messages, runtime.redis, queue, runtime.stats(),
+                                       runtime.gate(), runtime.session, runtime.settings.queue_refresh_jobs)
+    future.add_done_callback(_log_refresh_failure)
+
+
+def _log_refresh_failure(future) -> None:
+    if future.exception() is not None:  # a nicety: never fail a job for it, but say so
+        log.warning("queue position refresh failed: %s", future.exception())
+
+
+# -- generation ----------------------------------------------------------------------------------
+def images_for(runtime: WorkerRuntime, request: JobRequest, on_step: StepCallback | None) -> Generation:
+    """This job's images: made earlier in a batch, or now together with its batch companions."""
+    ready = runtime.batches.take_ready(request.job_id)
+    if ready is not None:
+        return ready
+    companions = runtime.batches.take_companions(request.job_id)
+    generations = generate_batch(runtime.pipelines.get(request.model), [request, *companions], on_step)
+    runtime.batches.store({c.job_id: g for c, g in zip(companions, generations[1:])})
+    return generations[0]
+
+
+# -- delivery ------------------------------------------------------------------------------------
+def uploads_for(generation: Generation, record: Reproducibility, limit: int) -> list[Upload]:
+    """One file per image with its generation record; with several images, a grid too."""
+    uploads = []
+    for image, seed in zip(generation.images, generation.seeds):
+        data, ext = encode_for_upload(image, limit, record.png_text(seed))
+        uploads.append(Upload(data, f"imagine-{record.model}-{seed}.{ext}"))
+    if len(generation.images) > 1:
+        data, ext = encode_for_upload(grid(generation.images), limit)
+        uploads.append(Upload(data, f"imagine-{record.model}-grid.{ext}"))
+    return uploads
+
+
+def deliver(runtime: WorkerRuntime, request: JobRequest, generation: Generation, result: JobResult,
+            progress: ProgressReporter | None) -> None:
+    """Replace the user's queued/progress message with the images, embed and buttons."""
+    assert request.delivery is not None and result.reproducibility is not None
+    post_started = time.perf_counter()
+    uploads = uploads_for(generation, result.reproducibility, request.delivery.filesize_limit)
+    result.timings.total_ms = (time.time() - request.created_at) * 1000
+    embed = result_embed(request, generation.seeds, result.timings, result.reproducibility,
+                         uploads[-1].filename)  # the image, or the grid of several
+    if progress is not None:
+        progress.close()  # no progress edit may land after the result
+    view = ResultComponents(request.job_id, request.model, runtime.settings.catalog())
+    posted = deliver_result(request.delivery, f"<@{request.delivery.user_id}>", embed, uploads, view,
+                            runtime.session, runtime.bot_token, nonce=request.job_id[:25])
+    if runtime.outcomes is not None:
+        runtime.outcomes.record(request.job_id, Told("result", posted.message_id, posted.via))
+    result.message_id, result.delivered_via = posted.message_id, posted.via
+    result.timings.post_ms = (time.perf_counter() - post_started) * 1000
+
+
 def store_images(job: Job | None, request: JobRequest, generation: Generation, prefix: str) -> list[str]:
-    """PNGs (with their generation record) in Redis for the front end, expiring with the result."""
+    """PNGs (with their generation record) in Redis for the web front end, expiring with the result."""
     if job is None:
         raise RuntimeError("store_images needs the RQ job's Redis connection")
     ttl = job.result_ttl if job.result_ttl and job.result_ttl > 0 else 3600
@@ -108,6 +189,7 @@ def already_told(runtime: WorkerRuntime, request: JobRequest) -> Told | None:
     return runtime.outcomes.get(request.job_id)
 
 
+# -- the job -------------------------------------------------------------------------------------
 def run_imagine(payload: dict) -> dict:
     runtime = current_runtime()
     request = JobRequest.model_validate(payload)
@@ -116,32 +198,37 @@ def run_imagine(payload: dict) -> dict:
         return {"job_id": request.job_id, "already_told": told.kind, "message_id": told.message_id,
                 "delivered_via": told.via}
     job = get_current_job()
-    generation = images_for(runtime, request, job)
-    queue_wait_ms = (generation.started_at - request.created_at) * 1000
-    width, height = generation.images[0].size
+    started = time.perf_counter()
+    refresh_queue_later(runtime, request.model)
+    progress = discord_progress(runtime, request)
+    on_step = progress.on_step if progress else meta_progress(job) if request.store_images else None
+    try:
+        generation = images_for(runtime, request, on_step)
+    finally:
+        if progress is not None:
+            progress.stop()  # an edit in flight finishes while the images are encoded
+    pipe = runtime.pipelines.get(request.model)
+    record = reproducibility(runtime.pipelines.entries[request.model], pipe, request, generation)
     result = JobResult(
-        job_id=request.job_id, model=request.model, seeds=generation.seeds, width=width,
-        height=height, batch_images=generation.batch_images, prompt=request.prompt,
-        negative_prompt=request.negative_prompt,
-        timings=Timings(queue_wait_ms=queue_wait_ms, inference_ms=generation.inference_ms,
+        job_id=request.job_id, model=request.model, seeds=generation.seeds, width=record.width,
+        height=record.height, batch_images=generation.batch_images, prompt=request.prompt,
+        negative_prompt=request.negative_prompt, reproducibility=record,
+        timings=Timings(queue_wait_ms=(generation.started_at - request.created_at) * 1000,
+                        inference_ms=generation.inference_ms,
                         total_ms=(time.time() - request.created_at) * 1000),
     )
+    if runtime.redis is not None:  # before the buttons exist, so ℹ Info always has it
+        runtime.records().attach_result(request.job_id, record)
     if request.delivery is not None:
-        post_started = time.perf_counter()
-        uploads = uploads_for(request, generation, request.delivery.filesize_limit)
-        result.timings.total_ms = (time.time() - request.created_at) * 1000
-        embed = result_embed(request, generation.seeds, result.timings)
-        posted = post_result(request.delivery, f"<@{request.delivery.user_id}>", embed, uploads,
-                             runtime.session, runtime.bot_token, nonce=request.job_id[:25])
-        if runtime.outcomes is not None:
-            runtime.outcomes.record(request.job_id, Told("result", posted.message_id, posted.via))
-        result.message_id, result.delivered_via = posted.message_id, posted.via
-        result.timings.post_ms = (time.perf_counter() - post_started) * 1000
+        deliver(runtime, request, generation, result, progress)
     if request.store_images:
         stored_at = time.perf_counter()
         result.image_keys = store_images(job, request, generation, runtime.key_prefix)
         result.timings.post_ms = (time.perf_counter() - stored_at) * 1000
         result.timings.total_ms = (time.time() - request.created_at) * 1000
+    if runtime.redis is not None:
+        # How long this job held the worker: what the next ETAs are made of.
+        runtime.stats().record(request.model, (time.perf_counter() - started) * 1000)
     metrics.record_result(result)
     log.info("job %s done: %s", request.job_id, result.timings.model_dump())
     return result.model_dump(mode="json")

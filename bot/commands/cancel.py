@@ -11,7 +11,7 @@ import discord
 from discord import app_commands
 from redis.exceptions import RedisError
 
-from bot.commands.imagine import QUEUE_DOWN
+from bot.submit import QUEUE_DOWN
 from bot.queue import Cancelling, CannotCancel
 
 if TYPE_CHECKING:

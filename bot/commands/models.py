@@ -11,20 +11,30 @@ from redis.exceptions import RedisError
 
 from bot import metrics
 from settings.catalog import ModelEntry
+from settings.fleet import Latency, format_duration
 
 if TYPE_CHECKING:
     from bot.app import ImagineBot
 
 
-def model_line(entry: ModelEntry, live: bool, waiting: int | None) -> str:
+def speed(latency: Latency | None) -> str:
+    if latency is None:
+        return ""
+    return (f" · ⏱ p50 {format_duration(latency.p50_ms / 1000)}, p95 {format_duration(latency.p95_ms / 1000)}"
+            f" per job ({latency.samples} recent)")
+
+
+def model_line(entry: ModelEntry, live: bool, waiting: int | None, latency: Latency | None = None) -> str:
     status = "🟢 loaded" if live else "⚪ no worker"
     queue = "queue unknown" if waiting is None else f"{waiting} waiting"
     return (f"**{entry.key}** — {entry.native_size}px, {entry.default_steps} steps · "
-            f"{status} · {queue}\n`{entry.source}`")
+            f"{status} · {queue}{speed(latency)}\n`{entry.source}`")
 
 
-def models_embed(catalog: dict[str, ModelEntry], live: set[str], depths: dict[str, int] | None) -> discord.Embed:
-    lines = [model_line(e, e.key in live, None if depths is None else depths.get(e.key, 0))
+def models_embed(catalog: dict[str, ModelEntry], live: set[str], depths: dict[str, int] | None,
+                 latencies: dict[str, Latency | None] | None = None) -> discord.Embed:
+    latencies = latencies or {}
+    lines = [model_line(e, e.key in live, None if depths is None else depths.get(e.key, 0), latencies.get(e.key))
              for e in catalog.values()]
     return discord.Embed(title="Models", description="\n".join(lines), colour=0x5865F2)
 
@@ -34,8 +44,10 @@ async def list_models(interaction: discord.Interaction) -> None:
     bot: ImagineBot = interaction.client  # type: ignore[assignment]
     keys = list(bot.catalog)
     try:
-        live, depths = await asyncio.to_thread(lambda: (bot.jobs.live_models(), bot.jobs.depths(keys)))
+        live, depths, latencies = await asyncio.to_thread(lambda: (
+            bot.jobs.live_models(), bot.jobs.depths(keys), {k: bot.jobs.stats.latency(k) for k in keys}))
     except RedisError:
-        live, depths = set(), None
+        live, depths, latencies = set(), None, None
     metrics.command("models", "listed")
-    await interaction.response.send_message(embed=models_embed(bot.catalog, live, depths), ephemeral=True)
+    await interaction.response.send_message(embed=models_embed(bot.catalog, live, depths, latencies),
+                                            ephemeral=True)

@@ -1,0 +1,49 @@
+"""``/queue``: the user's own waiting jobs with position, model and ETA, and cancel buttons."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import TYPE_CHECKING
+
+import discord
+from discord import app_commands
+from redis.exceptions import RedisError
+
+from bot.buttons import CancelButton
+from bot.queue import UserJob
+from bot.submit import QUEUE_DOWN
+from settings.fleet import format_duration
+
+if TYPE_CHECKING:
+    from bot.app import ImagineBot
+
+MAX_BUTTONS = 25  # Discord: 5 rows of 5
+
+
+def job_line(job: UserJob) -> str:
+    where = "generating now" if job.outlook.position == 0 else f"#{job.outlook.position} in queue"
+    eta = f" · ETA ~{format_duration(job.outlook.eta_s)}" if job.outlook.eta_s is not None else ""
+    return f"**{job.request.model}** · {where}{eta} — {job.request.prompt[:80]}"
+
+
+def queue_view(jobs: list[UserJob]) -> discord.ui.View:
+    view = discord.ui.View(timeout=None)
+    waiting = [job for job in jobs if job.outlook.position > 0][:MAX_BUTTONS]
+    for job in waiting:
+        view.add_item(CancelButton(job.request.job_id, label=f"Cancel: {job.request.prompt[:60]}"))
+    return view
+
+
+@app_commands.command(name="queue", description="Your waiting jobs: position, model, ETA — and cancel")
+async def show_queue(interaction: discord.Interaction) -> None:
+    bot: ImagineBot = interaction.client  # type: ignore[assignment]
+    try:
+        jobs = await asyncio.to_thread(bot.jobs.user_jobs, interaction.user.id)
+    except RedisError:
+        await interaction.response.send_message(f"⏳ {QUEUE_DOWN}", ephemeral=True)
+        return
+    if not jobs:
+        await interaction.response.send_message("You have no jobs waiting.", ephemeral=True)
+        return
+    embed = discord.Embed(title="Your jobs", description="\n".join(map(job_line, jobs)), colour=0x5865F2)
+    await interaction.response.send_message(embed=embed, view=queue_view(jobs), ephemeral=True)

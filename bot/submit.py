@@ -1,0 +1,103 @@
+"""The one way a Discord command becomes a job, used by ``/imagine`` and by every result button:
+replay guard → server policy and user limits → answer with position and ETA → record → enqueue.
+
+The answer goes out before the job is enqueued: a worker edits that answer (progress, then the
+result), so it must exist first. Position and ETA are read just before answering.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+import time
+from typing import TYPE_CHECKING
+
+import discord
+from redis.exceptions import RedisError
+
+from bot import metrics
+from bot.admission import Admitted, Requester, admit, enqueue_admitted
+from bot.queue import AlreadyQueued
+from settings.jobs import Delivery, JobRequest, job_id_for_interaction
+from settings.messages import queued_text
+from settings.validation import ImagineOptions, InvalidRequest
+
+if TYPE_CHECKING:
+    from bot.app import ImagineBot
+
+log = logging.getLogger(__name__)
+
+QUEUE_DOWN = "The image queue is unavailable right now. Please try again shortly."
+
+
+def delivery_for(interaction: discord.Interaction) -> Delivery:
+    return Delivery(
+        application_id=interaction.application_id, interaction_id=interaction.id,
+        interaction_token=interaction.token, channel_id=interaction.channel_id,
+        guild_id=interaction.guild_id, user_id=interaction.user.id,
+        filesize_limit=interaction.filesize_limit,
+    )
+
+
+def requester_for(interaction: discord.Interaction) -> Requester:
+    return Requester(user_id=interaction.user.id, guild_id=interaction.guild_id,
+                     channel_id=interaction.channel_id,
+                     exempt=interaction.permissions.manage_guild)
+
+
+def _admit(bot: ImagineBot, interaction: discord.Interaction, options: ImagineOptions,
+           received_at: float) -> Admitted | None:
+    """None for a gateway replay of an interaction already answered."""
+    job_id = job_id_for_interaction(interaction.id)
+    if not bot.jobs.claim(job_id):
+        return None
+    return admit(options, requester_for(interaction), job_id=job_id, settings=bot.settings,
+                 catalog=bot.catalog, policies=bot.policies, delivery=delivery_for(interaction),
+                 created_at=received_at)
+
+
+async def submit_imagine(interaction: discord.Interaction, options: ImagineOptions) -> JobRequest | None:
+    """Answer ``interaction`` with the queued message and enqueue the job; returns the request,
+    or None when the user got an error (ephemeral) or the interaction was a replay."""
+    received_at = time.time()
+    bot: ImagineBot = interaction.client  # type: ignore[assignment]
+    try:
+        admitted = await asyncio.to_thread(_admit, bot, interaction, options, received_at)
+        if admitted is None:
+            metrics.command("imagine", "replayed")
+            log.info("interaction %s replayed; already answered", interaction.id)
+            return None
+        outlook = await asyncio.to_thread(bot.jobs.outlook_if_enqueued, admitted.request.model)
+    except InvalidRequest as error:
+        metrics.command("imagine", "invalid")
+        await interaction.response.send_message(f"❌ {error}", ephemeral=True)
+        return None
+    except RedisError as error:
+        metrics.command("imagine", "queue_down")
+        log.warning("queue unavailable: %s", error)
+        await interaction.response.send_message(f"⏳ {QUEUE_DOWN}", ephemeral=True)
+        return None
+    request = admitted.request
+    notes = "".join(f"\nℹ️ {note}" for note in admitted.moderated.notes)
+    await interaction.response.send_message(
+        queued_text(request.model, request.prompt, request.count, outlook.position, outlook.eta_s) + notes)
+    try:
+        position = await asyncio.to_thread(_record_and_enqueue, bot, admitted, options)
+    except AlreadyQueued:
+        log.info("interaction %s replayed; job already queued", interaction.id)
+        return None
+    except RedisError as error:
+        metrics.command("imagine", "queue_down")
+        log.warning("queue unavailable after answering: %s", error)
+        await interaction.edit_original_response(content=f"⏳ {QUEUE_DOWN}")
+        return None
+    metrics.command("imagine", "queued")
+    log.info("queued %s on %s at #%s", request.job_id, request.model, position,
+             extra={"job_id": request.job_id})
+    return request
+
+
+def _record_and_enqueue(bot: ImagineBot, admitted: Admitted, options: ImagineOptions) -> int | None:
+    bot.jobs.save_record(admitted.request, dataclasses.asdict(options))  # before the worker needs it
+    return enqueue_admitted(admitted, bot.jobs, bot.policies)

@@ -1,0 +1,50 @@
+"""What users see and click, shared by the bot (which answers) and the worker (which edits):
+queue and progress texts, and the custom ids of result components.
+
+Custom ids carry only an action and a job id; the bot's persistent (dynamic) items match them
+with these templates and read the job record from Redis, so they survive bot restarts.
+"""
+
+from __future__ import annotations
+
+from settings.fleet import format_duration
+
+JOB_ID = r"(?P<job>[A-Za-z0-9_-]{1,80})"
+RESULT_ACTIONS = ("reroll", "vary", "delete", "info")
+RESULT_TEMPLATE = rf"img:(?P<action>{'|'.join(RESULT_ACTIONS)}):{JOB_ID}"
+MODEL_TEMPLATE = rf"img:model:{JOB_ID}"
+CANCEL_TEMPLATE = rf"img:cancel:{JOB_ID}"
+BAR_WIDTH = 12
+
+
+def result_custom_id(action: str, job_id: str) -> str:
+    return f"img:{action}:{job_id}"
+
+
+def model_custom_id(job_id: str) -> str:
+    return f"img:model:{job_id}"
+
+
+def cancel_custom_id(job_id: str) -> str:
+    return f"img:cancel:{job_id}"
+
+
+def _images(count: int) -> str:
+    return "1 image" if count == 1 else f"{count} images"
+
+
+def queued_text(model: str, prompt: str, count: int, position: int, eta_s: float | None) -> str:
+    eta = f" · ETA ~{format_duration(eta_s)}" if eta_s is not None else ""
+    return (f"🎨 Queued {_images(count)} on **{model}** — position **#{position}** in its queue{eta}.\n"
+            f"> {prompt[:300]}")
+
+
+def progress_bar(step: int, total: int, width: int = BAR_WIDTH) -> str:
+    """``▰▰▰▱▱▱ 12/25``"""
+    filled = round(width * step / total) if total else width
+    return f"{'▰' * filled}{'▱' * (width - filled)} {step}/{total}"
+
+
+def generating_text(model: str, prompt: str, count: int, step: int, total: int) -> str:
+    return (f"🖌️ Generating {_images(count)} on **{model}** — {progress_bar(step, total)}\n"
+            f"> {prompt[:300]}")
