@@ -55,9 +55,10 @@ def requests_for(key: str, size: int, steps: int, depth: int) -> list[JobRequest
                        steps=steps, guidance=7.5, seed=i, size=size) for i in range(depth)]
 
 
-def psnr(a: np.ndarray, b: np.ndarray) -> float:
+def psnr(a: np.ndarray, b: np.ndarray) -> float | None:
+    """Peak signal-to-noise ratio in dB; None when the images are identical (infinite)."""
     mse = float(np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2))
-    return float("inf") if mse == 0 else 10 * np.log10(255**2 / mse)
+    return None if mse == 0 else round(10 * np.log10(255**2 / mse), 1)
 
 
 def bench_model(key: str, args: argparse.Namespace, device: torch.device, dtype: torch.dtype) -> dict:
@@ -93,7 +94,7 @@ def bench_model(key: str, args: argparse.Namespace, device: torch.device, dtype:
     row["imagine_img_per_s"] = len(jobs) / (time.perf_counter() - started)
     optimized = np.asarray(generate(pipe, jobs[0]).images[0])
     row["max_pixel_diff"] = int(np.abs(reference.astype(int) - optimized.astype(int)).max())
-    row["psnr_db"] = round(psnr(reference, optimized), 1)
+    row["psnr_db"] = psnr(reference, optimized)
     row["speedup_1img"] = row["plain_ms"] / row["imagine_ms"]
     row["speedup_depth"] = row["imagine_img_per_s"] / row["plain_img_per_s"]
     row["peak_mem_GiB"] = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
@@ -113,7 +114,7 @@ def print_table(rows: list[dict], depth: int) -> None:
         peak = "-" if r["peak_mem_GiB"] is None else f"{r['peak_mem_GiB']:.1f}"
         print(f"{r['model']:<13}{SEED_ARTICLE_MS[r['model']]:>9.0f}{r['plain_ms']:>10.1f}{r['imagine_ms']:>11.1f}"
               f"{r['speedup_1img']:>6.2f}{r['plain_img_per_s']:>17.2f}{r['imagine_img_per_s']:>19.2f}"
-              f"{r['speedup_depth']:>6.2f}{peak:>9}{r['max_pixel_diff']:>7}{r['psnr_db']:>7}")
+              f"{r['speedup_depth']:>6.2f}{peak:>9}{r['max_pixel_diff']:>7}{r['psnr_db'] or '∞':>7}")
 
 
 def main(argv: list[str] | None = None) -> list[dict]:

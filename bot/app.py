@@ -5,18 +5,22 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import sys
 
 import discord
 import yarl
 from discord import app_commands
+from discord.ext import tasks
+from redis.exceptions import RedisError
 from discord.gateway import DiscordWebSocket
 from discord.http import Route
 
 from bot import metrics
 from bot.buttons import DYNAMIC_ITEMS
 from bot.commands import admin, cancel, imagine, models, queue
+from bot.expiry import expire_stale_jobs, expired_text
 from bot.policy_store import PolicyStore
 from bot.queue import JobQueue, connect
 from settings.config import Settings
@@ -50,12 +54,43 @@ class ImagineBot(discord.Client):
             self.tree.add_command(command)
         # Result and cancel buttons are matched by custom id, so they outlive restarts.
         self.add_dynamic_items(*DYNAMIC_ITEMS)
+        self.expiry_sweep.change_interval(seconds=self.settings.expiry_sweep_s)
+        self.expiry_sweep.start()
         if self.sync_commands:
             guild = discord.Object(self.settings.sync_guild_id) if self.settings.sync_guild_id else None
             if guild:
                 self.tree.copy_global_to(guild=guild)
             synced = await self.tree.sync(guild=guild)
             log.info("synced %d commands %s", len(synced), f"to guild {guild.id}" if guild else "globally")
+
+    @tasks.loop(seconds=30)
+    async def expiry_sweep(self) -> None:
+        """Jobs no worker started within the queue TTL: cancelled, and their users told."""
+        try:
+            expired = await asyncio.to_thread(expire_stale_jobs, self.jobs, self.policies,
+                                              list(self.catalog), self.settings.queue_ttl_s)
+        except RedisError as error:
+            log.warning("expiry sweep skipped: %s", error)
+            return
+        for request in expired:
+            log.warning("job %s expired in the queue", request.job_id, extra={"job_id": request.job_id})
+            await self.tell(request, expired_text(self.settings.queue_ttl_s))
+
+    async def tell(self, request, text: str) -> None:
+        """Replace the user's message with ``text``; in the channel when the token has expired."""
+        delivery = request.delivery
+        if delivery is None:
+            return
+        try:
+            webhook = discord.Webhook.partial(delivery.application_id, delivery.interaction_token, client=self)
+            await webhook.edit_message("@original", content=text)
+        except discord.HTTPException as error:
+            if delivery.channel_id is None:
+                log.warning("could not tell the user of %s: %s", request.job_id, error.status)
+                return
+            await self.get_partial_messageable(delivery.channel_id).send(
+                f"<@{delivery.user_id}> {text}",
+                allowed_mentions=discord.AllowedMentions(users=[discord.Object(delivery.user_id)]))
 
     async def on_ready(self) -> None:
         log.info("connected as %s", self.user)

@@ -77,7 +77,10 @@ class JobQueue:
             queue.enqueue(
                 JOB_FUNCTION, request.model_dump(mode="json"),
                 job_id=request.job_id, unique=True,
-                ttl=self.settings.queue_ttl_s, job_timeout=self.settings.job_timeout_s,
+                # The bot's expiry sweep cancels and tells at queue_ttl_s; RQ's silent ttl is
+                # only a backstop for when no bot runs.
+                ttl=int(self.settings.queue_ttl_s + 5 * self.settings.expiry_sweep_s),
+                job_timeout=self.settings.job_timeout_s,
                 result_ttl=self.settings.result_ttl_s, failure_ttl=self.settings.failure_ttl_s,
                 retry=Retry(max=RETRIES), on_failure=Callback(FAILURE_CALLBACK),
                 on_success=Callback(SUCCESS_CALLBACK), on_stopped=Callback(STOPPED_CALLBACK),

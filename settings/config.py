@@ -34,6 +34,8 @@ class Settings(BaseSettings):
     queue_prefix: str = "imagine"
     # A job that cannot start before the interaction token (15 min) expires is never started.
     queue_ttl_s: int = 600
+    # How often the bot cancels (and tells the users of) jobs older than queue_ttl_s.
+    expiry_sweep_s: float = 30.0
     job_timeout_s: int = 300
     result_ttl_s: int = 3600
     # Failed jobs stay visible to operators (RQ's failed registry) this long; the record that a

@@ -1,0 +1,50 @@
+"""Jobs that no worker started in time are taken off the queue and their users are told.
+
+RQ's own queue ``ttl`` deletes such a job silently (its id is skipped at dequeue), which would
+leave a user waiting forever. Instead the bot sweeps every model's queue: a job older than
+``queue_ttl_s`` is removed (only the process whose removal succeeds owns it, so several bots can
+sweep at once), cancelled, its user's job slot freed, and the user told by an edit of their
+message. RQ's ``ttl`` stays as a backstop, later than the sweep.
+"""
+
+from __future__ import annotations
+
+import time
+
+from rq.job import Job
+
+from bot.policy_store import PolicyStore
+from bot.queue import JobQueue
+from settings.jobs import ACTIVE_KEY_META, JobRequest
+
+EXPIRED_TEXT = ("⏳ No GPU worker could start your image within {minutes} minutes, so it was "
+                "cancelled. Please try again.")
+
+
+def expired_text(ttl_s: float) -> str:
+    return EXPIRED_TEXT.format(minutes=max(1, round(ttl_s / 60)))
+
+
+def _take(queue, job: Job) -> bool:
+    """True when this process removed the job from its queue (nobody else can run or expire it)."""
+    return bool(queue.remove(job.id))
+
+
+def expire_stale_jobs(jobs: JobQueue, policies: PolicyStore, models: list[str], ttl_s: float,
+                      now: float | None = None) -> list[JobRequest]:
+    """Cancel the queued jobs older than ``ttl_s``; returns their requests (to tell the users)."""
+    now = time.time() if now is None else now
+    expired = []
+    for model in models:
+        queue = jobs.queue(model)
+        for job in queue.get_jobs():  # oldest first
+            request = JobRequest.model_validate(job.args[0])
+            if now - request.created_at < ttl_s:
+                break
+            if not _take(queue, job):
+                continue
+            job.cancel()
+            if active_key := job.meta.get(ACTIVE_KEY_META):
+                policies.release(active_key, job.id)
+            expired.append(request)
+    return expired
