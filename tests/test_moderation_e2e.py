@@ -193,6 +193,22 @@ def test_model_allowlist(stack, redis, guild):
     assert "server rule: models" in answer["data"]["content"] and not job_exists(redis, payload)
 
 
+def test_model_autocomplete_offers_only_allowed_models(stack, guild):
+    def suggestions() -> list[str]:
+        # APPLICATION_COMMAND_AUTOCOMPLETE (type 4): the option being typed is marked focused.
+        payload = slash_command("imagine", {"prompt": "a cat"}, guild_id=guild, user_id=MEMBER_ID,
+                                permissions=MEMBER_PERMISSIONS, channel_id=CHANNEL)
+        payload["type"] = 4
+        payload["data"]["options"].append({"name": "model", "type": 3, "value": "", "focused": True})
+        answer = send(stack, payload)
+        assert answer["type"] == 8  # APPLICATION_COMMAND_AUTOCOMPLETE_RESULT
+        return [choice["value"] for choice in answer["data"]["choices"]]
+
+    assert {"tiny", "sd-v1-4", "sdxl-base"} <= set(suggestions())
+    admin(stack, guild, "models allow", model="tiny")
+    assert suggestions() == ["tiny"]
+
+
 def test_max_active_jobs_per_user_admins_exempt(stack, redis, guild):
     admin(stack, guild, "limits", max_active=1)
     # sd-v1-4 has no worker in this stack, so its jobs stay queued (active).

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
 from typing import TYPE_CHECKING
 
 import discord
 from discord import app_commands
+from redis.exceptions import RedisError
 
 from bot.submit import submit_imagine
 from settings.validation import ImagineOptions
@@ -15,9 +17,15 @@ if TYPE_CHECKING:
 
 
 async def model_autocomplete(interaction: discord.Interaction, current: str) -> list[app_commands.Choice[str]]:
+    """The catalog models this server allows (all of them while Redis cannot say)."""
     bot: ImagineBot = interaction.client  # type: ignore[assignment]
+    try:
+        policy = await asyncio.to_thread(bot.policies.load, interaction.guild_id)
+        allowed = set(policy.allowed_models or bot.catalog)
+    except RedisError:
+        allowed = set(bot.catalog)
     return [app_commands.Choice(name=f"{key} ({entry.native_size}px)", value=key)
-            for key, entry in bot.catalog.items() if current.lower() in key][:25]
+            for key, entry in bot.catalog.items() if key in allowed and current.lower() in key][:25]
 
 
 @app_commands.command(name="imagine", description="Generate images from a text prompt")
