@@ -41,5 +41,9 @@ def serve(port: int, depths: Callable[[], dict[str, int]]) -> None:
     if not port:
         return
     REGISTRY.register(QueueDepthCollector(depths))
-    start_http_server(port)
+    try:
+        start_http_server(port)
+    except OSError as error:  # metrics are for operators: never keep the bot from answering
+        log.error("metrics endpoint off: cannot listen on port %d (%s)", port, error.strerror)
+        return
     log.info("metrics on :%d/metrics", port)

@@ -108,3 +108,17 @@ def test_logs_are_json_with_job_id(run):
     assert any(r["logger"].startswith("rq") and r.get("job_id") for r in worker_records)
     queued = [r for r in bot_records if r["msg"].startswith("queued ix-")]
     assert len(queued) == 2 and all(r["job_id"] in r["msg"] for r in queued)
+
+
+def test_a_busy_metrics_port_does_not_stop_the_service(caplog):
+    import socket
+
+    from worker import metrics as worker_metrics
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        with caplog.at_level("ERROR"):
+            worker_metrics.serve(port)  # returns instead of raising
+    assert f"metrics endpoint off: cannot listen on port {port}" in caplog.text

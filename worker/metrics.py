@@ -52,5 +52,9 @@ def serve(port: int) -> None:
     if not port:
         return
     REGISTRY.register(GpuMemoryCollector())
-    start_http_server(port)
+    try:
+        start_http_server(port)
+    except OSError as error:  # metrics are for operators: never keep a worker from serving
+        log.error("metrics endpoint off: cannot listen on port %d (%s)", port, error.strerror)
+        return
     log.info("metrics on :%d/metrics", port)
