@@ -98,11 +98,14 @@ def bench_model(key: str, args: argparse.Namespace, device: torch.device, dtype:
     row["speedup_1img"] = row["plain_ms"] / row["imagine_ms"]
     row["speedup_depth"] = row["imagine_img_per_s"] / row["plain_img_per_s"]
     row["peak_mem_GiB"] = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
-    del pipe
+    return row
+
+
+def free(device: torch.device) -> None:
+    """After a model's pipeline went out of scope: give its memory back before the next one."""
     gc.collect()
     if device.type == "cuda":
         torch.cuda.empty_cache()
-    return row
 
 
 def print_table(rows: list[dict], depth: int) -> None:
@@ -135,7 +138,10 @@ def main(argv: list[str] | None = None) -> list[dict]:
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
     print(f"device: {name}, torch {torch.__version__}, {dtype}, {args.steps} steps, CFG 7.5, "
           f"{'tiny configs' if args.tiny else 'real architectures, random weights'}, compile={args.compile}")
-    rows = [bench_model(key, args, device, dtype) for key in args.models.split(",")]
+    rows = []
+    for key in args.models.split(","):
+        rows.append(bench_model(key, args, device, dtype))
+        free(device)
     print_table(rows, args.depth)
     report = {"device": name, "torch": torch.__version__, "rows": rows}
     print(json.dumps(report))

@@ -21,7 +21,7 @@ from settings.jobs import Delivery, JobRequest, queue_name
 from worker.generate import generate, generate_batch
 from worker.pipelines import ResidentPipelines, load_pipeline, weight_bytes
 from tests.fake_discord import snowflake
-from tests.stack import live_workers, start_worker, wait_for
+from tests.stack import start_worker
 
 CPU = torch.device("cpu")
 
