@@ -94,3 +94,11 @@ def test_cli_missing_weights_is_one_line(env, tmp_path):
     done = run_cli(env, "cat", "--size", "64")
     assert done.returncode == 1 and done.stderr.startswith("error: cannot load model 'tiny'")
     assert "Traceback" not in done.stderr
+
+
+def test_local_copy_without_fp16_files_loads_in_half_precision(tiny_model_dir):
+    """A catalog entry asks for the fp16 variant on GPU; a local folder saved without it still
+    loads (its full-precision files, cast), instead of failing the worker's start."""
+    entry = ModelEntry(key="tiny", source=str(tiny_model_dir), pipeline="StableDiffusionPipeline", variant="fp16")
+    pipe = load_pipeline(entry, CPU, torch.float16)
+    assert pipe.unet.dtype == torch.float16

@@ -42,17 +42,28 @@ class ModelLoadError(RuntimeError):
     """Weights missing or unreadable; the message is one line for operators."""
 
 
+def _from_pretrained(entry: ModelEntry, kwargs: dict, use_variant: bool) -> DiffusionPipeline:
+    """With the fp16 weight variant (half the download) where the weights have one; a local copy
+    saved without it loads its full-precision files, cast to ``dtype``."""
+    pipeline_class = getattr(diffusers, entry.pipeline)
+    if use_variant:
+        try:
+            return pipeline_class.from_pretrained(entry.source, variant=entry.variant, **kwargs)
+        except ValueError as error:
+            if "variant" not in str(error):
+                raise
+            log.info("%s has no %s weight files; loading the default ones", entry.source, entry.variant)
+    return pipeline_class.from_pretrained(entry.source, **kwargs)
+
+
 def load_pipeline(entry: ModelEntry, device: torch.device, dtype: torch.dtype) -> DiffusionPipeline:
     """``from_pretrained`` on a hub id or a local directory, moved to ``device``."""
-    pipeline_class = getattr(diffusers, entry.pipeline)
     kwargs: dict = {"dtype": dtype, "revision": entry.revision}
-    if dtype == torch.float16 and entry.variant:
-        kwargs["variant"] = entry.variant  # fetch the half-size fp16 files where the repo has them
     log.info("loading %s from %s (%s on %s)", entry.key, entry.source, dtype, device)
     try:
         if entry.vae_source:
             kwargs["vae"] = AutoencoderKL.from_pretrained(entry.vae_source, dtype=dtype)
-        pipe = pipeline_class.from_pretrained(entry.source, **kwargs)
+        pipe = _from_pretrained(entry, kwargs, use_variant=dtype == torch.float16 and bool(entry.variant))
     except (OSError, ValueError) as error:  # missing files, unreachable hub, bad repo id
         first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise ModelLoadError(f"cannot load model {entry.key!r} from {entry.source}: {first_line}") from error
