@@ -105,3 +105,32 @@ def test_frontend_requirements_are_project_dependencies():
     wanted = {re.split(r"[<>=\[ ]", line)[0].lower() for line in lines if line and not line.startswith("#")}
     assert wanted <= declared
     assert "torch" not in wanted and "diffusers" not in wanted
+
+
+def test_frontend_requirements_cover_what_the_front_ends_import():
+    """The bot and web images install only docker/requirements-frontend.txt (+ gradio for web):
+    every third-party package that bot/, web/, launch/ or settings/ imports must be there."""
+    import ast
+    import sys
+    from importlib.metadata import packages_distributions
+
+    def name(line: str) -> str:
+        return re.split(r"[<>=\[ ]", line)[0].lower().replace("_", "-")
+
+    lines = (ROOT / "docker" / "requirements-frontend.txt").read_text().splitlines()
+    installed = {name(line) for line in lines if line and not line.startswith("#")} | {"gradio"}
+    local = {"bot", "web", "launch", "settings", "worker", "tests", "bench"}
+    distributions = packages_distributions()
+    imported = set()
+    for folder in ("bot", "web", "launch", "settings"):
+        for path in (ROOT / folder).rglob("*.py"):
+            for node in ast.walk(ast.parse(path.read_text())):
+                if isinstance(node, ast.Import):
+                    imported.update(alias.name.split(".")[0] for alias in node.names)
+                elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                    imported.add(node.module.split(".")[0])
+    third_party = {m for m in imported - local if m not in sys.stdlib_module_names}
+    needed = {name(dist) for m in third_party for dist in distributions.get(m, [m])}
+    # Packages that come with the ones listed (discord.py brings aiohttp and yarl, pydantic its core).
+    transitive = {"aiohttp", "yarl", "pydantic-core", "typing-extensions"}
+    assert needed - installed - transitive == set()
