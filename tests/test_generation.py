@@ -102,3 +102,15 @@ def test_local_copy_without_fp16_files_loads_in_half_precision(tiny_model_dir):
     entry = ModelEntry(key="tiny", source=str(tiny_model_dir), pipeline="StableDiffusionPipeline", variant="fp16")
     pipe = load_pipeline(entry, CPU, torch.float16)
     assert pipe.unet.dtype == torch.float16
+
+
+def test_compiled_pipeline_draws_the_same_image(tiny_xl_model_dir):
+    """torch.compile (fullgraph, as the worker does at start) with fused QKV: same pixels."""
+    from worker.optimize import SpeedOptions, optimize
+
+    entry = ModelEntry(key="tiny", source=str(tiny_xl_model_dir), pipeline="StableDiffusionXLPipeline")
+    pipe = load_pipeline(entry, CPU, torch.float32)
+    eager = pixels(generate(pipe, request(seed=21, count=2)))
+    optimize(pipe, SpeedOptions(fuse_qkv=True, compile="default"))
+    compiled = pixels(generate(pipe, request(seed=21, count=2)))
+    assert all(np.abs(a - b).max() <= 2 for a, b in zip(eager, compiled))
