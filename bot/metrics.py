@@ -6,9 +6,11 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 
-from prometheus_client import Counter, start_http_server
-from prometheus_client.core import REGISTRY, GaugeMetricFamily
+from prometheus_client import Counter
+from prometheus_client.core import GaugeMetricFamily
 from redis.exceptions import RedisError
+
+from settings.metrics_http import serve_metrics
 
 log = logging.getLogger(__name__)
 
@@ -38,12 +40,4 @@ class QueueDepthCollector:
 
 
 def serve(port: int, depths: Callable[[], dict[str, int]]) -> None:
-    if not port:
-        return
-    REGISTRY.register(QueueDepthCollector(depths))
-    try:
-        start_http_server(port)
-    except OSError as error:  # metrics are for operators: never keep the bot from answering
-        log.error("metrics endpoint off: cannot listen on port %d (%s)", port, error.strerror)
-        return
-    log.info("metrics on :%d/metrics", port)
+    serve_metrics(port, QueueDepthCollector(depths))

@@ -6,10 +6,11 @@ from __future__ import annotations
 import logging
 
 import torch
-from prometheus_client import Counter, Histogram, start_http_server
-from prometheus_client.core import REGISTRY, GaugeMetricFamily
+from prometheus_client import Counter, Histogram
+from prometheus_client.core import GaugeMetricFamily
 
 from settings.jobs import JobResult
+from settings.metrics_http import serve_metrics
 
 log = logging.getLogger(__name__)
 
@@ -49,12 +50,4 @@ class GpuMemoryCollector:
 
 
 def serve(port: int) -> None:
-    if not port:
-        return
-    REGISTRY.register(GpuMemoryCollector())
-    try:
-        start_http_server(port)
-    except OSError as error:  # metrics are for operators: never keep a worker from serving
-        log.error("metrics endpoint off: cannot listen on port %d (%s)", port, error.strerror)
-        return
-    log.info("metrics on :%d/metrics", port)
+    serve_metrics(port, GpuMemoryCollector())
