@@ -109,3 +109,18 @@ def test_image_over_the_limit_is_reencoded_not_dropped():
     data, ext = encode_for_upload(image, limit)
     assert ext == "jpg" and len(data) <= limit
     assert Image.open(io.BytesIO(data)).size[0] >= 256
+
+
+def test_uploads_of_one_message_stay_under_discords_request_limit(monkeypatch):
+    """Four large images and their grid must fit one message (25 MiB), not only each file."""
+    from settings.jobs import Reproducibility
+    from worker import tasks
+    from worker.generate import Generation
+
+    monkeypatch.setattr(tasks, "REQUEST_UPLOAD_LIMIT", 1024 * 1024)  # scaled down: 1 MiB per message
+    images = [noisy_image(512) for _ in range(4)]  # ~790 KB each as PNG
+    record = Reproducibility(model="m", source="s", pipeline="P", scheduler="S", diffusers_version="0",
+                             seeds=[1, 2, 3, 4], steps=1, guidance=1, width=512, height=512, prompt="p")
+    uploads = tasks.uploads_for(Generation(images, [1, 2, 3, 4], 1.0, 0.0), record, 10 * 1024 * 1024)
+    assert len(uploads) == 5  # four images and the grid
+    assert sum(len(u.data) for u in uploads) <= 1024 * 1024

@@ -133,8 +133,15 @@ def images_for(runtime: WorkerRuntime, request: JobRequest, on_step: StepCallbac
 
 
 # -- delivery ------------------------------------------------------------------------------------
+# Discord caps a whole message's attachments at 25 MiB, whatever each file's own limit is.
+REQUEST_UPLOAD_LIMIT = 25 * 1024 * 1024
+
+
 def uploads_for(generation: Generation, record: Reproducibility, limit: int) -> list[Upload]:
-    """One file per image with its generation record; with several images, a grid too."""
+    """One file per image with its generation record; with several images, a grid too. Each
+    file gets an equal share of the per-message limit when the per-file limit would overrun it."""
+    files = len(generation.images) + (1 if len(generation.images) > 1 else 0)
+    limit = min(limit, REQUEST_UPLOAD_LIMIT // files)
     uploads = []
     for image, seed in zip(generation.images, generation.seeds):
         data, ext = encode_for_upload(image, limit, record.png_text(seed))
