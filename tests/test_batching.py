@@ -130,3 +130,25 @@ def test_worker_prefers_models_on_the_gpu_without_starving_others(redis_server):
     queues[0].empty()
     jobs.submit(request(f"{prefix}-c2", model="cold", created_at=time.time() - 30))
     assert order() == ["cold", "hot"]  # waited past starvation_s: served even if it costs a swap
+
+
+def test_batch_companions_show_the_step_bar_too(env, redis_server, fake_discord, tmp_path):
+    prefix = f"batchbar{snowflake()[-6:]}"
+    settings = Settings(redis_url=redis_server.url, queue_prefix=prefix, _env_file=None)
+    queue = JobQueue(Redis.from_url(redis_server.url), settings)
+    tokens = []
+    for name in ("lead", "companion"):
+        token = f"tok-bar-{name}-{snowflake()}"
+        tokens.append(token)
+        queue.submit(request(f"{prefix}-{name}", steps=20, delivery=Delivery(
+            application_id=1, interaction_id=int(snowflake()), interaction_token=token, user_id=5)))
+    worker = start_worker({**env, "IMAGINE_QUEUE_PREFIX": prefix, "IMAGINE_MAX_BATCH_IMAGES": "8"},
+                          tmp_path / "worker.log", "--burst")
+    try:
+        worker.popen.wait(120)
+    finally:
+        worker.stop()
+    companion = fake_discord.messages("edit", tokens[1])
+    bars = [e for e in companion if (e.payload.get("content") or "").startswith("🖌️")]
+    assert bars, worker.log()
+    assert companion[-1].payload.get("embeds"), "the result is the last edit"

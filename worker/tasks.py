@@ -127,9 +127,24 @@ def images_for(runtime: WorkerRuntime, request: JobRequest, on_step: StepCallbac
     if ready is not None:
         return ready
     companions = runtime.batches.take_companions(request.job_id)
-    generations = generate_batch(runtime.pipelines.get(request.model), [request, *companions], on_step)
+    # The companions' users see the same step bar on their own messages while the batch runs.
+    reporters = [r for r in (discord_progress(runtime, c) for c in companions) if r is not None]
+    steps = [callback for callback in (on_step, *(r.on_step for r in reporters)) if callback is not None]
+    try:
+        generations = generate_batch(runtime.pipelines.get(request.model), [request, *companions],
+                                     _each(steps) if steps else None)
+    finally:
+        for reporter in reporters:
+            reporter.close()  # nothing may land after their results
     runtime.batches.store({c.job_id: g for c, g in zip(companions, generations[1:])})
     return generations[0]
+
+
+def _each(callbacks: list[StepCallback]) -> StepCallback:
+    def report(step: int, total: int, latents) -> None:
+        for callback in callbacks:
+            callback(step, total, latents)
+    return report
 
 
 # -- delivery ------------------------------------------------------------------------------------
