@@ -74,25 +74,32 @@ def test_budget_parks_least_recently_used_model(tiny_model_dir, tiny_xl_model_di
     assert resident.resident_keys() == ["sd"] and as_array(image).std() > 1
 
 
-def test_worker_batches_queued_compatible_jobs(env, redis_server, fake_discord, pipe, tmp_path):
-    """Jobs queued while no worker runs: A,B,C share settings, D differs, E matches A again.
-    Expected pipeline calls: [A,B,C] then [D] then [E] — never reordered past D."""
-    prefix = f"batch{snowflake()[-6:]}"
+def queue_then_drain(env, redis_server, tmp_path, name: str, specs: dict[str, tuple[int, int]]):
+    """Queue jobs (name → (steps, seed)) while no worker runs, then let one burst worker with
+    batching drain them. Returns the requests by name and the finished worker process."""
+    prefix = f"{name}{snowflake()[-6:]}"
     settings = Settings(redis_url=redis_server.url, queue_prefix=prefix, _env_file=None)
     queue = JobQueue(Redis.from_url(redis_server.url), settings)
-    specs = [("a", 2, 11), ("b", 2, 12), ("c", 2, 13), ("d", 3, 14), ("e", 2, 15)]
     requests = {}
-    for name, steps, seed in specs:
-        token = f"tok-batch-{name}-{snowflake()}"
-        requests[name] = request(f"{prefix}-{name}", steps=steps, seed=seed, delivery=Delivery(
-            application_id=1, interaction_id=int(snowflake()), interaction_token=token, user_id=5))
-        queue.submit(requests[name])
+    for job, (steps, seed) in specs.items():
+        requests[job] = request(f"{prefix}-{job}", steps=steps, seed=seed, delivery=Delivery(
+            application_id=1, interaction_id=int(snowflake()),
+            interaction_token=f"tok-{name}-{job}-{snowflake()}", user_id=5))
+        queue.submit(requests[job])
     worker = start_worker({**env, "IMAGINE_QUEUE_PREFIX": prefix, "IMAGINE_MAX_BATCH_IMAGES": "8"},
                           tmp_path / "worker.log", "--burst")
     try:
         worker.popen.wait(120)
     finally:
         worker.stop()
+    return requests, worker
+
+
+def test_worker_batches_queued_compatible_jobs(env, redis_server, fake_discord, pipe, tmp_path):
+    """Jobs queued while no worker runs: A,B,C share settings, D differs, E matches A again.
+    Expected pipeline calls: [A,B,C] then [D] then [E] — never reordered past D."""
+    specs = {"a": (2, 11), "b": (2, 12), "c": (2, 13), "d": (3, 14), "e": (2, 15)}
+    requests, worker = queue_then_drain(env, redis_server, tmp_path, "batch", specs)
     redis = Redis.from_url(redis_server.url)
     results = {name: Job.fetch(r.job_id, connection=redis, serializer=JSONSerializer).latest_result().return_value
                for name, r in requests.items()}
@@ -133,22 +140,9 @@ def test_worker_prefers_models_on_the_gpu_without_starving_others(redis_server):
 
 
 def test_batch_companions_show_the_step_bar_too(env, redis_server, fake_discord, tmp_path):
-    prefix = f"batchbar{snowflake()[-6:]}"
-    settings = Settings(redis_url=redis_server.url, queue_prefix=prefix, _env_file=None)
-    queue = JobQueue(Redis.from_url(redis_server.url), settings)
-    tokens = []
-    for name in ("lead", "companion"):
-        token = f"tok-bar-{name}-{snowflake()}"
-        tokens.append(token)
-        queue.submit(request(f"{prefix}-{name}", steps=20, delivery=Delivery(
-            application_id=1, interaction_id=int(snowflake()), interaction_token=token, user_id=5)))
-    worker = start_worker({**env, "IMAGINE_QUEUE_PREFIX": prefix, "IMAGINE_MAX_BATCH_IMAGES": "8"},
-                          tmp_path / "worker.log", "--burst")
-    try:
-        worker.popen.wait(120)
-    finally:
-        worker.stop()
-    companion = fake_discord.messages("edit", tokens[1])
+    requests, worker = queue_then_drain(env, redis_server, tmp_path, "batchbar",
+                                        {"lead": (20, 3), "companion": (20, 4)})
+    companion = fake_discord.messages("edit", requests["companion"].delivery.interaction_token)
     bars = [e for e in companion if (e.payload.get("content") or "").startswith("🖌️")]
     assert bars, worker.log()
     assert companion[-1].payload.get("embeds"), "the result is the last edit"

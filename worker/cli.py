@@ -38,11 +38,12 @@ def output_paths(out: Path, count: int) -> list[Path]:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     settings = Settings()
+    catalog = settings.catalog()
     options = ImagineOptions(prompt=args.prompt, negative_prompt=args.negative_prompt,
                              model=args.model, steps=args.steps, guidance=args.guidance,
                              seed=args.seed, size=args.size, count=args.count)
     try:
-        request = build_request(options, job_id="cli", settings=settings, catalog=settings.catalog())
+        request = build_request(options, job_id="cli", settings=settings, catalog=catalog)
     except InvalidRequest as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
@@ -53,7 +54,7 @@ def main(argv: list[str] | None = None) -> int:
 
     device = resolve_device(settings.device)
     try:
-        pipe = load_pipeline(settings.catalog()[request.model], device, resolve_dtype(settings.dtype, device))
+        pipe = load_pipeline(catalog[request.model], device, resolve_dtype(settings.dtype, device))
     except ModelLoadError as error:
         print(f"error: {error}", file=sys.stderr)
         return 1

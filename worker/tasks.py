@@ -10,6 +10,7 @@ import logging
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from functools import cached_property
 
 import requests
 from redis import Redis
@@ -17,6 +18,7 @@ from rq import Queue, get_current_job
 from rq.job import Job
 from rq.serializers import JSONSerializer
 
+from settings.catalog import ModelEntry
 from settings.config import Settings
 from settings.fleet import FleetStats
 from settings.jobs import PROGRESS_META, JobRequest, JobResult, Reproducibility, Timings, image_key, queue_name
@@ -46,6 +48,11 @@ class WorkerRuntime:
     bot_token: str | None = field(default=None, repr=False)  # channel fallback for expired tokens
     # One background thread refreshes queue positions, so a job never waits on those edits.
     background: ThreadPoolExecutor = field(default_factory=lambda: ThreadPoolExecutor(1, "queue-refresh"))
+
+    @cached_property
+    def catalog(self) -> dict[str, ModelEntry]:
+        """Built once: the result buttons' model select needs it for every job."""
+        return self.settings.catalog()
 
     @property
     def key_prefix(self) -> str:
@@ -178,7 +185,7 @@ def deliver(runtime: WorkerRuntime, request: JobRequest, generation: Generation,
                          uploads[-1].filename)  # the image, or the grid of several
     if progress is not None:
         progress.close()  # no progress edit may land after the result
-    view = ResultComponents(request.job_id, request.model, runtime.settings.catalog())
+    view = ResultComponents(request.job_id, request.model, runtime.catalog)
     posted = deliver_result(request.delivery, f"<@{request.delivery.user_id}>", embed, uploads, view,
                             runtime.session, runtime.bot_token, nonce=request.job_id[:25])
     if runtime.outcomes is not None:
