@@ -70,6 +70,11 @@ def build_random_pipeline(key: str, device: torch.device, dtype: torch.dtype, ti
         pipe = tiny_sdxl() if key in XL_MODELS else tiny_sd()
         pipe.set_progress_bar_config(disable=True)
         return pipe.to(device, dtype)
+    # Schedulers keep their tables on the CPU (numpy reads them), so they are built outside.
+    xl_scheduler = EulerDiscreteScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                                          steps_offset=1, timestep_spacing="leading")
+    sd_scheduler = PNDMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                                 skip_prk_steps=True, steps_offset=1)
     with torch.device(device):  # initialise on the GPU directly: seconds instead of minutes
         if key in XL_MODELS:
             pipe = StableDiffusionXLPipeline(
@@ -78,16 +83,13 @@ def build_random_pipeline(key: str, device: torch.device, dtype: torch.dtype, ti
                 text_encoder=CLIPTextModel(CLIPTextConfig(**CLIP_L)),
                 text_encoder_2=CLIPTextModelWithProjection(CLIPTextConfig(**OPENCLIP_BIGG)),
                 tokenizer=build_tokenizer(), tokenizer_2=build_tokenizer(),
-                scheduler=EulerDiscreteScheduler(beta_start=0.00085, beta_end=0.012,
-                                                 beta_schedule="scaled_linear", steps_offset=1,
-                                                 timestep_spacing="leading"),
+                scheduler=xl_scheduler,
             )
         else:
             pipe = StableDiffusionPipeline(
                 unet=build_unet(key), vae=AutoencoderKL(**VAE, sample_size=512, scaling_factor=0.18215),
                 text_encoder=CLIPTextModel(CLIPTextConfig(**CLIP_L)), tokenizer=build_tokenizer(),
-                scheduler=PNDMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
-                                        skip_prk_steps=True, steps_offset=1),
+                scheduler=sd_scheduler,
                 safety_checker=None, feature_extractor=None, requires_safety_checker=False,
             )
     pipe.set_progress_bar_config(disable=True)

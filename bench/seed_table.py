@@ -24,9 +24,11 @@ import torch
 import transformers
 
 from bench.architectures import SIZES, UNETS, build_random_pipeline
+from settings.config import Settings
 from settings.jobs import JobRequest
 from worker.generate import generate, generate_batch
 from worker.optimize import SpeedOptions, optimize
+from worker.progress import ProgressReporter
 
 PROMPT = "an orange cat staring off with pretty eyes, striking image, 8K, desktop background"
 NEGATIVE = "ugly, poorly rendered face, low resolution, poorly drawn feet, blurry, watermark"
@@ -50,6 +52,16 @@ def timed_ms(fn, device: torch.device, runs: int) -> float:
     return statistics.median(samples)
 
 
+def log(message: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {message}", flush=True)
+
+
+def worker_progress() -> ProgressReporter:
+    """The worker's step hook with the default edit interval; the Discord edit itself is left out."""
+    return ProgressReporter(send=lambda step, total, png: None,
+                            interval_s=Settings.model_fields["progress_interval_s"].default)
+
+
 def requests_for(key: str, size: int, steps: int, depth: int) -> list[JobRequest]:
     return [JobRequest(job_id=f"b{i}", model=key, prompt=f"{PROMPT} #{i}", negative_prompt=NEGATIVE,
                        steps=steps, guidance=7.5, seed=i, size=size) for i in range(depth)]
@@ -62,6 +74,7 @@ def psnr(a: np.ndarray, b: np.ndarray) -> float | None:
 
 
 def bench_model(key: str, args: argparse.Namespace, device: torch.device, dtype: torch.dtype) -> dict:
+    log(f"{key}: building")
     pipe = build_random_pipeline(key, device, dtype, tiny=args.tiny)
     size = 64 if args.tiny else SIZES[key]
     jobs = requests_for(key, size, args.steps, args.depth)
@@ -73,6 +86,7 @@ def bench_model(key: str, args: argparse.Namespace, device: torch.device, dtype:
 
     row: dict = {"model": key, "size": size, "steps": args.steps,
                  "unet_params_M": round(sum(p.numel() for p in pipe.unet.parameters()) / 1e6, 1)}
+    log(f"{key}: plain diffusers")
     row["plain_ms"] = timed_ms(plain_one, device, args.runs)
     started = time.perf_counter()
     for job in jobs:
@@ -80,18 +94,22 @@ def bench_model(key: str, args: argparse.Namespace, device: torch.device, dtype:
     row["plain_img_per_s"] = len(jobs) / (time.perf_counter() - started)
     reference = np.asarray(generate(pipe, jobs[0]).images[0])
 
+    log(f"{key}: Imagine's worker path, warm-up (compile={args.compile})")
+    progress = worker_progress()  # the worker always passes its progress hook
     started = time.perf_counter()
     optimize(pipe, SpeedOptions(channels_last=True, fuse_qkv=True, compile=args.compile, fp16_vae=True))
     for count in sorted({1, args.batch}):  # compile (if any) happens here, as at worker start
-        generate_batch(pipe, jobs[:count])
+        generate_batch(pipe, jobs[:count], progress.on_step)
     row["warmup_s"] = time.perf_counter() - started
-    row["imagine_ms"] = timed_ms(lambda: generate(pipe, jobs[0]), device, args.runs)
+    log(f"{key}: Imagine's worker path, timed")
+    row["imagine_ms"] = timed_ms(lambda: generate(pipe, jobs[0], progress.on_step), device, args.runs)
     sync(device)
     started = time.perf_counter()
     for i in range(0, len(jobs), args.batch):
-        generate_batch(pipe, jobs[i:i + args.batch])
+        generate_batch(pipe, jobs[i:i + args.batch], progress.on_step)
     sync(device)
     row["imagine_img_per_s"] = len(jobs) / (time.perf_counter() - started)
+    progress.close()
     optimized = np.asarray(generate(pipe, jobs[0]).images[0])
     row["max_pixel_diff"] = int(np.abs(reference.astype(int) - optimized.astype(int)).max())
     row["psnr_db"] = psnr(reference, optimized)
@@ -138,17 +156,17 @@ def main(argv: list[str] | None = None) -> list[dict]:
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
     print(f"device: {name}, torch {torch.__version__}, {dtype}, {args.steps} steps, CFG 7.5, "
           f"{'tiny configs' if args.tiny else 'real architectures, random weights'}, compile={args.compile}")
-    rows = []
+    report = {"device": name, "torch": torch.__version__, "compile": args.compile, "batch": args.batch,
+              "steps": args.steps, "rows": []}
     for key in args.models.split(","):
-        rows.append(bench_model(key, args, device, dtype))
+        report["rows"].append(bench_model(key, args, device, dtype))
         free(device)
-    print_table(rows, args.depth)
-    report = {"device": name, "torch": torch.__version__, "rows": rows}
+        if args.json:  # after each model, so a run cut short keeps what it measured
+            with open(args.json, "w") as out:
+                json.dump(report, out, indent=1)
+    print_table(report["rows"], args.depth)
     print(json.dumps(report))
-    if args.json:
-        with open(args.json, "w") as out:
-            json.dump(report, out, indent=1)
-    return rows
+    return report["rows"]
 
 
 if __name__ == "__main__":

@@ -59,7 +59,10 @@ class Settings(BaseSettings):
     channels_last: bool = True
     fuse_qkv: bool = True
     compile: Literal["none", "default", "reduce-overhead", "max-autotune"] = "none"
-    compile_batch_sizes: list[int] = Field(default_factory=lambda: [1])
+    # Shapes warmed (compiled, CUDA graphs captured) at start when compiling. Unset batch sizes:
+    # every count from 1 to max_batch_images, so batching never meets an uncompiled shape.
+    compile_batch_sizes: list[int] | None = None
+    compile_sizes: list[int] = Field(default_factory=list)  # image sizes beyond each model's native one
     gpu_memory_budget_gb: float | None = None  # None: keep every served model on the GPU
     starvation_s: float = 20.0  # a job for a model not on the GPU waits at most this before a swap
 

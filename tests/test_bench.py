@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
-from bench import queue_overhead, seed_table
+from bench import ablation, queue_overhead, seed_table
 from bench.architectures import UNETS, build_unet
 
 
@@ -27,6 +29,21 @@ def test_seed_table_compares_plain_and_imagine_paths(capsys):
         assert row["plain_ms"] > 0 and row["imagine_ms"] > 0 and row["imagine_img_per_s"] > 0
         assert row["max_pixel_diff"] <= 2  # the optimized path draws the same image
     assert "imagine img/s@4" in capsys.readouterr().out
+
+
+def test_seed_table_keeps_each_finished_model_in_its_json(tmp_path):
+    out = tmp_path / "table.json"
+    seed_table.main(["--tiny", "--models", "bk-sdm-small", "--steps", "1", "--runs", "1", "--depth", "2",
+                     "--batch", "2", "--json", str(out)])
+    report = json.loads(out.read_text())
+    assert [r["model"] for r in report["rows"]] == ["bk-sdm-small"] and report["batch"] == 2
+
+
+def test_ablation_times_each_optimization_against_plain(tmp_path):
+    report = ablation.main(["--tiny", "--models", "sd-v1-4", "--steps", "1", "--runs", "1",
+                            "--json", str(tmp_path / "ablation.json")])
+    assert set(report["ms"]["sd-v1-4"]) == set(ablation.VARIANTS)
+    assert all(ms > 0 for ms in report["ms"]["sd-v1-4"].values())
 
 
 def test_scale_simulation_runs_real_workers(redis_server):

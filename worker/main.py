@@ -13,6 +13,7 @@ import os
 import signal
 import sys
 import threading
+import time
 
 from redis import Redis
 from redis.backoff import ExponentialWithJitterBackoff
@@ -48,14 +49,28 @@ def served_models(settings: Settings) -> list[ModelEntry]:
     return [catalog[key] for key in settings.worker_models]
 
 
-def warm_up(pipelines: ResidentPipelines, batch_sizes: list[int]) -> None:
-    """Short generations per model (and per batch size, for compiled graphs), so no user pays
-    for lazy initialisation or compilation; the worker only registers as ready after this."""
+def warm_up_shapes(settings: Settings, entry: ModelEntry) -> list[tuple[int, int]]:
+    """(image size, images per call) pairs to run before serving. Eager: one small run (lazy
+    CUDA initialisation). Compiled: every batch size at every warmed size, so a compile or a
+    CUDA-graph capture never happens while a user waits."""
+    if settings.compile == "none":
+        return [(entry.native_size, 1)]
+    most = max(settings.max_batch_images, settings.max_count)  # one job alone may hold max_count
+    counts = settings.compile_batch_sizes or list(range(1, most + 1))
+    sizes = dict.fromkeys([entry.native_size, *settings.compile_sizes])  # ordered, unique
+    return [(size, count) for size in sizes for count in counts]
+
+
+def warm_up(pipelines: ResidentPipelines, settings: Settings) -> None:
+    """Short generations per model and shape; the worker only registers as ready after this."""
     for key, entry in pipelines.entries.items():
-        for count in batch_sizes:
+        for size, count in warm_up_shapes(settings, entry):
+            started = time.perf_counter()
             generate(pipelines.get(key), JobRequest(
                 job_id="warmup", model=key, prompt="warm up", steps=2,
-                guidance=entry.default_guidance, seed=0, size=entry.native_size, count=count))
+                guidance=entry.default_guidance, seed=0, size=size, count=count))
+            log.info("warmed %s at %d px × %d image(s) in %.1f s", key, size, count,
+                     time.perf_counter() - started)
 
 
 def speed_options(settings: Settings) -> SpeedOptions:
@@ -72,7 +87,7 @@ def load_pipelines(settings: Settings) -> ResidentPipelines:
     for entry in served_models(settings):
         pipelines.load(entry)
     if settings.warmup:
-        warm_up(pipelines, settings.compile_batch_sizes if settings.compile != "none" else [1])
+        warm_up(pipelines, settings)
     return pipelines
 
 

@@ -1,0 +1,48 @@
+"""A compiled worker warms every shape it will serve before it registers: no user waits for a
+compile. Runs torch.compile on the CPU inductor backend with a tiny pipeline."""
+
+from __future__ import annotations
+
+from torch._dynamo.utils import counters
+
+from settings.catalog import ModelEntry
+from settings.config import Settings
+from settings.jobs import JobRequest
+from worker.generate import generate_batch
+from worker.main import load_pipelines, warm_up_shapes
+
+TINY = ModelEntry(key="tiny", source="unused", pipeline="StableDiffusionPipeline", native_size=64)
+
+
+def test_eager_worker_warms_one_small_run():
+    assert warm_up_shapes(Settings(_env_file=None), TINY) == [(64, 1)]
+
+
+def test_compiled_worker_warms_every_images_per_call_count_and_extra_sizes():
+    settings = Settings(_env_file=None, compile="reduce-overhead", max_batch_images=3, max_count=4,
+                        compile_sizes=[128, 64])
+    # A lone job may hold max_count images even when that is above the batch limit.
+    assert warm_up_shapes(settings, TINY) == [(64, n) for n in range(1, 5)] + [(128, n) for n in range(1, 5)]
+    pinned = Settings(_env_file=None, compile="default", compile_batch_sizes=[1, 8])
+    assert warm_up_shapes(pinned, TINY) == [(64, 1), (64, 8)]
+
+
+def graphs_compiled() -> int:
+    return counters["stats"]["unique_graphs"]
+
+
+def test_batched_jobs_after_a_compiled_warm_up_compile_nothing(tiny_model_dir):
+    settings = Settings(_env_file=None, device="cpu", compile="default", max_batch_images=3, max_count=2,
+                        worker_models=["tiny"],
+                        models={"tiny": {"source": str(tiny_model_dir), "pipeline": "StableDiffusionPipeline",
+                                         "native_size": 64, "variant": None}})
+    before = graphs_compiled()
+    pipelines = load_pipelines(settings)
+    assert graphs_compiled() > before  # the warm-up did compile
+
+    warmed = graphs_compiled()
+    jobs = [JobRequest(job_id=f"j{i}", model="tiny", prompt=f"cat {i}", steps=3, guidance=7.5, seed=i,
+                       size=64, count=count) for i, count in enumerate([2, 1])]
+    generations = generate_batch(pipelines.get("tiny"), jobs)  # three images in one call
+    assert [len(g.images) for g in generations] == [2, 1]
+    assert graphs_compiled() == warmed
