@@ -15,7 +15,7 @@ from rq.job import Job, JobStatus
 from rq.serializers import JSONSerializer
 
 from settings.config import Settings
-from settings.fleet import FleetStats
+from settings.fleet import FleetStats, work_units
 from settings.jobs import ACTIVE_KEY_META, JOB_FUNCTION, JobRequest, queue_name
 from settings.records import JobRecord, RecordStore
 
@@ -104,10 +104,15 @@ class JobQueue:
     def workers_for(self, model: str) -> int:
         return Worker.count(connection=self.redis, queue=self.queue(model))
 
-    def outlook_if_enqueued(self, model: str) -> Outlook:
-        """Position and ETA a job would get if enqueued now (for the immediate answer)."""
-        position = self.queue(model).count + 1
-        return Outlook(position, self.stats.eta(model, position, self.workers_for(model)))
+    def outlook(self, request: JobRequest, position: int) -> Outlook:
+        """``request`` at ``position`` in its queue (0: generating now) and when it should be done."""
+        units = work_units(request.steps, request.count, request.size)
+        workers = 1 if position == 0 else self.workers_for(request.model)
+        return Outlook(position, self.stats.eta(request.model, max(position, 1), workers, units))
+
+    def outlook_if_enqueued(self, request: JobRequest) -> Outlook:
+        """Position and ETA the job would get if enqueued now (for the immediate answer)."""
+        return self.outlook(request, self.queue(request.model).count + 1)
 
     def save_record(self, request: JobRequest, options: dict) -> None:
         delivery = request.delivery
@@ -126,12 +131,11 @@ class JobQueue:
                 continue
             request = JobRequest.model_validate(job.args[0])
             if status == JobStatus.STARTED:
-                outlook = Outlook(0, self.stats.eta(request.model, 1, 1))  # about one job's time
+                position = 0  # about its own run's time
             else:
                 index = self.queue(request.model).get_job_position(job.id)
                 position = 1 if index is None else index + 1
-                outlook = Outlook(position, self.stats.eta(request.model, position, self.workers_for(request.model)))
-            jobs.append(UserJob(request, outlook))
+            jobs.append(UserJob(request, self.outlook(request, position)))
         return sorted(jobs, key=lambda j: (j.request.model, j.outlook.position))
 
     def depths(self, models: list[str]) -> dict[str, int]:

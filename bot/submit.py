@@ -68,7 +68,7 @@ async def submit_imagine(interaction: discord.Interaction, options: ImagineOptio
             metrics.command("imagine", "replayed")
             log.info("interaction %s replayed; already answered", interaction.id)
             return None
-        outlook = await asyncio.to_thread(bot.jobs.outlook_if_enqueued, admitted.request.model)
+        outlook = await asyncio.to_thread(bot.jobs.outlook_if_enqueued, admitted.request)
     except InvalidRequest as error:
         metrics.command("imagine", "invalid")
         await interaction.response.send_message(f"❌ {error}", ephemeral=True)

@@ -1,8 +1,9 @@
 """Fleet latency: workers record how long real jobs take per model; ETAs and ``/models`` read it.
 
-A capped Redis list per model holds the most recent job times (generation + encoding + post,
-i.e. how long a job occupies a worker), so the numbers follow the live fleet, whatever GPUs
-it has.
+Capped Redis lists per model hold the most recent job times (generation + encoding + post,
+i.e. how long a job occupies a worker) and the same times per unit of work (denoising steps ×
+images × pixels), so the numbers follow the live fleet, whatever GPUs it has, and a 4-image
+50-step job is not promised the time of a typical one.
 """
 
 from __future__ import annotations
@@ -27,10 +28,16 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[rank - 1]
 
 
-def eta_seconds(position: int, p50_ms: float, workers: int) -> float:
-    """Time until a job at ``position`` (1 = next) is done: the jobs up to and including it,
-    shared among the workers serving that model."""
-    return position * p50_ms / 1000 / max(workers, 1)
+def work_units(steps: int, count: int, size: int) -> float:
+    """A job's work in 512²-pixel denoising steps (time grows with steps, images and pixels)."""
+    return steps * count * (size / 512) ** 2
+
+
+def eta_seconds(position: int, p50_ms: float, workers: int, own_ms: float | None = None) -> float:
+    """Time until a job at ``position`` (1 = next) is done: the typical jobs ahead of it, shared
+    among the workers serving that model, then its own run (``own_ms``, or a typical job's)."""
+    own = p50_ms if own_ms is None else own_ms
+    return ((position - 1) * p50_ms / max(workers, 1) + own) / 1000
 
 
 def format_duration(seconds: float) -> str:
@@ -47,24 +54,33 @@ class FleetStats:
         self.max_samples = samples
         self.min_samples = min_samples
 
-    def _key(self, model: str) -> str:
-        return f"{self.prefix}:latency:{model}"
+    def _key(self, model: str, kind: str = "latency") -> str:
+        return f"{self.prefix}:{kind}:{model}"
 
-    def record(self, model: str, job_ms: float) -> None:
+    def record(self, model: str, job_ms: float, units: float | None = None) -> None:
+        """One finished job: its time, and its time per unit of work when ``units`` is given."""
+        samples = [("latency", job_ms)] + ([("unit-ms", job_ms / units)] if units else [])
         with self.redis.pipeline() as pipe:
-            pipe.lpush(self._key(model), f"{job_ms:.1f}")
-            pipe.ltrim(self._key(model), 0, self.max_samples - 1)
+            for kind, value in samples:
+                pipe.lpush(self._key(model, kind), f"{value:.4f}")
+                pipe.ltrim(self._key(model, kind), 0, self.max_samples - 1)
             pipe.execute()
+
+    def _recent(self, model: str, kind: str) -> list[float] | None:
+        values = [float(v) for v in self.redis.lrange(self._key(model, kind), 0, -1)]
+        return values if len(values) >= self.min_samples else None
 
     def latency(self, model: str) -> Latency | None:
         """p50/p95 of the recent jobs, or None before ``min_samples`` jobs have run."""
-        values = [float(v) for v in self.redis.lrange(self._key(model), 0, -1)]
-        if len(values) < self.min_samples:
-            return None
-        return Latency(percentile(values, 50), percentile(values, 95), len(values))
+        values = self._recent(model, "latency")
+        return None if values is None else Latency(percentile(values, 50), percentile(values, 95), len(values))
 
-    def eta(self, model: str, position: int, workers: int) -> float | None:
+    def eta(self, model: str, position: int, workers: int, units: float | None = None) -> float | None:
+        """Seconds until the job at ``position`` is done; with the job's ``units`` of work, its
+        own run is scaled from the recent time per unit. None while there is too little data."""
         latency = self.latency(model)
         if latency is None or workers < 1:
             return None
-        return eta_seconds(position, latency.p50_ms, workers)
+        per_unit = self._recent(model, "unit-ms") if units else None
+        own_ms = percentile(per_unit, 50) * units if per_unit else None
+        return eta_seconds(position, latency.p50_ms, workers, own_ms)

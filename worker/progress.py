@@ -23,7 +23,7 @@ from rq import Queue, Worker
 from rq.job import Job, JobStatus
 from rq.serializers import JSONSerializer
 
-from settings.fleet import FleetStats
+from settings.fleet import FleetStats, work_units
 from settings.jobs import JobRequest
 from settings.messages import queued_text
 from worker.delivery import edit_original
@@ -147,7 +147,7 @@ def refresh_queued_messages(redis: Redis, queue: Queue, stats: FleetStats, gate:
             continue
         if job.get_status() != JobStatus.QUEUED:  # taken meanwhile: its own progress follows
             continue
-        eta = stats.eta(request.model, position, workers)
+        eta = stats.eta(request.model, position, workers, work_units(request.steps, request.count, request.size))
         try:
             edit_original(request.delivery, session,
                           queued_text(request.model, request.prompt, request.count, position, eta))

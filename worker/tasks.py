@@ -20,7 +20,7 @@ from rq.serializers import JSONSerializer
 
 from settings.catalog import ModelEntry
 from settings.config import Settings
-from settings.fleet import FleetStats
+from settings.fleet import FleetStats, work_units
 from settings.jobs import PROGRESS_META, JobRequest, JobResult, Reproducibility, Timings, image_key, queue_name
 from settings.messages import generating_text
 from settings.records import RecordStore
@@ -257,7 +257,8 @@ def run_imagine(payload: dict) -> dict:
         result.timings.total_ms = (time.time() - request.created_at) * 1000
     if runtime.redis is not None:
         # How long this job held the worker: what the next ETAs are made of.
-        runtime.stats().record(request.model, (time.perf_counter() - started) * 1000)
+        runtime.stats().record(request.model, (time.perf_counter() - started) * 1000,
+                               work_units(request.steps, request.count, request.size))
     metrics.record_result(result)
     log.info("job %s done: %s", request.job_id, result.timings.model_dump())
     return result.model_dump(mode="json")
