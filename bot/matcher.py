@@ -3,7 +3,7 @@
 Both the text and the terms go through the same :func:`fold`: NFKC (width forms, math letters,
 ligatures), accents and zero-width/format characters removed, case folded, and non-ASCII
 look-alikes mapped to the ASCII letter they imitate (Unicode's confusables data, through the
-``confusable_homoglyphs`` package). A term then becomes a regex in which every letter also
+``confusable_homoglyphs`` package, plus the stroked letters and open e's it leaves out). A term then becomes a regex in which every letter also
 accepts its digit/symbol stand-ins ("4" or "@" for "a"), may repeat ("baaanned") and may be
 followed by a little punctuation or spacing ("b.a n-n e d"). Terms match whole words only, so
 "ass" does not fire inside "class"; a trailing ``*`` matches any ending ("nud*" → "nudity").
@@ -24,6 +24,11 @@ LOOKALIKES = {
 }
 # What a term's own digit/symbol stands for ("4chan" is spelled with an "a" too).
 CANONICAL = {"4": "a", "@": "a", "8": "b", "3": "e", "0": "o", "5": "s", "$": "s", "7": "t"}
+# Letters that look like an ASCII one but that Unicode's confusables data lists as distinct (a
+# stroke or bar is not an accent, so NFKD keeps it; Greek/Cyrillic open e). Text only: casefold
+# has already lowered them.
+STROKED = {"ø": "o", "đ": "d", "ð": "d", "ł": "l", "ħ": "h", "ŧ": "t", "ƀ": "b", "ɨ": "i", "ƶ": "z",
+           "ε": "e", "є": "e", "ɛ": "e", "ƒ": "f"}
 # Up to this many separators (spaces, punctuation, underscores) between two letters of a term.
 MAX_GAP = 3
 WORD_CHARS = "a-z0-9"
@@ -32,6 +37,8 @@ WORD_CHARS = "a-z0-9"
 @lru_cache(maxsize=4096)
 def _ascii_lookalike(char: str) -> str:
     """The ASCII letter or digit ``char`` is confusable with, else ``char`` itself."""
+    if (stroked := STROKED.get(char.lower())) is not None:
+        return stroked
     for glyph in confusables.confusables_data.get(char, ()):
         target = glyph["c"]
         if len(target) == 1 and target.isascii() and target.isalnum():

@@ -52,6 +52,10 @@ EVASIONS = [
     ("g o r e", "gore"),
     ("gοrе", "gore"),  # Greek omicron, Cyrillic ie
     ("ɡore", "gore"),  # Latin script g
+    ("GØRE", "gore"),  # O with stroke: not in Unicode's confusables
+    ("bannεd", "banned"),  # Greek epsilon
+    ("błood bath", "blood bath"),  # l with stroke
+    ("nuđe", "nud*"),  # d with stroke
     ("blood bath", "blood bath"),
     ("bloodbath", "blood bath"),
     ("blood-bath", "blood bath"),
@@ -75,6 +79,8 @@ INNOCENT = [
     "a bloody bathroom floor",  # different words
     "a nun dancing",
     "4 chandeliers",
+    "smørrebrød on a plate",  # Danish: folds to ASCII, but to no banned word
+    "Ελληνικά γράμματα",  # Greek text
     "",
 ]
 
@@ -84,13 +90,6 @@ def test_evasion_is_caught(text, term):
     assert find_banned(text, TERMS) == term
 
 
-def test_known_gap_is_documented():
-    # Only Unicode's confusables count as look-alikes: Ø (O with stroke) and Greek ε are
-    # separate letters there, so they are not caught. Admins can ban such spellings as terms.
-    assert find_banned("GØRE", TERMS) is None
-    assert find_banned("bannεd", TERMS) is None
-
-
 @pytest.mark.parametrize("text", INNOCENT)
 def test_innocent_text_passes(text):
     assert find_banned(text, TERMS) is None
@@ -98,8 +97,8 @@ def test_innocent_text_passes(text):
 
 def test_evasion_case_count():
     # Reported in the closing note; keep this in step with the lists above.
-    assert len(EVASIONS) == 53
-    assert len(INNOCENT) == 9
+    assert len(EVASIONS) == 57
+    assert len(INNOCENT) == 11
 
 
 def test_terms_are_folded_the_same_way_as_text():
