@@ -3,7 +3,8 @@
 # Imagine's eager worker path, then the 512² models with CUDA graphs (torch.compile
 # "reduce-overhead"), each against plain diffusers in the same process. JSON and logs land in
 # $OUT_DIR (default out/). Stages can be named: bench/gpu.sh eager compiled-bk compiled-sd
-# (eager-xl: only the two 1024² models).
+# (eager-xl: only the two 1024² models; compiled-xl: them with CUDA graphs, not in the default
+# run: compiling at 1024² takes minutes per shape).
 # Extra seed_table flags go in $BENCH_ARGS (e.g. "--tiny --steps 2" for a CPU smoke run).
 set -u
 out=${OUT_DIR:-out}
@@ -23,6 +24,7 @@ for one in ${*:-eager compiled-bk compiled-sd}; do
     eager-xl) stage eager-xl --models ssd-1b,sdxl-base --runs 2 ;;
     compiled-bk) stage compiled-bk --models bk-sdm-small --batch 16 --compile reduce-overhead --runs 2 ;;
     compiled-sd) stage compiled-sd --models sd-v1-4 --batch 8 --compile reduce-overhead --runs 2 ;;
-    *) echo "unknown stage: $one (eager, eager-xl, compiled-bk, compiled-sd)" >&2; exit 2 ;;
+    compiled-xl) stage compiled-xl --models ssd-1b,sdxl-base --batch 4 --compile reduce-overhead --runs 2 ;;
+    *) echo "unknown stage: $one (eager, eager-xl, compiled-bk, compiled-sd, compiled-xl)" >&2; exit 2 ;;
   esac
 done
