@@ -3,9 +3,10 @@
 Both the text and the terms go through the same :func:`fold`: NFKC (width forms, math letters,
 ligatures), accents and zero-width/format characters removed, case folded, and non-ASCII
 look-alikes mapped to the ASCII letter they imitate (Unicode's confusables data, through the
-``confusable_homoglyphs`` package, plus the stroked letters and open e's it leaves out). A term then becomes a regex in which every letter also
-accepts its digit/symbol stand-ins ("4" or "@" for "a"), may repeat ("baaanned") and may be
-followed by a little punctuation or spacing ("b.a n-n e d"). Terms match whole words only, so
+``confusable_homoglyphs`` package, plus the stroked letters and open e's it leaves out). A term
+then becomes a regex in which every letter also accepts its digit/symbol stand-ins ("4" or "@"
+for "a"), may repeat ("baaanned") and may be followed by a little punctuation or spacing
+("b.a n-n e d"). Terms match whole words only, so
 "ass" does not fire inside "class"; a trailing ``*`` matches any ending ("nud*" → "nudity").
 """
 

@@ -106,9 +106,8 @@ class JobQueue:
 
     def outlook(self, request: JobRequest, position: int) -> Outlook:
         """``request`` at ``position`` in its queue (0: generating now) and when it should be done."""
-        units = work_units(request.steps, request.count, request.size)
         workers = 1 if position == 0 else self.workers_for(request.model)
-        return Outlook(position, self.stats.eta(request.model, max(position, 1), workers, units))
+        return Outlook(position, self.stats.eta(request.model, max(position, 1), workers, work_units(request)))
 
     def outlook_if_enqueued(self, request: JobRequest) -> Outlook:
         """Position and ETA the job would get if enqueued now (for the immediate answer)."""

@@ -13,6 +13,8 @@ from dataclasses import dataclass
 
 from redis import Redis
 
+from settings.jobs import JobRequest
+
 
 @dataclass(frozen=True)
 class Latency:
@@ -28,9 +30,9 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[rank - 1]
 
 
-def work_units(steps: int, count: int, size: int) -> float:
+def work_units(request: JobRequest) -> float:
     """A job's work in 512²-pixel denoising steps (time grows with steps, images and pixels)."""
-    return steps * count * (size / 512) ** 2
+    return request.steps * request.count * (request.size / 512) ** 2
 
 
 def eta_seconds(position: int, p50_ms: float, workers: int, own_ms: float | None = None) -> float:

@@ -23,13 +23,17 @@ from worker.images import grid
 from worker.progress import SD_FACTORS, ProgressReporter, latent_preview
 
 
+def job(steps: int, count: int, size: int) -> JobRequest:
+    return JobRequest(job_id="w", model="m", prompt="p", steps=steps, guidance=7.5, seed=1, size=size, count=count)
+
+
 def test_percentiles_and_eta():
     values = [float(v) for v in range(1, 101)]
     assert (percentile(values, 50), percentile(values, 95), percentile([7.0], 95)) == (50, 95, 7)
     # Two typical jobs ahead shared by two workers, then its own run.
     assert eta_seconds(position=3, p50_ms=2000, workers=2) == 4.0
     assert eta_seconds(position=1, p50_ms=2000, workers=2, own_ms=500) == 0.5
-    assert work_units(steps=50, count=4, size=1024) == 50 * 4 * 4 == 16 * work_units(25, 2, 512)
+    assert work_units(job(steps=50, count=4, size=1024)) == 50 * 4 * 4 == 16 * work_units(job(25, 2, 512))
     assert (format_duration(0.2), format_duration(42.4), format_duration(125)) == ("1 s", "42 s", "2 min 05 s")
 
 
@@ -50,12 +54,12 @@ def test_eta_scales_the_jobs_own_run_with_its_steps_images_and_size(redis_server
     stats = FleetStats(Redis.from_url(redis_server.url), prefix="unit-fleet-work", samples=10, min_samples=3)
     stats.redis.delete("unit-fleet-work:latency:m", "unit-fleet-work:unit-ms:m")
     for _ in range(3):  # typical jobs: 25 steps, one 512² image, 2 s each
-        stats.record("m", 2000, work_units(25, 1, 512))
-    typical = stats.eta("m", position=1, workers=1, units=work_units(25, 1, 512))
-    heavy = stats.eta("m", position=1, workers=1, units=work_units(50, 4, 512))
+        stats.record("m", 2000, work_units(job(25, 1, 512)))
+    typical = stats.eta("m", position=1, workers=1, units=work_units(job(25, 1, 512)))
+    heavy = stats.eta("m", position=1, workers=1, units=work_units(job(50, 4, 512)))
     assert (typical, heavy) == (2.0, 16.0)
     # Behind three typical jobs on three workers: one typical job's wait, then its own run.
-    assert stats.eta("m", position=4, workers=3, units=work_units(50, 4, 512)) == 2.0 + 16.0
+    assert stats.eta("m", position=4, workers=3, units=work_units(job(50, 4, 512))) == 2.0 + 16.0
     assert stats.eta("m", position=1, workers=1) == 2.0  # no units: a typical job's time
 
 

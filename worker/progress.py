@@ -147,7 +147,7 @@ def refresh_queued_messages(redis: Redis, queue: Queue, stats: FleetStats, gate:
             continue
         if job.get_status() != JobStatus.QUEUED:  # taken meanwhile: its own progress follows
             continue
-        eta = stats.eta(request.model, position, workers, work_units(request.steps, request.count, request.size))
+        eta = stats.eta(request.model, position, workers, work_units(request))
         try:
             edit_original(request.delivery, session,
                           queued_text(request.model, request.prompt, request.count, position, eta))

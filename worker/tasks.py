@@ -257,8 +257,7 @@ def run_imagine(payload: dict) -> dict:
         result.timings.total_ms = (time.time() - request.created_at) * 1000
     if runtime.redis is not None:
         # How long this job held the worker: what the next ETAs are made of.
-        runtime.stats().record(request.model, (time.perf_counter() - started) * 1000,
-                               work_units(request.steps, request.count, request.size))
+        runtime.stats().record(request.model, (time.perf_counter() - started) * 1000, work_units(request))
     metrics.record_result(result)
     log.info("job %s done: %s", request.job_id, result.timings.model_dump())
     return result.model_dump(mode="json")
