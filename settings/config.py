@@ -18,7 +18,9 @@ DISCORD_GATEWAY = "wss://gateway.discord.gg/"
 
 
 class Settings(BaseSettings):
-    model_config = SettingsConfigDict(env_prefix="IMAGINE_", env_file=".env", extra="ignore")
+    # Empty values count as unset, so a copied .env.example with blank lines for secrets loads.
+    model_config = SettingsConfigDict(env_prefix="IMAGINE_", env_file=".env", extra="ignore",
+                                      env_ignore_empty=True)
 
     # Discord. Secrets never appear in reprs or logs (SecretStr).
     discord_token: SecretStr | None = None

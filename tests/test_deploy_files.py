@@ -30,6 +30,17 @@ def test_env_example_documents_every_setting_and_nothing_else():
         f"missing: {sorted(SETTING_KEYS - documented)}; unknown: {sorted(documented - SETTING_KEYS)}")
 
 
+def test_env_example_loads_as_is_and_with_every_line_uncommented(tmp_path, monkeypatch):
+    """`cp .env.example .env` must start the services: blank secrets count as unset, and each
+    documented example value parses."""
+    monkeypatch.chdir(tmp_path)
+    example = (ROOT / ".env.example").read_text()
+    for text in (example, re.sub(r"^#\s*(IMAGINE_[A-Z0-9_]+=)", r"\1", example, flags=re.M)):
+        (tmp_path / ".env").write_text(text)
+        settings = Settings()
+        assert settings.discord_token is None and settings.application_id is None
+
+
 def test_expected_services_with_healthchecks_and_restart():
     assert {"redis", "bot", "web", "rq-dashboard"} <= set(SERVICES) and len(WORKERS) >= 2
     for name, service in SERVICES.items():
