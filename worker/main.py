@@ -86,6 +86,9 @@ def load_pipelines(settings: Settings) -> ResidentPipelines:
                                   budget_bytes=None if budget is None else int(budget * 2**30))
     for entry in served_models(settings):
         pipelines.load(entry)
+    if settings.compile != "none" and budget is not None and len(pipelines.entries) > 1:
+        log.warning("compiled models swapped onto the GPU again re-capture their CUDA graphs "
+                    "(not measured); prefer one compiled model per GPU")
     if settings.warmup:
         warm_up(pipelines, settings)
     return pipelines
