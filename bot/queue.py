@@ -82,7 +82,8 @@ class JobQueue:
                 ttl=int(self.settings.queue_ttl_s + 5 * self.settings.expiry_sweep_s),
                 job_timeout=self.settings.job_timeout_s,
                 result_ttl=self.settings.result_ttl_s, failure_ttl=self.settings.failure_ttl_s,
-                retry=Retry(max=RETRIES), on_failure=Callback(FAILURE_CALLBACK),
+                # A retried job (its worker died) already waited its turn: it goes back first.
+                retry=Retry(max=RETRIES, enqueue_at_front=True), on_failure=Callback(FAILURE_CALLBACK),
                 on_success=Callback(SUCCESS_CALLBACK), on_stopped=Callback(STOPPED_CALLBACK),
                 meta={ACTIVE_KEY_META: active_key} if active_key else None,
                 description=f"{request.model}: {request.prompt[:80]}",

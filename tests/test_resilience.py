@@ -98,11 +98,21 @@ def test_killed_worker_job_is_retried_on_a_live_worker(bot, chaos_env, fake_disc
     assert "Queued" in answer(fake_discord, payload)
     wait_for(lambda: status_of(redis_aof.url, payload) == JobStatus.STARTED, 30, 0.05, "job started")
     slow.kill_group()
+    # Others queue up while no worker runs; the killed job already waited its turn.
+    later = [command(fake_discord, prompt=f"queued behind #{i}", seed=10 + i, steps=2, size=64) for i in range(2)]
+    for waiting in later:
+        assert "Queued" in answer(fake_discord, waiting)
+    # Let the dead worker's lease run out first, so the survivor's start-up maintenance finds it.
+    registry = job_of(redis_aof.url, payload).started_job_registry
+    wait_for(lambda: job_id_for_interaction(int(payload["id"])) in registry.get_expired_job_ids(), 30, 0.1,
+             "lease expired")
     survivor = start_ready_worker(chaos_env, tmp_path / "survivor.log", redis_aof.url)
     try:
         post = one_message(fake_discord, payload, timeout=90)
         assert post.files, "expected the images, not a failure"
         assert job_of(redis_aof.url, payload).retries_left == 1  # one retry used by the death
+        firsts = [one_message(fake_discord, waiting).at for waiting in later]
+        assert post.at < min(firsts), "the retried job must go back to the front of its queue"
     finally:
         survivor.stop()
 
