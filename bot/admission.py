@@ -4,7 +4,10 @@
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, replace
+
+from redis.exceptions import RedisError
 
 from bot.policy import Moderated, apply_policy
 from bot.policy_store import PolicyStore
@@ -13,6 +16,8 @@ from settings.catalog import ModelEntry
 from settings.config import Settings
 from settings.jobs import Delivery, JobRequest
 from settings.validation import ImagineOptions
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -67,6 +72,16 @@ def admit(
     return Admitted(moderated, active_key)
 
 
+def release_admitted(admitted: Admitted, policies: PolicyStore) -> None:
+    """Give back the slot of a request that will not be queued. Best effort: with Redis down the
+    slot expires on its own (``PolicyStore`` bounds every active-job entry's life)."""
+    if admitted.active_key:
+        try:
+            policies.release(admitted.active_key, admitted.request.job_id)
+        except RedisError as error:
+            log.warning("could not free the slot of %s: %s", admitted.request.job_id, error)
+
+
 def enqueue_admitted(admitted: Admitted, jobs: JobQueue, policies: PolicyStore) -> int | None:
     """Enqueue; the queue position (None: unknown). Frees the user's slot if enqueueing fails."""
     try:
@@ -74,8 +89,7 @@ def enqueue_admitted(admitted: Admitted, jobs: JobQueue, policies: PolicyStore) 
     except AlreadyQueued:
         raise  # the first submission holds the slot
     except Exception:
-        if admitted.active_key:
-            policies.release(admitted.active_key, admitted.request.job_id)
+        release_admitted(admitted, policies)
         raise
 
 

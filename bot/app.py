@@ -74,7 +74,11 @@ class ImagineBot(discord.Client):
             return
         for request in expired:
             log.warning("job %s expired in the queue", request.job_id, extra={"job_id": request.job_id})
-            await self.tell(request, expired_text(self.settings.queue_ttl_s))
+            try:
+                await self.tell(request, expired_text(self.settings.queue_ttl_s))
+            except Exception:  # one notice that cannot be delivered must not stop the sweep
+                log.exception("could not tell the user of expired job %s", request.job_id,
+                              extra={"job_id": request.job_id})
 
     async def tell(self, request, text: str) -> None:
         """Replace the user's message with ``text``; in the channel when the token has expired."""

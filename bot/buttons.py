@@ -23,7 +23,7 @@ from settings.jobs import Reproducibility
 from settings.messages import (CANCEL_TEMPLATE, MODEL_TEMPLATE, RESULT_TEMPLATE, cancel_custom_id,
                                model_custom_id, result_custom_id)
 from settings.records import JobRecord
-from settings.validation import ImagineOptions
+from settings.validation import MAX_SEED, ImagineOptions
 
 if TYPE_CHECKING:
     from bot.app import ImagineBot
@@ -47,8 +47,19 @@ def reroll_options(record: JobRecord) -> ImagineOptions:
 
 
 def variation_options(record: JobRecord, count: int) -> ImagineOptions:
-    """The next seeds after the result's own (seed+count, …): new images, same settings."""
-    return user_options(record, seed=record.request.seed + record.request.count, count=count)
+    """The next seeds after the result's own (seed+count, …, wrapping past the largest seed):
+    new images, same settings."""
+    return user_options(record, seed=(record.request.seed + record.request.count) % (MAX_SEED + 1), count=count)
+
+
+def variation_count(bot: ImagineBot, guild_id: int | None) -> int:
+    """As many new images as the operator's and this server's caps allow: the user did not ask
+    for a number, so a cap lowers it instead of refusing the click."""
+    try:
+        server_cap = bot.policies.load(guild_id).max_count
+    except RedisError:
+        server_cap = None  # submitting will say the queue is down
+    return min(bot.settings.variations_count, bot.settings.max_count, server_cap or bot.settings.max_count)
 
 
 def model_switch_options(record: JobRecord, model: str) -> ImagineOptions:
@@ -127,7 +138,7 @@ class ResultButton(ui.DynamicItem[ui.Button], template=RESULT_TEMPLATE):
         if self.action == "reroll":
             await submit_imagine(interaction, reroll_options(record))
         elif self.action == "vary":
-            count = min(bot.settings.variations_count, bot.settings.max_count)
+            count = await asyncio.to_thread(variation_count, bot, interaction.guild_id)
             await submit_imagine(interaction, variation_options(record, count))
         elif self.action == "info":
             await interaction.response.send_message(embed=info_embed(record), ephemeral=True)

@@ -1,8 +1,9 @@
 """Jobs that no worker started in time are taken off the queue and their users are told.
 
 RQ's own queue ``ttl`` deletes such a job silently (its id is skipped at dequeue), which would
-leave a user waiting forever. Instead the bot sweeps every model's queue: a job older than
-``queue_ttl_s`` is removed (only the process whose removal succeeds owns it, so several bots can
+leave a user waiting forever. Instead the bot sweeps every model's queue: a job that has waited
+``queue_ttl_s`` since it was (re)queued — a retry after a worker died goes back to the front and
+waits afresh — is removed (only the process whose removal succeeds owns it, so several bots can
 sweep at once), cancelled, its user's job slot freed, and the user told by an edit of their
 message. RQ's ``ttl`` stays as a backstop, later than the sweep.
 """
@@ -37,10 +38,11 @@ def expire_stale_jobs(jobs: JobQueue, policies: PolicyStore, models: list[str], 
     expired = []
     for model in models:
         queue = jobs.queue(model)
-        for job in queue.get_jobs():  # oldest first
+        for job in queue.get_jobs():  # not in age order: retries go back to the front
             request = JobRequest.model_validate(job.args[0])
-            if now - request.created_at < ttl_s:
-                break
+            queued_at = job.enqueued_at.timestamp() if job.enqueued_at else request.created_at
+            if now - queued_at < ttl_s:
+                continue
             if not _take(queue, job):
                 continue
             job.cancel()

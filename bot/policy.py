@@ -15,9 +15,11 @@ from bot.matcher import find_banned
 from settings.catalog import ModelEntry
 from settings.config import Settings
 from settings.jobs import Delivery, JobRequest
+from settings.messages import clip
 from settings.validation import ImagineOptions, InvalidRequest, build_request
 
 NEGATIVE_SEPARATOR = ", "
+CHANNELS_SHOWN = 10  # in a refusal; the rest are counted
 
 
 class GuildPolicy(BaseModel):
@@ -64,14 +66,16 @@ def combined_negative(policy: GuildPolicy, user_negative: str, settings: Setting
 
 def check_channel(policy: GuildPolicy, channel_id: int | None) -> None:
     if policy.channels and channel_id not in policy.channels:
-        where = ", ".join(f"<#{c}>" for c in policy.channels)
+        where = ", ".join(f"<#{c}>" for c in policy.channels[:CHANNELS_SHOWN])
+        if len(policy.channels) > CHANNELS_SHOWN:
+            where += f" (and {len(policy.channels) - CHANNELS_SHOWN} more)"
         raise PolicyViolation("channels", f"`/imagine` is not enabled in this channel. Use {where}.")
 
 
 def choose_model(policy: GuildPolicy, requested: str | None, settings: Settings) -> str:
     key = (requested or policy.default_model or settings.default_model).strip().lower()
     if policy.allowed_models and key not in policy.allowed_models:
-        raise PolicyViolation("models", f"Model `{key}` is not allowed on this server. "
+        raise PolicyViolation("models", f"Model `{clip(key, 80)}` is not allowed on this server. "
                                         f"Allowed: {', '.join(policy.allowed_models)}.")
     return key
 
@@ -91,9 +95,11 @@ def _capped(name: str, asked: int | None, default: int, cap: int | None, clamp: 
     return cap
 
 
-def check_terms(policy: GuildPolicy, options: ImagineOptions) -> None:
-    for field_name, text in (("prompt", options.prompt), ("negative_prompt", options.negative_prompt)):
-        term = find_banned(text or "", policy.banned_terms)
+def check_terms(policy: GuildPolicy, prompt: str, negative_prompt: str) -> None:
+    """On the text as it will be queued (whitespace collapsed), so the check sees what the
+    model reads."""
+    for field_name, text in (("prompt", prompt), ("negative_prompt", negative_prompt)):
+        term = find_banned(text, policy.banned_terms)
         if term is not None:
             raise PolicyViolation("banned terms", f"Your `{field_name}` contains the banned term "
                                                   f"“{term}”. Rephrase it and try again.")
@@ -115,7 +121,6 @@ def apply_policy(
     they need Redis (:meth:`bot.policy_store.PolicyStore.admit`)."""
     check_channel(policy, channel_id)
     model = choose_model(policy, options.model, settings)
-    check_terms(policy, options)
     entry = catalog.get(model)
     notes: list[str] = []
     if entry is not None:  # an unknown model is reported by build_request
@@ -128,6 +133,7 @@ def apply_policy(
     request = build_request(options, job_id=job_id, settings=settings, catalog=catalog,
                             delivery=delivery, created_at=created_at)
     user_negative = request.negative_prompt if (options.negative_prompt or "").strip() else ""
+    check_terms(policy, request.prompt, user_negative)
     request = request.model_copy(update={
         "negative_prompt": combined_negative(policy, user_negative, settings),
         "forced_negative_applied": bool(policy.forced_negative),

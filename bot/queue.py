@@ -3,6 +3,7 @@ cancel. Blocking redis-py calls; the async bot runs them in a thread."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from redis import Redis
@@ -17,6 +18,7 @@ from rq.serializers import JSONSerializer
 from settings.config import Settings
 from settings.fleet import FleetStats, work_units
 from settings.jobs import ACTIVE_KEY_META, JOB_FUNCTION, JobRequest, queue_name
+from settings.messages import clip
 from settings.records import JobRecord, RecordStore
 
 FAILURE_CALLBACK = "worker.failures.report_failure"
@@ -171,9 +173,10 @@ class Cancelling:
     """Cancel queued jobs (RQ ``Job.cancel``: out of the queue, into the canceled registry).
     A job a worker has already started is not interrupted; it finishes and posts."""
 
-    def __init__(self, jobs: JobQueue, models: list[str]):
+    def __init__(self, jobs: JobQueue, models: list[str], release: Callable[[str, str], None]):
         self.jobs = jobs
         self.models = models
+        self.release = release  # (active-set key, job id): frees the user's slot
 
     def queued(self, guild_id: int | None, user_id: int | None = None) -> list[QueuedJob]:
         found = []
@@ -192,17 +195,19 @@ class Cancelling:
         """Cancel one queued job; raises :class:`CannotCancel` with a user-facing reason."""
         try:
             job = Job.fetch(job_id, connection=self.jobs.redis, serializer=JSONSerializer)
-        except NoSuchJobError:
-            raise CannotCancel(f"No job `{job_id}` is waiting.") from None
+        except (NoSuchJobError, ValueError):  # ValueError: not even a well-formed job id
+            raise CannotCancel(f"No job `{clip(job_id, 80)}` is waiting.") from None
         request = JobRequest.model_validate(job.args[0])
         if not may_cancel(request, user_id, guild_id, is_admin):
             raise CannotCancel("You can only cancel your own jobs (admins: any job in this server).")
         if job.get_status() != JobStatus.QUEUED:
             raise CannotCancel(f"Job `{job_id}` is not waiting any more ({job.get_status()}).")
         try:
-            job.cancel()
+            job.cancel()  # runs no RQ callback, so the worker will not free the slot
         except InvalidJobOperation:
             raise CannotCancel(f"Job `{job_id}` was already cancelled.") from None
+        if active_key := job.meta.get(ACTIVE_KEY_META):
+            self.release(active_key, job.id)
         return request
 
 

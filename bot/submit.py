@@ -17,10 +17,10 @@ import discord
 from redis.exceptions import RedisError
 
 from bot import metrics
-from bot.admission import Admitted, Requester, admit, enqueue_admitted
+from bot.admission import Admitted, Requester, admit, enqueue_admitted, release_admitted
 from bot.queue import AlreadyQueued
 from settings.jobs import Delivery, JobRequest, job_id_for_interaction
-from settings.messages import queued_text
+from settings.messages import MAX_CONTENT, clip, queued_text
 from settings.validation import ImagineOptions, InvalidRequest
 
 if TYPE_CHECKING:
@@ -64,33 +64,42 @@ async def submit_imagine(interaction: discord.Interaction, options: ImagineOptio
     bot: ImagineBot = interaction.client  # type: ignore[assignment]
     try:
         admitted = await asyncio.to_thread(_admit, bot, interaction, options, received_at)
-        if admitted is None:
-            metrics.command("imagine", "replayed")
-            log.info("interaction %s replayed; already answered", interaction.id)
-            return None
-        outlook = await asyncio.to_thread(bot.jobs.outlook_if_enqueued, admitted.request)
     except InvalidRequest as error:
         metrics.command("imagine", "invalid")
-        await interaction.response.send_message(f"❌ {error}", ephemeral=True)
+        await interaction.response.send_message(clip(f"❌ {error}", MAX_CONTENT), ephemeral=True)
         return None
     except RedisError as error:
         metrics.command("imagine", "queue_down")
         log.warning("queue unavailable: %s", error)
         await interaction.response.send_message(f"⏳ {QUEUE_DOWN}", ephemeral=True)
         return None
+    if admitted is None:
+        metrics.command("imagine", "replayed")
+        log.info("interaction %s replayed; already answered", interaction.id)
+        return None
     request = admitted.request
-    notes = "".join(f"\nℹ️ {note}" for note in admitted.moderated.notes)
-    await interaction.response.send_message(
-        queued_text(request.model, request.prompt, request.count, outlook.position, outlook.eta_s) + notes)
+    answered = False
     try:
+        outlook = await asyncio.to_thread(bot.jobs.outlook_if_enqueued, request)
+        notes = "".join(f"\nℹ️ {note}" for note in admitted.moderated.notes)
+        await interaction.response.send_message(
+            queued_text(request.model, request.prompt, request.count, outlook.position, outlook.eta_s) + notes)
+        answered = True
         position = await asyncio.to_thread(_record_and_enqueue, bot, admitted, options)
     except AlreadyQueued:
         log.info("interaction %s replayed; job already queued", interaction.id)
-        return None
-    except RedisError as error:
+        return None  # the first submission holds the slot
+    except Exception as error:
+        # Not queued: the slot admit() took must not count against the user's limits.
+        await asyncio.to_thread(release_admitted, admitted, bot.policies)
+        if not isinstance(error, RedisError):
+            raise
         metrics.command("imagine", "queue_down")
-        log.warning("queue unavailable after answering: %s", error)
-        await interaction.edit_original_response(content=f"⏳ {QUEUE_DOWN}")
+        log.warning("queue unavailable: %s", error)
+        if answered:
+            await interaction.edit_original_response(content=f"⏳ {QUEUE_DOWN}")
+        else:
+            await interaction.response.send_message(f"⏳ {QUEUE_DOWN}", ephemeral=True)
         return None
     metrics.command("imagine", "queued")
     log.info("queued %s on %s at #%s", request.job_id, request.model, position,

@@ -15,6 +15,13 @@ RESULT_TEMPLATE = rf"img:(?P<action>{'|'.join(RESULT_ACTIONS)}):{JOB_ID}"
 MODEL_TEMPLATE = rf"img:model:{JOB_ID}"
 CANCEL_TEMPLATE = rf"img:cancel:{JOB_ID}"
 BAR_WIDTH = 12
+MAX_CONTENT = 2000  # Discord's limit for a message's text
+
+
+def clip(text: str, limit: int) -> str:
+    """``text`` cut to ``limit`` characters (an ellipsis marks the cut): user-supplied values
+    go into messages, whose length Discord limits."""
+    return text if len(text) <= limit else text[:limit - 1] + "…"
 
 
 def result_custom_id(action: str, job_id: str) -> str:

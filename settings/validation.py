@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from settings.catalog import ModelEntry
 from settings.config import Settings
 from settings.jobs import Delivery, JobRequest
+from settings.messages import clip
 
 MAX_SEED = 2**32 - 1
 SIZE_STEP = 64
@@ -33,9 +34,15 @@ class ImagineOptions:
     count: int = 1
 
 
+def _number(value: float) -> str:
+    """Whole numbers in full (seeds reach 4294967295), others as typed."""
+    return str(int(value)) if float(value).is_integer() else f"{value:g}"
+
+
 def _check_range(name: str, value: float, low: float, high: float) -> None:
     if not low <= value <= high:
-        raise InvalidRequest(f"`{name}` must be between {low:g} and {high:g} (got {value:g}).")
+        raise InvalidRequest(f"`{name}` must be between {_number(low)} and {_number(high)} "
+                             f"(got {_number(value)}).")
 
 
 def _clean_text(name: str, text: str | None, limit: int) -> str:
@@ -48,7 +55,7 @@ def _clean_text(name: str, text: str | None, limit: int) -> str:
 def resolve_model(key: str | None, settings: Settings, catalog: dict[str, ModelEntry]) -> ModelEntry:
     key = (key or settings.default_model).strip().lower()
     if key not in catalog:
-        raise InvalidRequest(f"Unknown model `{key}`. Choose one of: {', '.join(sorted(catalog))}.")
+        raise InvalidRequest(f"Unknown model `{clip(key, 80)}`. Choose one of: {', '.join(sorted(catalog))}.")
     return catalog[key]
 
 

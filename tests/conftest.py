@@ -34,8 +34,12 @@ def tiny_xl_model_dir(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
-def fake_discord() -> FakeDiscord:
-    return FakeDiscord().start()
+def fake_discord():
+    fake = FakeDiscord().start()
+    yield fake
+    # Whatever the tests did, nothing the bot or a worker sent may break Discord's limits.
+    rejected = [(p.kind, p.payload.get("content", "")[:80]) for p in fake.messages("rejected")]
+    assert not rejected, f"messages over Discord's limits: {rejected}"
 
 
 @pytest.fixture(scope="session")

@@ -37,7 +37,7 @@ def now_iso() -> str:
 class Posted:
     """One message that reached the fake Discord (follow-up, channel post or edit)."""
 
-    kind: str  # "followup" | "channel" | "edit" | "callback"
+    kind: str  # "followup" | "channel" | "edit" | "callback" | "rejected" (over Discord's limits)
     key: str  # interaction token, or channel id for channel posts
     payload: dict[str, Any]
     files: list[tuple[str, bytes]] = field(default_factory=list)
@@ -191,6 +191,9 @@ class FakeDiscord:
     async def _callback(self, request: web.Request) -> web.Response:
         body = await request.json()
         token = request.match_info["token"]
+        if (bad := _limits(body.get("data") or {})) is not None:
+            self._record(Posted("rejected", token, body))
+            return bad
         message = _message(body.get("data") or {}, channel_id="0")
         self._record(Posted("callback", token, body, message_id=message["id"], message=message))
         return _json({
@@ -206,6 +209,9 @@ class FakeDiscord:
         if (failure := self._failure("followup", token)) is not None:
             return failure
         payload, files = await _read_message(request)
+        if (bad := _limits(payload)) is not None:
+            self._record(Posted("rejected", token, payload))
+            return bad
         message = _message(payload, channel_id="0", files=files)
         self._record(Posted("followup", token, payload, files, message["id"], message=message))
         return _json(message)
@@ -215,6 +221,9 @@ class FakeDiscord:
         if (failure := self._failure("edit", token)) is not None:
             return failure
         payload, files = await _read_message(request)
+        if (bad := _limits(payload)) is not None:
+            self._record(Posted("rejected", token, payload))
+            return bad
         message = _message(payload, channel_id="0", files=files)
         self._record(Posted("edit", token, payload, files, request.match_info["message"], message=message))
         return _json(message)
@@ -228,6 +237,9 @@ class FakeDiscord:
         if (failure := self._failure("channel", channel)) is not None:
             return failure
         payload, files = await _read_message(request)
+        if (bad := _limits(payload)) is not None:
+            self._record(Posted("rejected", channel, payload))
+            return bad
         message = _message(payload, channel_id=channel, files=files)
         self._record(Posted("channel", channel, payload, files, message["id"]))
         return _json(message)
@@ -252,6 +264,27 @@ class FakeDiscord:
                                               # 429 without it as a Cloudflare ban and does not retry.
                                               "Via": "1.1 google"})
         return _json({"message": "Server error", "code": 0}, status=status)
+
+
+def _limits(payload: dict) -> web.Response | None:
+    """Discord's documented limits on what a message or autocomplete answer may hold: over them,
+    the real API answers 400 Invalid Form Body (50035), and so does this fake."""
+    problems = []
+    if len(payload.get("content") or "") > 2000:
+        problems.append(f"content {len(payload['content'])} > 2000")
+    for embed in payload.get("embeds") or []:
+        if len(embed.get("description") or "") > 4096:
+            problems.append(f"embed description {len(embed['description'])} > 4096")
+        problems += [f"field value {len(f['value'])} > 1024" for f in embed.get("fields") or []
+                     if len(f.get("value") or "") > 1024]
+    choices = payload.get("choices") or []
+    if len(choices) > 25 or any(len(c.get("name", "")) > 100 or len(str(c.get("value", ""))) > 100
+                                for c in choices):
+        problems.append("over 25 choices, or a choice over 100 characters")
+    if not problems:
+        return None
+    error = {"code": "BASE_TYPE_MAX_LENGTH", "message": "; ".join(problems)}
+    return _json({"message": "Invalid Form Body", "code": 50035, "errors": {"_errors": [error]}}, status=400)
 
 
 def _json(data: Any, status: int = 200, headers: dict | None = None) -> web.Response:

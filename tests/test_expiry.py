@@ -4,11 +4,13 @@ dropped (RQ's own ttl would delete it without a word)."""
 from __future__ import annotations
 
 import time
+from datetime import datetime, timezone
 
 import pytest
 from redis import Redis
 from rq.job import Job, JobStatus
 from rq.serializers import JSONSerializer
+from rq.utils import utcformat
 
 from bot.expiry import expire_stale_jobs
 from bot.policy_store import PolicyStore
@@ -25,6 +27,12 @@ def request(job_id: str, created_at: float) -> JobRequest:
                                                               interaction_token="t", user_id=5))
 
 
+def queued_ago(redis: Redis, job_id: str, seconds: float) -> None:
+    """Backdate when RQ last put the job on its queue (what the sweep measures)."""
+    when = datetime.fromtimestamp(time.time() - seconds, tz=timezone.utc)
+    redis.hset(f"rq:job:{job_id}", "enqueued_at", utcformat(when))
+
+
 def test_only_stale_jobs_expire_and_only_once(redis_server):
     prefix = f"exp{snowflake()[-6:]}"
     settings = Settings(redis_url=redis_server.url, queue_prefix=prefix, queue_ttl_s=60, _env_file=None)
@@ -35,6 +43,7 @@ def test_only_stale_jobs_expire_and_only_once(redis_server):
     redis.zadd(active, {f"{prefix}-old": now + 999})
     jobs.submit(request(f"{prefix}-old", now - 120), active_key=active)
     jobs.submit(request(f"{prefix}-new", now - 5))
+    queued_ago(redis, f"{prefix}-old", 120)
     expired = expire_stale_jobs(jobs, policies, ["tiny"], 60, now)
     assert [r.job_id for r in expired] == [f"{prefix}-old"]
     old = Job.fetch(f"{prefix}-old", connection=redis, serializer=JSONSerializer)
@@ -42,6 +51,26 @@ def test_only_stale_jobs_expire_and_only_once(redis_server):
     assert redis.zscore(active, f"{prefix}-old") is None, "the user's job slot is freed"
     assert jobs.queue("tiny").job_ids == [f"{prefix}-new"]
     assert expire_stale_jobs(jobs, policies, ["tiny"], 60, now) == []  # told once
+
+
+def test_a_retried_job_waits_afresh_and_does_not_shield_older_ones(redis_server):
+    """A retry goes back to the front of its queue: its age counts from that re-queue, and the
+    sweep still reaches the stale jobs behind it."""
+    prefix = f"exp{snowflake()[-6:]}"
+    settings = Settings(redis_url=redis_server.url, queue_prefix=prefix, queue_ttl_s=60, _env_file=None)
+    redis = Redis.from_url(redis_server.url)
+    jobs, policies = JobQueue(redis, settings), PolicyStore(redis, prefix)
+    now = time.time()
+    jobs.submit(request(f"{prefix}-stale", now - 120))
+    queue = jobs.queue("tiny")
+    retried = Job.create("worker.tasks.run_imagine", args=[request(f"{prefix}-retried", now - 300).model_dump(mode="json")],
+                         id=f"{prefix}-retried", connection=redis, serializer=JSONSerializer)
+    queue.enqueue_job(retried, at_front=True)  # as RQ re-queues a retry: created long ago, queued now
+    queued_ago(redis, f"{prefix}-stale", 120)
+    assert queue.job_ids == [f"{prefix}-retried", f"{prefix}-stale"]
+    expired = expire_stale_jobs(jobs, policies, ["tiny"], 60, now)
+    assert [r.job_id for r in expired] == [f"{prefix}-stale"]
+    assert queue.job_ids == [f"{prefix}-retried"]
 
 
 @pytest.fixture
@@ -65,3 +94,16 @@ def test_bot_tells_the_user_when_no_worker_started_their_job(bot, fake_discord, 
     assert job.get_status() == JobStatus.CANCELED
     time.sleep(1.5)  # further sweeps must not tell again
     assert len(fake_discord.final_edits(payload["token"])) == 1
+
+
+def test_an_undeliverable_notice_does_not_stop_the_sweep(bot, fake_discord):
+    fake_discord.fail_next("edit", 404)  # the token is gone…
+    fake_discord.fail_next("channel", 403)  # …and the bot may not post in the channel
+    lost = slash_command("imagine", {"prompt": "nobody can be told about this one", "seed": 4})
+    fake_discord.dispatch("INTERACTION_CREATE", lost)
+    wait_for(lambda: fake_discord.messages("callback", lost["token"]), 10, what="answer")
+    time.sleep(4)  # expired, and its notice failed
+    later = slash_command("imagine", {"prompt": "the sweep must still reach this one", "seed": 5})
+    fake_discord.dispatch("INTERACTION_CREATE", later)
+    told = wait_for(lambda: fake_discord.final_edits(later["token"]), 30, what="later expiry notice")
+    assert told[0].payload["content"].startswith("⏳ No GPU worker could start your image")

@@ -241,3 +241,87 @@ def test_rate_limit(stack, redis, guild):
     payload, answer = imagine(stack, guild, prompt="three", model="sd-v1-4")
     assert is_ephemeral(answer) and "server rule: rate limit" in answer["data"]["content"]
     assert not job_exists(redis, payload)
+
+
+# -- edges: Discord's length limits, odd input, slots and buttons --------------------------------
+def set_policy(redis, guild, **fields) -> None:
+    from bot.policy import GuildPolicy
+
+    redis.set(f"imagine:policy:{guild}", GuildPolicy(**fields).model_dump_json())
+
+
+def content(answer: dict) -> str:
+    return answer["data"].get("content") or ""
+
+
+def test_long_policies_and_inputs_get_answers_within_discords_limits(stack, redis, guild):
+    """The fake answers 400 like Discord for a message over its limits; every answer here must
+    go through and say what happened."""
+    set_policy(redis, guild, banned_terms=tuple(f"forbiddenword{i:03d}xxxxxxxxxxxx" for i in range(40)),
+               channels=tuple(810000000000001000 + i for i in range(100)))
+    added = admin(stack, guild, "banned add", term="newterm")
+    assert "banned add" in content(added) and "`newterm`" in content(added) and "41 now" in content(added)
+    assert "newterm" in json.loads(redis.get(f"imagine:policy:{guild}"))["banned_terms"]
+    _, refused = imagine(stack, guild, prompt="a cat", channel="810000000000000077")
+    assert "server rule: channels" in content(refused) and "(and 90 more)" in content(refused)
+    policy = admin(stack, guild, "policy")
+    fields = {f["name"]: f["value"] for f in policy["data"]["embeds"][0]["fields"]}
+    assert fields["Channels"].endswith("more)") and len(fields["Channels"]) <= 1024
+    set_policy(redis, guild)
+    _, unknown = imagine(stack, guild, prompt="a cat", model="x" * 2100)
+    assert "Unknown model" in content(unknown) and is_ephemeral(unknown)
+    assert stack.messages("rejected") == []
+
+
+@pytest.mark.parametrize("job", ["x" * 2100, "a b", "   "])
+def test_cancel_answers_odd_job_ids_plainly(stack, guild, job):
+    payload = slash_command("cancel", {"job": job}, guild_id=guild, user_id=MEMBER_ID,
+                            permissions=MEMBER_PERMISSIONS, channel_id=CHANNEL)
+    answer = content(send(stack, payload))
+    assert answer.startswith("❌") and "went wrong" not in answer
+    assert stack.messages("rejected", payload["token"]) == []
+
+
+def test_cancelling_frees_the_users_slot(stack, redis, guild):
+    admin(stack, guild, "limits", max_active=1)
+    _, first = imagine(stack, guild, prompt="a cat", model="sd-v1-4")  # no worker serves it: it waits
+    assert "Queued" in content(first)
+    _, blocked = imagine(stack, guild, prompt="a dog", model="sd-v1-4")
+    assert "max active jobs" in content(blocked)
+    cancelled = send(stack, slash_command("cancel", {}, guild_id=guild, user_id=MEMBER_ID,
+                                          permissions=MEMBER_PERMISSIONS, channel_id=CHANNEL))
+    assert "Cancelled 1" in content(cancelled)
+    _, again = imagine(stack, guild, prompt="a dog", model="sd-v1-4")
+    assert "Queued" in content(again)
+
+
+def click(fake, guild, custom_id: str, message: dict) -> tuple[dict, dict]:
+    from tests.fake_discord import component_interaction
+
+    message = {**message, "components": [{"type": 1, "components": [
+        {"type": 2, "style": 2, "label": "x", "custom_id": custom_id}]}]}
+    payload = component_interaction(custom_id, message, user_id=MEMBER_ID, guild_id=guild, channel_id=CHANNEL)
+    return payload, send(fake, payload)
+
+
+@pytest.mark.parametrize("seed", [7, 2**32 - 1])
+def test_variations_fit_the_servers_count_cap_and_the_seed_range(stack, redis, guild, seed):
+    admin(stack, guild, "caps", count=2)  # reject mode: an explicit count over 2 is refused
+    payload, answer = imagine(stack, guild, prompt="a cat", model="sd-v1-4", seed=seed)
+    assert "Queued" in content(answer)
+    message = stack.messages("callback", payload["token"])[0].message
+    clicked, varied = click(stack, guild, f"img:vary:{job_id_for_interaction(int(payload['id']))}", message)
+    assert "Queued 2 images" in content(varied), content(varied)
+    request = fetch(redis, clicked).args[0]
+    assert (request["count"], request["seed"]) == (2, (seed + 1) % 2**32)
+
+
+def test_admin_model_autocomplete_offers_models_not_yet_allowed(stack, guild):
+    admin(stack, guild, "models allow", model="tiny")
+    payload = slash_command("imagine-admin", {}, guild_id=guild, user_id=ADMIN_ID,
+                            permissions=ADMIN_PERMISSIONS, channel_id=CHANNEL)
+    payload["type"] = 4  # autocomplete
+    payload["data"]["options"] = [{"name": "models", "type": 2, "options": [
+        {"name": "allow", "type": 1, "options": [{"name": "model", "type": 3, "value": "", "focused": True}]}]}]
+    choices = [c["value"] for c in send(stack, payload)["data"]["choices"]]
+    assert {"tiny", "sd-v1-4", "sdxl-base"} <= set(choices)

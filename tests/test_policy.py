@@ -46,6 +46,16 @@ def test_banned_term_names_the_rule(field):
     assert isinstance(caught.value, InvalidRequest)
 
 
+@pytest.mark.parametrize("text", ["n    ude", "nu\t\t\t\tde", "a  g   o    r     e"])
+def test_banned_terms_are_checked_on_the_text_as_queued(text):
+    """Whitespace is collapsed before queueing; the check must see that text, not the raw one
+    (four spaces are over the matcher's gap, one is not)."""
+    with pytest.raises(PolicyViolation):
+        run(GuildPolicy(banned_terms=("nud*", "gore")), prompt=text)
+    with pytest.raises(PolicyViolation):
+        run(GuildPolicy(banned_terms=("nud*", "gore")), prompt="a cat", negative_prompt=text)
+
+
 def test_channel_allowlist():
     policy = GuildPolicy(channels=(10, 11))
     assert run(policy, channel_id=11).request

@@ -76,7 +76,7 @@ def run_job(jobs: WebJobs, options: ImagineOptions) -> Iterator[tuple[str, list]
         log.warning("queue unavailable: %s", error)
         yield QUEUE_DOWN, []
         return
-    log.info("queued %s on %s at #%d", request.job_id, request.model, position,
+    log.info("queued %s on %s at #%s", request.job_id, request.model, position,
              extra={"job_id": request.job_id})
     deadline = time.monotonic() + jobs.settings.queue_ttl_s + jobs.settings.job_timeout_s
     progress = Progress("queued", position, position)

@@ -17,10 +17,10 @@ from discord import app_commands
 from pydantic import ValidationError
 from redis.exceptions import RedisError
 
-from bot.commands.imagine import model_autocomplete
 from bot.matcher import clean_term
 from bot.policy import GuildPolicy
 from bot.policy_store import Actor, AuditEntry, PolicyStore
+from settings.messages import MAX_CONTENT, clip
 from settings.validation import SIZE_STEP, InvalidRequest
 
 if TYPE_CHECKING:
@@ -30,6 +30,7 @@ log = logging.getLogger(__name__)
 
 MAX_TERMS = 200
 MAX_TERM_CHARS = 100
+MAX_CHANNELS = 100
 STORE_DOWN = "The policy store is unavailable right now. Please try again shortly."
 
 
@@ -64,7 +65,8 @@ def _store(interaction: discord.Interaction) -> PolicyStore:
 
 
 async def _reply(interaction: discord.Interaction, text: str | None = None, **kwargs: Any) -> None:
-    await interaction.response.send_message(text, ephemeral=True, **kwargs)
+    await interaction.response.send_message(None if text is None else clip(text, MAX_CONTENT),
+                                            ephemeral=True, **kwargs)
 
 
 def show(value: Any) -> str:
@@ -77,6 +79,18 @@ def show(value: Any) -> str:
     if isinstance(value, dict):
         return "; ".join(f"{k}: {show(v)}" for k, v in value.items())
     return f"`{value}`" if value != "" else "none"
+
+
+def show_change(old: Any, new: Any) -> str:
+    """old → new; for lists only what was added and removed (a 200-term list does not fit)."""
+    if isinstance(old, (list, tuple)) and isinstance(new, (list, tuple)):
+        added = [v for v in new if v not in old]
+        removed = [v for v in old if v not in new]
+        parts = ([f"+ {show(added)}"] if added else []) + ([f"− {show(removed)}"] if removed else [])
+        return f"{'; '.join(parts) or 'no change'} ({len(new)} now)"
+    if isinstance(old, dict) and isinstance(new, dict):
+        return "; ".join(f"{k}: {show_change(old.get(k), v)}" for k, v in new.items())
+    return f"{show(old)} → {show(new)}"
 
 
 async def change(interaction: discord.Interaction, action: str,
@@ -100,7 +114,7 @@ async def change(interaction: discord.Interaction, action: str,
         await _reply(interaction, f"Nothing to change ({action}).")
         return
     log.info("guild %s: %s by %s", interaction.guild_id, action, actor.id)
-    await _reply(interaction, f"✅ **{action}**: {show(entry.old)} → {show(entry.new)}")
+    await _reply(interaction, f"✅ **{action}**: {show_change(entry.old, entry.new)}")
 
 
 async def _load(interaction: discord.Interaction) -> GuildPolicy | None:
@@ -114,7 +128,8 @@ async def _load(interaction: discord.Interaction) -> GuildPolicy | None:
 def _catalog_model(interaction: discord.Interaction, model: str) -> str:
     key = model.strip().lower()
     if key not in _bot(interaction).catalog:
-        raise InvalidRequest(f"Unknown model `{key}`. Choose one of: {', '.join(sorted(_bot(interaction).catalog))}.")
+        raise InvalidRequest(f"Unknown model `{clip(key, 80)}`. "
+                             f"Choose one of: {', '.join(sorted(_bot(interaction).catalog))}.")
     return key
 
 
@@ -127,6 +142,18 @@ def _text(interaction: discord.Interaction, name: str, text: str) -> str:
 
 
 # -- whole policy and audit ----------------------------------------------------------------------
+def mentions(channel_ids: tuple[int, ...], limit: int) -> str:
+    """Channel mentions within ``limit`` characters; the ones left out are counted."""
+    shown: list[str] = []
+    for i, channel_id in enumerate(channel_ids):
+        rest = len(channel_ids) - i
+        candidate = ", ".join([*shown, f"<#{channel_id}>"])
+        if len(candidate) + len(f" (and {rest} more)") > limit and rest > 1:
+            return ", ".join(shown) + f" (and {rest} more)"
+        shown.append(f"<#{channel_id}>")
+    return ", ".join(shown)
+
+
 def policy_embed(policy: GuildPolicy, default_negative: str, default_model: str) -> discord.Embed:
     embed = discord.Embed(title="Server policy for /imagine", colour=0x5865F2)
     embed.add_field(name="Forced negative prompt", value=show(policy.forced_negative)[:1024], inline=False)
@@ -138,7 +165,7 @@ def policy_embed(policy: GuildPolicy, default_negative: str, default_model: str)
     caps = (f"steps {policy.max_steps or '—'} · images {policy.max_count or '—'} · "
             f"size {policy.max_size or '—'} · over a cap: {show(policy.clamp)}")
     embed.add_field(name="Caps", value=caps, inline=False)
-    embed.add_field(name="Channels", value=", ".join(f"<#{c}>" for c in policy.channels) or "all")
+    embed.add_field(name="Channels", value=mentions(policy.channels, 1024) if policy.channels else "all")
     rate = f"{policy.rate_count} per {policy.rate_window_s} s" if policy.rate_count else "none"
     embed.add_field(name="Per user (admins exempt)",
                     value=f"active jobs {policy.max_active_jobs or '—'} · rate {rate}")
@@ -155,7 +182,7 @@ async def show_policy(interaction: discord.Interaction) -> None:
 
 
 def audit_line(entry: AuditEntry) -> str:
-    return f"<t:{int(entry.at)}:f> **{entry.actor}** ({entry.actor_id}) {entry.action}: {show(entry.old)} → {show(entry.new)}"
+    return f"<t:{int(entry.at)}:f> **{entry.actor}** ({entry.actor_id}) {entry.action}: {show_change(entry.old, entry.new)}"
 
 
 @admin.command(name="audit", description="Recent policy changes: who, when, what, old → new")
@@ -238,8 +265,14 @@ async def banned_list(interaction: discord.Interaction) -> None:
 
 
 # -- models ------------------------------------------------------------------------------------
+async def catalog_autocomplete(interaction: discord.Interaction, current: str) -> list[app_commands.Choice[str]]:
+    """Every catalog model, whatever this server allows now (admins change exactly that)."""
+    return [app_commands.Choice(name=f"{key} ({entry.native_size}px)", value=key)
+            for key, entry in _bot(interaction).catalog.items() if current.lower() in key][:25]
+
+
 @models_group.command(name="allow", description="Allow a model (once any is allowed, only allowed ones work)")
-@app_commands.autocomplete(model=model_autocomplete)
+@app_commands.autocomplete(model=catalog_autocomplete)
 async def models_allow(interaction: discord.Interaction, model: str) -> None:
     def mutate(policy: GuildPolicy) -> dict[str, Any]:
         key = _catalog_model(interaction, model)
@@ -249,7 +282,7 @@ async def models_allow(interaction: discord.Interaction, model: str) -> None:
 
 
 @models_group.command(name="deny", description="Forbid a model on this server")
-@app_commands.autocomplete(model=model_autocomplete)
+@app_commands.autocomplete(model=catalog_autocomplete)
 async def models_deny(interaction: discord.Interaction, model: str) -> None:
     def mutate(policy: GuildPolicy) -> dict[str, Any]:
         key = _catalog_model(interaction, model)
@@ -266,7 +299,7 @@ async def models_deny(interaction: discord.Interaction, model: str) -> None:
 
 
 @models_group.command(name="default", description="This server's default model")
-@app_commands.autocomplete(model=model_autocomplete)
+@app_commands.autocomplete(model=catalog_autocomplete)
 async def models_default(interaction: discord.Interaction, model: str) -> None:
     def mutate(policy: GuildPolicy) -> dict[str, Any]:
         key = _catalog_model(interaction, model)
@@ -342,8 +375,15 @@ def _channel_id(interaction: discord.Interaction, channel: discord.abc.GuildChan
 @channels_group.command(name="allow", description="Let /imagine work in a channel (default: this one)")
 async def channels_allow(interaction: discord.Interaction, channel: discord.abc.GuildChannel | None = None) -> None:
     channel_id = _channel_id(interaction, channel)
-    await change(interaction, "channels allow",
-                 lambda p: {} if channel_id in p.channels else {"channels": (*p.channels, channel_id)})
+
+    def mutate(policy: GuildPolicy) -> dict[str, Any]:
+        if channel_id in policy.channels:
+            return {}
+        if len(policy.channels) >= MAX_CHANNELS:
+            raise InvalidRequest(f"At most {MAX_CHANNELS} channels; `channels clear` lets /imagine work everywhere.")
+        return {"channels": (*policy.channels, channel_id)}
+
+    await change(interaction, "channels allow", mutate)
 
 
 @channels_group.command(name="remove", description="Take a channel off the list (default: this one)")

@@ -13,6 +13,7 @@ from redis.exceptions import RedisError
 
 from bot.submit import QUEUE_DOWN
 from bot.queue import Cancelling, CannotCancel
+from settings.messages import MAX_CONTENT, clip
 
 if TYPE_CHECKING:
     from bot.app import ImagineBot
@@ -25,10 +26,14 @@ def is_admin(interaction: discord.Interaction) -> bool:
     return interaction.permissions.manage_guild
 
 
+def _cancelling(bot: ImagineBot) -> Cancelling:
+    return Cancelling(bot.jobs, list(bot.catalog), release=bot.policies.release)
+
+
 def cancel_jobs(bot: "ImagineBot", job_ids: list[str], user_id: int, guild_id: int | None,
                 admin: bool) -> tuple[list, list[str]]:
     """Cancel each job the user may cancel: (cancelled requests, reasons for the others)."""
-    cancelling = Cancelling(bot.jobs, list(bot.catalog))
+    cancelling = _cancelling(bot)
     done, refused = [], []
     for job_id in job_ids:
         try:
@@ -43,7 +48,7 @@ def targets(bot: "ImagineBot", job: str | None, user: discord.abc.User | None, c
     if job:
         return [job.strip()]
     owner = user.id if user is not None else caller
-    return [q.job_id for q in Cancelling(bot.jobs, list(bot.catalog)).queued(guild_id, owner)]
+    return [q.job_id for q in _cancelling(bot).queued(guild_id, owner)]
 
 
 async def tell_owner(bot: "ImagineBot", request, admin_id: int) -> None:
@@ -70,6 +75,10 @@ async def cancel(interaction: discord.Interaction, job: str | None = None,
         await interaction.response.send_message("❌ Only admins (Manage Server) can cancel other members' jobs.",
                                                 ephemeral=True)
         return
+    if job is not None and not job.strip():
+        await interaction.response.send_message(
+            "❌ Give a job id (see `/queue`), or leave `job` empty to cancel all your waiting jobs.", ephemeral=True)
+        return
     try:
         done, refused = await asyncio.to_thread(
             lambda: cancel_jobs(bot, targets(bot, job, user, caller, interaction.guild_id), caller,
@@ -80,7 +89,8 @@ async def cancel(interaction: discord.Interaction, job: str | None = None,
         return
     lines = [f"🛑 Cancelled {len(done)} waiting job{'s' if len(done) != 1 else ''}."] if done else []
     lines += [f"❌ {reason}" for reason in refused]
-    await interaction.response.send_message("\n".join(lines) or "Nothing of yours is waiting.", ephemeral=True)
+    await interaction.response.send_message(clip("\n".join(lines) or "Nothing of yours is waiting.", MAX_CONTENT),
+                                            ephemeral=True)
     for request in done:
         if request.delivery and request.delivery.user_id != caller:
             await tell_owner(bot, request, caller)
