@@ -21,7 +21,7 @@ from settings.jobs import Delivery, JobRequest, queue_name
 from worker.generate import generate, generate_batch
 from worker.pipelines import ResidentPipelines, load_pipeline, weight_bytes
 from tests.fake_discord import snowflake
-from tests.stack import start_worker
+from tests.stack import start_worker, wait_for
 
 CPU = torch.device("cpu")
 
@@ -146,3 +146,88 @@ def test_batch_companions_show_the_step_bar_too(env, redis_server, fake_discord,
     bars = [e for e in companion if (e.payload.get("content") or "").startswith("🖌️")]
     assert bars, worker.log()
     assert companion[-1].payload.get("embeds"), "the result is the last edit"
+
+
+def test_oldest_starving_model_first_whatever_the_configured_order(redis_server):
+    from collections import OrderedDict
+
+    from worker.rq_worker import ImagineQueue, ImagineWorker
+    from worker.tasks import WorkerRuntime, install_runtime
+
+    redis = Redis.from_url(redis_server.url)
+    prefix = f"old:{snowflake()[-6:]}"  # a prefix with a colon, too
+    install_runtime(WorkerRuntime(pipelines=ResidentPipelines(device=CPU, dtype=torch.float32,
+                                                              on_device=OrderedDict(a=1))))
+    queues = [ImagineQueue(queue_name(m, prefix), connection=redis, serializer=JSONSerializer) for m in ("a", "b")]
+    worker = ImagineWorker(queues, connection=redis, serializer=JSONSerializer, starvation_s=20)
+    jobs = JobQueue(redis, Settings(redis_url=redis_server.url, queue_prefix=prefix, _env_file=None))
+    jobs.submit(request(f"{snowflake()}", model="a", created_at=time.time() - 25))
+    jobs.submit(request(f"{snowflake()}", model="b", created_at=time.time() - 500))
+    assert [q.name.rsplit(":", 1)[1] for q in sorted(worker.queues, key=worker._queue_priority)] == ["b", "a"]
+
+
+def test_a_batch_owns_its_companions_until_each_is_done_even_through_a_crash(
+        env, redis_server, fake_discord, tmp_path):
+    """Companions waiting for their turn are leased like the running job: another worker's
+    clean-up leaves them alone, a cancel is refused, and when the worker dies mid-batch every
+    member comes back within a lease and is posted exactly once."""
+    from bot.queue import Cancelling, CannotCancel
+    from worker.rq_worker import ImagineQueue, ImagineWorker
+
+    prefix = f"own{snowflake()[-6:]}"
+    redis = Redis.from_url(redis_server.url)
+    settings = Settings(redis_url=redis_server.url, queue_prefix=prefix, _env_file=None)
+    jobs = JobQueue(redis, settings)
+    batch = [request(f"{prefix}-{i}", steps=40, size=192, seed=i, delivery=Delivery(
+        application_id=1, interaction_id=int(snowflake()), interaction_token=f"tok-own-{i}-{snowflake()}",
+        user_id=5, guild_id=1)) for i in range(3)]
+    for member in batch:
+        jobs.submit(member)
+    fast = {"IMAGINE_QUEUE_PREFIX": prefix, "IMAGINE_MAX_BATCH_IMAGES": "8", "IMAGINE_HEARTBEAT_S": "1",
+            "IMAGINE_MAINTENANCE_INTERVAL_S": "1", "IMAGINE_IDLE_POLL_S": "2"}
+    doomed = start_worker({**env, **fast}, tmp_path / "doomed.log", new_session=True)
+    try:
+        def statuses():
+            return [Job.fetch(m.job_id, connection=redis, serializer=JSONSerializer).get_status() for m in batch]
+        wait_for(lambda: all(s == "started" for s in statuses()), 60, what="the whole batch leased")
+        queue = ImagineQueue(queue_name("tiny", prefix), connection=redis, serializer=JSONSerializer)
+        for member in batch[1:]:  # as if they had sat in RQ's intermediate list for minutes
+            redis.set(queue.intermediate_queue.get_first_seen_key(member.job_id), time.time() - 300)
+        queue.intermediate_queue.cleanup(ImagineWorker([queue], connection=redis, serializer=JSONSerializer), queue)
+        assert queue.count == 0 and all(s == "started" for s in statuses()), "another worker took them back"
+        with pytest.raises(CannotCancel):
+            Cancelling(jobs, ["tiny"], release=lambda *_: None).cancel(batch[2].job_id, 5, 1, False)
+    finally:
+        doomed.kill_group()
+    survivor = start_worker({**env, **fast}, tmp_path / "survivor.log")
+    try:
+        for member in batch:
+            token = member.delivery.interaction_token
+            wait_for(lambda: fake_discord.results(token), 90, what="each member's result")
+        time.sleep(1.5)
+        assert [len(fake_discord.results(m.delivery.interaction_token)) for m in batch] == [1, 1, 1]
+    finally:
+        survivor.stop()
+
+
+
+def test_failed_web_jobs_are_noted_once_not_reported_every_sweep(redis_server, caplog):
+    """A web job (no Discord delivery) has nobody to tell; the sweep notes that once and never
+    claims to have told anyone."""
+    from rq import Queue
+
+    from worker.failures import Reporter, report_untold_failures
+    from worker.outcomes import Outcomes
+
+    prefix = f"web{snowflake()[-6:]}"
+    redis = Redis.from_url(redis_server.url)
+    queue = Queue(queue_name("tiny", prefix), connection=redis, serializer=JSONSerializer)
+    job = queue.enqueue("worker.tasks.run_imagine", request(f"{prefix}-w").model_dump(mode="json"))
+    job.set_status("failed")
+    queue.failed_job_registry.add(job, ttl=600, exc_string="boom")
+    reporter = Reporter(Outcomes(redis, prefix, 600))
+    with caplog.at_level("WARNING"):
+        assert report_untold_failures(queue, reporter, 600) == 0
+        assert report_untold_failures(queue, reporter, 600) == 0
+    assert "told now" not in caplog.text
+    assert reporter.outcomes.untold([job.id]) == []

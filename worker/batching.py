@@ -10,6 +10,7 @@ Jobs are never reordered past an incompatible one: batching only ever shortens w
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 
 from rq import Queue
@@ -18,27 +19,34 @@ from rq.job import Job
 from settings.jobs import JobRequest
 from worker.generate import Generation, batch_key
 
+log = logging.getLogger(__name__)
+
 
 def request_of(job: Job) -> JobRequest:
     return JobRequest.model_validate(job.args[0])
 
 
 def claim_companions(queue: Queue, lead: JobRequest, max_images: int) -> list[Job]:
-    """Dequeue the compatible jobs at the head of ``queue`` (they are ours to run afterwards)."""
+    """Dequeue the compatible jobs at the head of ``queue`` (they are ours to run afterwards).
+    Never raises: whatever goes wrong (Redis, a malformed job) ends the claiming, and the jobs
+    already claimed are returned, so none is left in limbo."""
     claimed: list[Job] = []
     images = lead.count
-    while images < max_images:
-        head_id = queue.connection.lindex(queue.key, 0)
-        head = queue.fetch_job(head_id.decode()) if head_id else None
-        if head is None or batch_key(request_of(head)) != batch_key(lead):
-            break
-        if images + request_of(head).count > max_images:
-            break
-        taken = Queue.dequeue_any([queue], None, connection=queue.connection, serializer=queue.serializer)
-        if taken is None:
-            break
-        claimed.append(taken[0])  # raced to another job? still ours: it runs after the batch
-        images += request_of(taken[0]).count
+    try:
+        while images < max_images:
+            head_id = queue.connection.lindex(queue.key, 0)
+            head = queue.fetch_job(head_id.decode()) if head_id else None
+            if head is None or batch_key(request_of(head)) != batch_key(lead):
+                break
+            if images + request_of(head).count > max_images:
+                break
+            taken = Queue.dequeue_any([queue], None, connection=queue.connection, serializer=queue.serializer)
+            if taken is None:
+                break
+            claimed.append(taken[0])  # raced to another job? still ours: it runs after the batch
+            images += request_of(taken[0]).count
+    except Exception as error:
+        log.warning("stopped claiming batch companions: %s", error)
     return claimed
 
 
@@ -49,9 +57,16 @@ class BatchPlan:
     companions: dict[str, list[JobRequest]] = field(default_factory=dict)  # lead job id → requests
     ready: dict[str, Generation] = field(default_factory=dict)  # job id → its images
 
-    def plan(self, lead: Job, claimed: list[Job]) -> None:
-        key = batch_key(request_of(lead))
-        self.companions[lead.id] = [r for r in map(request_of, claimed) if batch_key(r) == key]
+    def plan(self, lead: Job, claimed: list[Job], max_images: int) -> None:
+        """The claimed jobs that join the lead's pipeline call: compatible, within the image
+        budget (a job raced in from behind may be neither; it then runs alone afterwards)."""
+        lead_request = request_of(lead)
+        images, joining = lead_request.count, []
+        for request in map(request_of, claimed):
+            if batch_key(request) == batch_key(lead_request) and images + request.count <= max_images:
+                joining.append(request)
+                images += request.count
+        self.companions[lead.id] = joining
 
     def take_companions(self, lead_id: str) -> list[JobRequest]:
         return self.companions.pop(lead_id, [])

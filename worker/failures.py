@@ -55,7 +55,10 @@ class Reporter:
     def tell(self, job: Job, reason: str) -> bool:
         """Post ``reason`` to the job's user unless they were already told; True when posted."""
         request = JobRequest.model_validate(job.args[0])
-        if request.delivery is None or self.outcomes.get(job.id) is not None:
+        if self.outcomes.get(job.id) is not None:
+            return False
+        if request.delivery is None:  # a web job: its page reads the status; noted, so no sweep retries
+            self.outcomes.record(job.id, Told("failure", 0, "none"))
             return False
         posted = post_failure(request.delivery, reason, self.session, self.bot_token,
                               nonce=job.id[:25])
@@ -96,9 +99,11 @@ def report_untold_failures(queue: Queue, reporter: Reporter, window_s: float) ->
         if job is None or (job.ended_at and time.time() - job.ended_at.timestamp() > window_s):
             continue
         try:
-            told += reporter.tell(job, friendly_reason(job.exc_info))
+            posted = reporter.tell(job, friendly_reason(job.exc_info))
         except Exception:
             log.exception("could not report failed job %s yet; will try again", job_id)
-        else:
+            continue
+        if posted:
+            told += 1
             log.warning("job %s had failed without telling its user; told now", job_id)
     return told

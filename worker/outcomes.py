@@ -20,7 +20,7 @@ EXTRA_TTL_S = 24 * 3600
 class Told:
     kind: str  # "result" | "failure"
     message_id: int
-    via: str  # "webhook" | "channel"
+    via: str  # "webhook" | "channel" | "none" (nobody to tell: a web job)
 
     def encode(self) -> str:
         return f"{self.kind}:{self.message_id}:{self.via}"

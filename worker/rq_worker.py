@@ -22,10 +22,12 @@ import logging
 import threading
 import time
 
+from pydantic import ValidationError
 from redis.exceptions import RedisError
 from rq import Queue, SimpleWorker
 from rq.intermediate_queue import IntermediateQueue
-from rq.job import Job
+from rq.executions import Execution
+from rq.job import Job, JobStatus
 from rq.registry import clean_registries
 from rq.utils import now
 from rq.worker import WorkerStatus
@@ -48,22 +50,32 @@ class ImagineQueue(Queue):
         return bool(self.connection.set(self.registry_cleaning_key, 1, nx=True, ex=MAINTENANCE_LOCK_S))
 
 
-class JobHeartbeat:
-    """A thread renewing the running job's lease every ``interval`` seconds."""
+class BatchHeartbeat:
+    """A thread renewing the leases of a batch's jobs (the running one and those waiting for
+    their turn) every ``interval`` seconds; a job leaves with :meth:`done`."""
 
-    def __init__(self, worker: "ImagineWorker", job: Job, execution, interval: float):
-        self.worker, self.job, self.execution, self.interval = worker, job, execution, interval
+    def __init__(self, worker: "ImagineWorker", members: list[tuple[Job, Execution]], interval: float):
+        self.worker, self.interval = worker, interval
+        self.members = {job.id: (job, execution) for job, execution in members}
+        self._lock = threading.Lock()
         self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._beat, name=f"heartbeat-{job.id}", daemon=True)
+        self._thread = threading.Thread(target=self._beat, name="heartbeat", daemon=True)
+
+    def done(self, job: Job) -> None:
+        with self._lock:
+            self.members.pop(job.id, None)
 
     def _beat(self) -> None:
         while not self._stop.wait(self.interval):
-            try:
-                self.worker.maintain_heartbeats(self.job, self.execution)
-            except Exception as error:  # Redis briefly away: the lease has slack for this
-                log.warning("heartbeat for job %s failed: %s", self.job.id, error)
+            with self._lock:
+                members = list(self.members.values())
+            for job, execution in members:
+                try:
+                    self.worker.maintain_heartbeats(job, execution)
+                except Exception as error:  # Redis briefly away: the lease has slack for this
+                    log.warning("heartbeat for job %s failed: %s", job.id, error)
 
-    def __enter__(self) -> "JobHeartbeat":
+    def __enter__(self) -> "BatchHeartbeat":
         self._thread.start()
         return self
 
@@ -99,27 +111,50 @@ class ImagineWorker(SimpleWorker):
 
     def execute_job(self, job: Job, queue: Queue) -> None:
         """The job, then the compatible jobs claimed behind it, whose images its pipeline call
-        made; each still runs through RQ's own execution (registries, callbacks, result)."""
-        batches = current_runtime().batches
-        lead = request_of(job)
-        wants_more = self.max_batch_images > lead.count
-        claimed = claim_companions(queue, lead, self.max_batch_images) if wants_more else []
-        batches.plan(job, claimed)
-        self._execute_one(job, queue)
-        batches.forget(job.id)
-        for companion in claimed:
-            self._execute_one(companion, queue)
-            batches.forget(companion.id)
-            # Claimed with RQ's single-queue dequeue, it sits in the intermediate list, which a
-            # multi-queue worker's prepare step does not clear.
-            IntermediateQueue(queue.key, self.connection).remove(companion.id)
+        made; each still runs through RQ's own execution (registries, callbacks, result).
 
-    def _execute_one(self, job: Job, queue: Queue) -> None:
-        # SimpleWorker.execute_job, with the lease renewed while the job runs.
-        execution = self.prepare_execution(job)
-        with JobHeartbeat(self, job, execution, self.heartbeat_s):
-            self.perform_job(job, queue, execution)
+        Every member is leased (started registry, STARTED) the moment it is taken, and the
+        leases are renewed until its turn ends: a crash anywhere hands each one back to RQ's
+        abandoned-job retry within a lease, a cancel meets a started job, and a warm shutdown
+        (the worker stays BUSY) finishes the whole batch."""
+        members = [(job, self._lease(job))]  # first, before anything else can fail
+        members += self._claim_companions(job, queue)
+        current_runtime().batches.plan(job, [member for member, _ in members[1:]], self.max_batch_images)
+        with BatchHeartbeat(self, members, self.heartbeat_s) as heartbeat:
+            for member, execution in members:
+                self._execute_one(member, queue, execution)
+                heartbeat.done(member)
         self.set_state(WorkerStatus.IDLE)
+
+    def _lease(self, job: Job) -> Execution:
+        execution = self.prepare_execution(job)  # a started-registry entry with a lease; BUSY
+        job.set_status(JobStatus.STARTED)  # what RQ's clean-up retries when the lease lapses
+        return execution
+
+    def _claim_companions(self, job: Job, queue: Queue) -> list[tuple[Job, Execution]]:
+        try:
+            lead = request_of(job)
+        except ValidationError:
+            return []  # the job itself fails through RQ, which reports it
+        if self.max_batch_images <= lead.count:
+            return []
+        claimed = []
+        for companion in claim_companions(queue, lead, self.max_batch_images):
+            try:
+                claimed.append((companion, self._lease(companion)))
+            except RedisError as error:  # left in RQ's intermediate list, which recovers it
+                log.warning("could not lease batch companion %s: %s", companion.id, error)
+        return claimed
+
+    def _execute_one(self, job: Job, queue: Queue, execution: Execution) -> None:
+        # SimpleWorker.execute_job's core; the state stays BUSY until the batch is done.
+        try:
+            self.perform_job(job, queue, execution)
+        finally:
+            current_runtime().batches.forget(job.id)
+            # A companion was claimed with RQ's single-queue dequeue into the intermediate list,
+            # which a multi-queue worker's prepare step does not clear.
+            IntermediateQueue(queue.key, self.connection).remove(job.id)
         self.jobs_done += 1
 
     def dequeue_job_and_maintain_ttl(self, timeout, max_idle_time=None):
@@ -127,15 +162,19 @@ class ImagineWorker(SimpleWorker):
             self._ordered_queues = sorted(self.queues, key=self._queue_priority)
         return super().dequeue_job_and_maintain_ttl(timeout, max_idle_time)
 
-    def _queue_priority(self, queue: Queue) -> int:
-        """0: a job has waited too long (serve it even if it costs a swap), 1: model on the GPU,
-        2: model parked in host RAM."""
-        head_id = self.connection.lindex(queue.key, 0)
-        head = queue.fetch_job(head_id.decode()) if head_id else None
-        if head is not None and time.time() - request_of(head).created_at > self.starvation_s:
-            return 0
-        model = queue.name.split(":", 1)[1]
-        return 1 if model in current_runtime().pipelines.resident_keys() else 2
+    def _queue_priority(self, queue: Queue) -> tuple[int, float]:
+        """(0, when its head job was made): a job has waited too long, oldest first (served even
+        if it costs a swap); (1, 0): model on the GPU; (2, 0): model parked in host RAM."""
+        try:
+            head_id = self.connection.lindex(queue.key, 0)
+            head = queue.fetch_job(head_id.decode()) if head_id else None
+            created_at = request_of(head).created_at if head is not None else None
+        except (RedisError, ValidationError):
+            created_at = None  # RQ's own dequeue meets the same error, or fails the bad job
+        if created_at is not None and time.time() - created_at > self.starvation_s:
+            return (0, created_at)
+        model = queue.name.rsplit(":", 1)[1]  # model keys hold no ":", a prefix may
+        return (1, 0.0) if model in current_runtime().pipelines.resident_keys() else (2, 0.0)
 
     def request_stop(self, signum, frame) -> None:
         self.stop_asked = True  # remembered even when Redis is away and RQ's handler fails
