@@ -201,9 +201,8 @@ def test_a_batch_owns_its_companions_until_each_is_done_even_through_a_crash(
         doomed.kill_group()
     survivor = start_worker({**env, **fast}, tmp_path / "survivor.log")
     try:
-        for member in batch:
-            token = member.delivery.interaction_token
-            wait_for(lambda: fake_discord.results(token), 90, what="each member's result")
+        tokens = [m.delivery.interaction_token for m in batch]
+        wait_for(lambda: all(fake_discord.results(t) for t in tokens), 90, what="each member's result")
         time.sleep(1.5)
         assert [len(fake_discord.results(m.delivery.interaction_token)) for m in batch] == [1, 1, 1]
     finally:

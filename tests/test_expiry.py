@@ -63,8 +63,9 @@ def test_a_retried_job_waits_afresh_and_does_not_shield_older_ones(redis_server)
     now = time.time()
     jobs.submit(request(f"{prefix}-stale", now - 120))
     queue = jobs.queue("tiny")
-    retried = Job.create("worker.tasks.run_imagine", args=[request(f"{prefix}-retried", now - 300).model_dump(mode="json")],
-                         id=f"{prefix}-retried", connection=redis, serializer=JSONSerializer)
+    old_request = request(f"{prefix}-retried", now - 300).model_dump(mode="json")
+    retried = Job.create("worker.tasks.run_imagine", args=[old_request], id=f"{prefix}-retried",
+                         connection=redis, serializer=JSONSerializer)
     queue.enqueue_job(retried, at_front=True)  # as RQ re-queues a retry: created long ago, queued now
     queued_ago(redis, f"{prefix}-stale", 120)
     assert queue.job_ids == [f"{prefix}-retried", f"{prefix}-stale"]

@@ -182,7 +182,8 @@ async def show_policy(interaction: discord.Interaction) -> None:
 
 
 def audit_line(entry: AuditEntry) -> str:
-    return f"<t:{int(entry.at)}:f> **{entry.actor}** ({entry.actor_id}) {entry.action}: {show_change(entry.old, entry.new)}"
+    who = f"<t:{int(entry.at)}:f> **{entry.actor}** ({entry.actor_id})"
+    return f"{who} {entry.action}: {show_change(entry.old, entry.new)}"
 
 
 @admin.command(name="audit", description="Recent policy changes: who, when, what, old → new")
