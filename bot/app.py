@@ -23,7 +23,7 @@ from bot.commands import admin, cancel, imagine, models, queue
 from bot.expiry import expire_stale_jobs, expired_text
 from bot.policy_store import PolicyStore
 from bot.queue import JobQueue, connect
-from settings.config import Settings
+from settings.config import Settings, load_settings
 from settings.logs import configure_logging, secrets_of
 
 log = logging.getLogger("bot")
@@ -40,7 +40,10 @@ def use_discord_endpoints(settings: Settings) -> None:
 class ImagineBot(discord.Client):
     def __init__(self, settings: Settings, jobs: JobQueue, policies: PolicyStore | None = None, *,
                  sync_commands: bool = True):
-        super().__init__(intents=discord.Intents(guilds=True), application_id=settings.application_id)
+        # Prompts are user text: no message of the bot may ping @everyone, roles or users unless
+        # it names them explicitly (tell() mentions the job's owner).
+        super().__init__(intents=discord.Intents(guilds=True), application_id=settings.application_id,
+                         allowed_mentions=discord.AllowedMentions.none())
         self.settings = settings
         self.catalog = settings.catalog()
         self.jobs = jobs
@@ -119,7 +122,7 @@ class ImagineBot(discord.Client):
 
 
 def main() -> int:
-    settings = Settings()
+    settings = load_settings()
     configure_logging("bot", json_lines=settings.log_format == "json", level=settings.log_level,
                       secrets=secrets_of(settings))
     token, _ = settings.require_discord()

@@ -28,7 +28,7 @@ from urllib.parse import urlparse
 from redis import Redis
 from rq import Worker
 
-from settings.config import Settings
+from settings.config import Settings, load_settings
 
 TINY_MODEL = "tiny"
 LOCAL_HOSTS = {"127.0.0.1", "localhost", "::1"}
@@ -126,7 +126,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    settings = Settings()
+    settings = load_settings()
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())

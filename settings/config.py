@@ -8,8 +8,9 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import Field, SecretStr
+from pydantic import Field, SecretStr, ValidationError
 from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic_settings.exceptions import SettingsError
 
 from settings.catalog import ModelEntry
 
@@ -101,7 +102,7 @@ class Settings(BaseSettings):
     # Limits applied to every command (server policies can only tighten them).
     max_prompt_chars: int = 500
     max_steps: int = 50
-    max_count: int = 4
+    max_count: int = Field(default=4, ge=1, le=10)  # Discord takes 10 attachments per message
     max_guidance: float = 20.0
     min_size: int = 256
     max_size: int = 1024
@@ -123,3 +124,22 @@ class Settings(BaseSettings):
                 "error: set IMAGINE_DISCORD_TOKEN and IMAGINE_APPLICATION_ID (see README, Configuration)"
             )
         return self.discord_token.get_secret_value(), self.application_id
+
+
+def load_settings() -> Settings:
+    """The environment's settings for an entry point, or exit with one line naming what is wrong
+    (never a traceback)."""
+    try:
+        settings = Settings()
+    except ValidationError as error:
+        first = error.errors()[0]
+        name = "IMAGINE_" + "_".join(str(part) for part in first["loc"]).upper()
+        raise SystemExit(f"error: {name}: {first['msg']}") from None
+    except SettingsError as error:
+        raise SystemExit(f"error: {error}") from None
+    try:
+        settings.catalog()
+    except ValidationError as error:
+        first = error.errors()[0]
+        raise SystemExit(f"error: IMAGINE_MODELS: {first['msg']} ({'.'.join(map(str, first['loc']))})") from None
+    return settings

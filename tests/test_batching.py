@@ -202,7 +202,7 @@ def test_a_batch_owns_its_companions_until_each_is_done_even_through_a_crash(
     survivor = start_worker({**env, **fast}, tmp_path / "survivor.log")
     try:
         tokens = [m.delivery.interaction_token for m in batch]
-        wait_for(lambda: all(fake_discord.results(t) for t in tokens), 90, what="each member's result")
+        wait_for(lambda: all(fake_discord.results(t) for t in tokens), 240, what="each member's result")
         time.sleep(1.5)
         assert [len(fake_discord.results(m.delivery.interaction_token)) for m in batch] == [1, 1, 1]
     finally:
@@ -230,3 +230,59 @@ def test_failed_web_jobs_are_noted_once_not_reported_every_sweep(redis_server, c
         assert report_untold_failures(queue, reporter, 600) == 0
     assert "told now" not in caplog.text
     assert reporter.outcomes.untold([job.id]) == []
+
+
+def test_max_jobs_counts_jobs_not_batches(env, redis_server, tmp_path):
+    """Recycling a worker after N jobs (--max-jobs) stays exact with batching: it claims no more
+    companions than the jobs it has left, and exits after the Nth."""
+    prefix = f"max{snowflake()[-6:]}"
+    redis = Redis.from_url(redis_server.url)
+    jobs = JobQueue(redis, Settings(redis_url=redis_server.url, queue_prefix=prefix, _env_file=None))
+    for i in range(5):
+        jobs.submit(request(f"{prefix}-{i}", seed=i))
+    worker = start_worker({**env, "IMAGINE_QUEUE_PREFIX": prefix, "IMAGINE_MAX_BATCH_IMAGES": "8"},
+                          tmp_path / "worker.log", "--max-jobs", "3")
+    try:
+        assert worker.popen.wait(120) == 0, worker.log()
+    finally:
+        worker.stop()
+    done = [Job.fetch(f"{prefix}-{i}", connection=redis, serializer=JSONSerializer).get_status() for i in range(5)]
+    assert done == ["finished"] * 3 + ["queued"] * 2
+
+
+def test_a_companions_preview_shows_its_own_image_never_the_leads(tiny_model_dir, redis_server, monkeypatch):
+    """Jobs of different users share a pipeline call; each one's progress preview must come from
+    its own latents."""
+    import worker.tasks as tasks
+    from worker.tasks import WorkerRuntime, images_for
+
+    resident = ResidentPipelines(device=CPU, dtype=torch.float32)
+    resident.load(ModelEntry(key="tiny", source=str(tiny_model_dir), pipeline="StableDiffusionPipeline"))
+    settings = Settings(_env_file=None, progress_preview=True, progress_interval_s=0.01,
+                        queue_prefix=f"prev{snowflake()[-6:]}")
+    runtime = WorkerRuntime(pipelines=resident, settings=settings, redis=Redis.from_url(redis_server.url))
+    previewed: list[torch.Tensor] = []
+    real_preview = tasks.latent_preview
+    monkeypatch.setattr(tasks, "latent_preview", lambda latents, xl: (previewed.append(latents.clone()),
+                                                                      real_preview(latents, xl))[1])
+    monkeypatch.setattr(tasks, "edit_original", lambda *args, **kwargs: None)
+
+    def job(name: str, prompt: str, seed: int) -> JobRequest:
+        return request(name, prompt=prompt, seed=seed, steps=3, delivery=Delivery(
+            application_id=1, interaction_id=int(snowflake()), interaction_token=f"t-{name}-{snowflake()}",
+            user_id=seed))
+
+    lead, companion = job("lead", "a red fox", 1), job("comp", "a blue whale", 999)
+    runtime.batches.companions[lead.job_id] = [companion]
+    images_for(runtime, lead, lambda step, total, latents: time.sleep(0.05))
+
+    def own_latents(r: JobRequest) -> list[torch.Tensor]:
+        seen: list[torch.Tensor] = []
+        generate(resident.get("tiny"), r, lambda step, total, latents: seen.append(latents[:1].clone()))
+        return seen
+
+    companions_own, leads_own = own_latents(companion), own_latents(lead)
+    assert previewed, "the companion's reporter sent previews"
+    for latents in previewed:
+        assert any(torch.allclose(latents, own, atol=1e-4) for own in companions_own)
+        assert not any(torch.allclose(latents, own, atol=1e-4) for own in leads_own)

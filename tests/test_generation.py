@@ -81,11 +81,26 @@ def test_cli_writes_images(env, tmp_path):
 @pytest.mark.parametrize("args, message", [
     (["cat", "--steps", "99"], "error: `steps` must be between 1 and 50 (got 99).\n"),
     (["cat", "--model", "nope"], "error: Unknown model `nope`."),
+    (["cat", "--steps", "x"], "error: argument --steps: invalid int value"),
+    (["cat", "--out", "noext"], "error: --out noext: use an image file extension"),
+    (["cat", "--out", "/dev/null/x.png"], "error: --out /dev/null/x.png: cannot create /dev/null"),
 ])
 def test_cli_bad_input_is_one_line_and_nonzero(env, args, message):
     done = run_cli(env, *args)
     assert done.returncode == 2
     assert done.stderr.startswith(message) and done.stderr.count("\n") == 1
+
+
+@pytest.mark.parametrize("variable, value, message", [
+    ("IMAGINE_MAX_COUNT", "abc", "error: IMAGINE_MAX_COUNT: Input should be a valid integer"),
+    ("IMAGINE_MAX_COUNT", "11", "error: IMAGINE_MAX_COUNT: Input should be less than or equal to 10"),
+    ("IMAGINE_MODELS", "{bad", "error: error parsing value for field \"models\""),
+    ("IMAGINE_DEVICE", "cuda:7", "error: IMAGINE_DEVICE='cuda:7', but this machine's torch sees no such CUDA device"),
+])
+def test_cli_bad_configuration_is_one_line(env, variable, value, message):
+    done = run_cli({**env, variable: value}, "cat", "--size", "64")
+    assert done.returncode != 0 and done.stderr.startswith(message), done.stderr
+    assert done.stderr.count("\n") == 1
 
 
 def test_cli_missing_weights_is_one_line(env, tmp_path):

@@ -325,3 +325,12 @@ def test_admin_model_autocomplete_offers_models_not_yet_allowed(stack, guild):
         {"name": "allow", "type": 1, "options": [{"name": "model", "type": 3, "value": "", "focused": True}]}]}]
     choices = [c["value"] for c in send(stack, payload)["data"]["choices"]]
     assert {"tiny", "sd-v1-4", "sdxl-base"} <= set(choices)
+
+
+def test_a_prompt_cannot_ping_everyone_or_roles(stack, guild):
+    payload, answer = imagine(stack, guild, prompt="@everyone <@&123456789012345678> look", model="tiny", steps=2)
+    assert "@everyone" in content(answer)  # shown as typed…
+    assert answer["data"]["allowed_mentions"]["parse"] == []  # …but pings nobody
+    result = wait_for(lambda: stack.results(payload["token"]), 60, what="result")[0]
+    mentions = result.payload["allowed_mentions"]
+    assert mentions["parse"] == [] and mentions.get("roles", []) == [] and [str(u) for u in mentions["users"]] == [MEMBER_ID]

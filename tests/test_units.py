@@ -124,3 +124,17 @@ def test_uploads_of_one_message_stay_under_discords_request_limit(monkeypatch):
     uploads = tasks.uploads_for(Generation(images, [1, 2, 3, 4], 1.0, 0.0), record, 10 * 1024 * 1024)
     assert len(uploads) == 5  # four images and the grid
     assert sum(len(u.data) for u in uploads) <= 1024 * 1024
+
+
+def test_ten_images_fit_discords_ten_attachments():
+    """The grid is left out when it would be an 11th file (Discord refuses the message)."""
+    from settings.jobs import Reproducibility
+    from worker import tasks
+    from worker.generate import Generation
+
+    images = [Image.new("RGB", (64, 64), (i * 20, 0, 0)) for i in range(10)]
+    seeds = list(range(10))
+    record = Reproducibility(model="m", source="s", pipeline="P", scheduler="S", diffusers_version="0",
+                             seeds=seeds, steps=1, guidance=1, width=64, height=64, prompt="p")
+    assert len(tasks.uploads_for(Generation(images, seeds, 1.0, 0.0), record, 1 << 20)) == 10
+    assert len(tasks.uploads_for(Generation(images[:9], seeds[:9], 1.0, 0.0), record, 1 << 20)) == 10

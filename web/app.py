@@ -21,7 +21,7 @@ from PIL import Image  # noqa: E402
 from redis.exceptions import RedisError  # noqa: E402
 
 from bot.queue import AlreadyQueued, connect  # noqa: E402
-from settings.config import Settings  # noqa: E402
+from settings.config import Settings, load_settings  # noqa: E402
 from settings.jobs import JobRequest, JobResult  # noqa: E402
 from settings.logs import configure_logging, secrets_of  # noqa: E402
 from settings.validation import SIZE_STEP, ImagineOptions, InvalidRequest  # noqa: E402
@@ -140,7 +140,7 @@ def build_ui(jobs: WebJobs) -> gr.Blocks:
 
 
 def main() -> int:
-    settings = Settings()
+    settings = load_settings()
     configure_logging("web", json_lines=settings.log_format == "json", level=settings.log_level,
                       secrets=secrets_of(settings))
     logging.getLogger("httpx").setLevel(logging.WARNING)  # Gradio's own startup probes

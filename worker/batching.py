@@ -26,14 +26,14 @@ def request_of(job: Job) -> JobRequest:
     return JobRequest.model_validate(job.args[0])
 
 
-def claim_companions(queue: Queue, lead: JobRequest, max_images: int) -> list[Job]:
+def claim_companions(queue: Queue, lead: JobRequest, max_images: int, max_jobs: int | None = None) -> list[Job]:
     """Dequeue the compatible jobs at the head of ``queue`` (they are ours to run afterwards).
     Never raises: whatever goes wrong (Redis, a malformed job) ends the claiming, and the jobs
     already claimed are returned, so none is left in limbo."""
     claimed: list[Job] = []
     images = lead.count
     try:
-        while images < max_images:
+        while images < max_images and (max_jobs is None or len(claimed) < max_jobs):
             head_id = queue.connection.lindex(queue.key, 0)
             head = queue.fetch_job(head_id.decode()) if head_id else None
             if head is None or batch_key(request_of(head)) != batch_key(lead):

@@ -135,7 +135,8 @@ def edit_original(delivery: Delivery, session: requests.Session, content: str,
                   files: list[Upload] | None = None) -> None:
     """Replace the text (and, given files, the attachments) of the user's message."""
     extra = {} if files is None else {"attachments": _files(files)}
-    _webhook(delivery, session).edit_message(ORIGINAL, content=content, **extra)
+    _webhook(delivery, session).edit_message(ORIGINAL, content=content, allowed_mentions=_mention_only(delivery),
+                                             **extra)
 
 
 def _post_channel(delivery: Delivery, session: requests.Session, bot_token: str, content: str,

@@ -23,7 +23,7 @@ from rq import get_current_job
 from rq.serializers import JSONSerializer
 
 from settings.catalog import ModelEntry
-from settings.config import Settings
+from settings.config import Settings, load_settings
 from settings.jobs import JobRequest, queue_name
 from settings.logs import configure_logging, secrets_of
 from worker import metrics
@@ -173,7 +173,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--burst", action="store_true", help="exit when the queues are empty")
     parser.add_argument("--max-jobs", type=int, default=None, help="exit after N jobs (recycling)")
     args = parser.parse_args(argv)
-    settings = Settings()
+    settings = load_settings()
     configure_logging("worker", json_lines=settings.log_format == "json", level=settings.log_level,
                       secrets=secrets_of(settings), current_job_id=current_job_id)
     quiet_progress_bars()

@@ -26,9 +26,17 @@ CPU = torch.device("cpu")
 
 
 def resolve_device(setting: str) -> torch.device:
+    """The configured device; a ModelLoadError (one line for the user) when it is not there."""
     if setting == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(setting)
+    try:
+        device = torch.device(setting)
+    except RuntimeError as error:
+        raise ModelLoadError(f"IMAGINE_DEVICE={setting!r} is not a device: {error}") from None
+    if device.type == "cuda" and (not torch.cuda.is_available()
+                                  or (device.index or 0) >= torch.cuda.device_count()):
+        raise ModelLoadError(f"IMAGINE_DEVICE={setting!r}, but this machine's torch sees no such CUDA device")
+    return device
 
 
 def resolve_dtype(setting: str, device: torch.device) -> torch.dtype:

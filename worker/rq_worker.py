@@ -104,7 +104,13 @@ class ImagineWorker(SimpleWorker):
         self.max_batch_images = max_batch_images
         self.starvation_s = starvation_s
         self.jobs_done = 0
+        self.job_budget: int | None = None  # --max-jobs counts jobs, batch members included
         self.stop_asked = False
+
+    def work(self, *args, max_jobs: int | None = None, **kwargs) -> bool:
+        # RQ counts pipeline batches; the budget is enforced per job in execute_job.
+        self.job_budget = max_jobs
+        return super().work(*args, **kwargs)
 
     def get_heartbeat_ttl(self, job: Job, working_time: float = 0.0) -> int:
         return self.heartbeat_s * LEASE_HEARTBEATS
@@ -125,6 +131,8 @@ class ImagineWorker(SimpleWorker):
                 self._execute_one(member, queue, execution)
                 heartbeat.done(member)
         self.set_state(WorkerStatus.IDLE)
+        if self.job_budget is not None and self.jobs_done >= self.job_budget:
+            self._stop_requested = True  # RQ's loop ends before taking another job
 
     def _lease(self, job: Job) -> Execution:
         execution = self.prepare_execution(job)  # a started-registry entry with a lease; BUSY
@@ -136,10 +144,11 @@ class ImagineWorker(SimpleWorker):
             lead = request_of(job)
         except ValidationError:
             return []  # the job itself fails through RQ, which reports it
-        if self.max_batch_images <= lead.count:
+        room = None if self.job_budget is None else self.job_budget - self.jobs_done - 1
+        if self.max_batch_images <= lead.count or room == 0:
             return []
         claimed = []
-        for companion in claim_companions(queue, lead, self.max_batch_images):
+        for companion in claim_companions(queue, lead, self.max_batch_images, max_jobs=room):
             try:
                 claimed.append((companion, self._lease(companion)))
             except RedisError as error:  # left in RQ's intermediate list, which recovers it

@@ -6,6 +6,7 @@ pipelines; the job itself carries only JSON.
 
 from __future__ import annotations
 
+import itertools
 import logging
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -134,9 +135,14 @@ def images_for(runtime: WorkerRuntime, request: JobRequest, on_step: StepCallbac
     if ready is not None:
         return ready
     companions = runtime.batches.take_companions(request.job_id)
-    # The companions' users see the same step bar on their own messages while the batch runs.
-    reporters = [r for r in (discord_progress(runtime, c) for c in companions) if r is not None]
-    steps = [callback for callback in (on_step, *(r.on_step for r in reporters)) if callback is not None]
+    # The companions' users see the same step bar on their own messages while the batch runs,
+    # each with the latents of its own images (a preview must never show a stranger's image).
+    offsets = list(itertools.accumulate([request.count, *(c.count for c in companions)]))
+    reporters, steps = [], [on_step] if on_step is not None else []
+    for companion, offset in zip(companions, offsets):
+        if (reporter := discord_progress(runtime, companion)) is not None:
+            reporters.append(reporter)
+            steps.append(_from_image(offset, reporter.on_step))
     try:
         generations = generate_batch(runtime.pipelines.get(request.model), [request, *companions],
                                      _each(steps) if steps else None)
@@ -145,6 +151,11 @@ def images_for(runtime: WorkerRuntime, request: JobRequest, on_step: StepCallbac
             reporter.close()  # nothing may land after their results
     runtime.batches.store({c.job_id: g for c, g in zip(companions, generations[1:])})
     return generations[0]
+
+
+def _from_image(offset: int, callback: StepCallback) -> StepCallback:
+    """``callback`` sees the batch's latents from its job's first image on."""
+    return lambda step, total, latents: callback(step, total, latents[offset:])
 
 
 def _each(callbacks: list[StepCallback]) -> StepCallback:
@@ -157,18 +168,20 @@ def _each(callbacks: list[StepCallback]) -> StepCallback:
 # -- delivery ------------------------------------------------------------------------------------
 # Discord caps a whole message's attachments at 25 MiB, whatever each file's own limit is.
 REQUEST_UPLOAD_LIMIT = 25 * 1024 * 1024
+MAX_ATTACHMENTS = 10
 
 
 def uploads_for(generation: Generation, record: Reproducibility, limit: int) -> list[Upload]:
     """One file per image with its generation record; with several images, a grid too. Each
     file gets an equal share of the per-message limit when the per-file limit would overrun it."""
-    files = len(generation.images) + (1 if len(generation.images) > 1 else 0)
+    with_grid = 1 < len(generation.images) < MAX_ATTACHMENTS  # Discord: 10 files per message
+    files = len(generation.images) + with_grid
     limit = min(limit, REQUEST_UPLOAD_LIMIT // files)
     uploads = []
     for image, seed in zip(generation.images, generation.seeds):
         data, ext = encode_for_upload(image, limit, record.png_text(seed))
         uploads.append(Upload(data, f"imagine-{record.model}-{seed}.{ext}"))
-    if len(generation.images) > 1:
+    if with_grid:
         data, ext = encode_for_upload(grid(generation.images), limit)
         uploads.append(Upload(data, f"imagine-{record.model}-grid.{ext}"))
     return uploads
