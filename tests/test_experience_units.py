@@ -143,3 +143,26 @@ def test_records_round_trip_without_the_token(redis_server):
     assert store.user_jobs(42) == ["ix-5"] and store.load("ix-missing") is None
     assert repro.png_text(101)["seed"] == "101" and repro.png_text(101)["guidance"] == "7.5"
     assert repro.png_text(101)["revision"] == ""
+
+
+def test_a_position_edit_in_flight_holds_the_result_back_and_a_final_job_gets_none(redis_server):
+    from worker.progress import PositionEdits
+
+    edits = PositionEdits(Redis.from_url(redis_server.url), f"pos{time.time_ns()}", lease_s=5)
+    events: list[str] = []
+
+    def slow_position_edit():
+        with edits.position_edit("job") as allowed:
+            assert allowed
+            time.sleep(0.5)  # e.g. discord.py retrying a 5xx
+            events.append("position edit sent")
+
+    editor = threading.Thread(target=slow_position_edit)
+    editor.start()
+    time.sleep(0.1)
+    edits.finalize("job")  # the result is about to be posted
+    events.append("result posted")
+    editor.join()
+    assert events == ["position edit sent", "result posted"]
+    with edits.position_edit("job") as allowed:
+        assert not allowed  # once final, no position edit goes out

@@ -13,6 +13,8 @@ import io
 import logging
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Callable
 
 import requests
@@ -65,6 +67,38 @@ class EditGate:
 
     def acquire(self, job_id: str) -> bool:
         return bool(self.redis.set(f"{self.prefix}:edit-gate:{job_id}", 1, nx=True, px=self.ttl_ms))
+
+
+class PositionEdits:
+    """Queue-position edits come from any worker; the result from the one that ran the job.
+    A position edit runs under a short Redis lease and only while the job is not final; the
+    result marks the job final first and waits out a lease in flight, so a slow (retried)
+    position edit can never replace the text above a posted result."""
+
+    def __init__(self, redis: Redis, prefix: str, lease_s: float = 15.0):
+        self.redis, self.prefix, self.lease_s = redis, prefix, lease_s
+
+    def _keys(self, job_id: str) -> tuple[str, str]:
+        return f"{self.prefix}:final:{job_id}", f"{self.prefix}:position-edit:{job_id}"
+
+    @contextmanager
+    def position_edit(self, job_id: str) -> Iterator[bool]:
+        """Yields whether the edit may go out now."""
+        final, editing = self._keys(job_id)
+        if not self.redis.set(editing, 1, nx=True, px=int(self.lease_s * 1000)):
+            yield False
+            return
+        try:
+            yield not self.redis.exists(final)
+        finally:
+            self.redis.delete(editing)
+
+    def finalize(self, job_id: str) -> None:
+        final, editing = self._keys(job_id)
+        self.redis.set(final, 1, ex=3600)
+        deadline = time.monotonic() + self.lease_s
+        while self.redis.exists(editing) and time.monotonic() < deadline:
+            time.sleep(0.05)
 
 
 Send = Callable[[int, int, bytes | None], None]  # (step, total, preview PNG or None)
@@ -138,6 +172,7 @@ def refresh_queued_messages(redis: Redis, queue: Queue, stats: FleetStats, gate:
     of the queue); returns how many were edited. Called when a worker takes a job."""
     ids = queue.get_job_ids(0, limit)
     workers = Worker.count(connection=redis, queue=queue)
+    ordering = PositionEdits(redis, gate.prefix)
     edited = 0
     for position, job in enumerate(Job.fetch_many(ids, connection=redis, serializer=JSONSerializer), 1):
         if job is None:
@@ -148,10 +183,13 @@ def refresh_queued_messages(redis: Redis, queue: Queue, stats: FleetStats, gate:
         if job.get_status() != JobStatus.QUEUED:  # taken meanwhile: its own progress follows
             continue
         eta = stats.eta(request.model, position, workers, work_units(request))
-        try:
-            edit_original(request.delivery, session,
-                          queued_text(request.model, request.prompt, request.count, position, eta))
-            edited += 1
-        except Exception as error:
-            log.warning("queue position edit for %s failed: %s", request.job_id, error)
+        with ordering.position_edit(request.job_id) as allowed:
+            if not allowed:
+                continue
+            try:
+                edit_original(request.delivery, session,
+                              queued_text(request.model, request.prompt, request.count, position, eta))
+                edited += 1
+            except Exception as error:
+                log.warning("queue position edit for %s failed: %s", request.job_id, error)
     return edited

@@ -32,7 +32,7 @@ from worker.generate import Generation, StepCallback, generate_batch, reproducib
 from worker.images import encode_for_upload, grid, png_bytes
 from worker.outcomes import Outcomes, Told
 from worker.pipelines import ResidentPipelines
-from worker.progress import (PREVIEW_NAME, EditGate, ProgressReporter, latent_preview,
+from worker.progress import (PREVIEW_NAME, EditGate, PositionEdits, ProgressReporter, latent_preview,
                              refresh_queued_messages)
 
 log = logging.getLogger(__name__)
@@ -198,6 +198,8 @@ def deliver(runtime: WorkerRuntime, request: JobRequest, generation: Generation,
                          uploads[-1].filename)  # the image, or the grid of several
     if progress is not None:
         progress.close()  # no progress edit may land after the result
+    if runtime.redis is not None:
+        PositionEdits(runtime.redis, runtime.key_prefix).finalize(request.job_id)
     view = ResultComponents(request.job_id, request.model, runtime.catalog)
     posted = deliver_result(request.delivery, f"<@{request.delivery.user_id}>", embed, uploads, view,
                             runtime.session, runtime.bot_token, nonce=request.job_id[:25])
