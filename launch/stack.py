@@ -33,6 +33,7 @@ from settings.config import Settings, load_settings
 TINY_MODEL = "tiny"
 LOCAL_HOSTS = {"127.0.0.1", "localhost", "::1"}
 STOP_TIMEOUT_S = 20
+REDIS_START_S = 15
 
 
 def say(text: str) -> None:
@@ -56,7 +57,8 @@ def start_redis(url: str, data_dir: Path) -> subprocess.Popen:
         raise SystemExit("error: redis-server not found; install it (apt-get install redis-server)")
     data_dir.mkdir(parents=True, exist_ok=True)
     return subprocess.Popen(
-        [binary, "--port", str(parsed.port or 6379), "--bind", "127.0.0.1", "--dir", str(data_dir),
+        [binary, "--port", str(parsed.port or 6379), "--bind", "::1" if parsed.hostname == "::1" else "127.0.0.1",
+         "--dir", str(data_dir),
          "--appendonly", "yes", "--appendfsync", "everysec", "--maxmemory-policy", "noeviction",
          "--save", ""],
         stdout=subprocess.DEVNULL, start_new_session=True)
@@ -89,7 +91,7 @@ class Child:
             self.popen.wait(max(deadline - time.monotonic(), 0.1))
         except subprocess.TimeoutExpired:
             say(f"{self.name} did not stop in time; killing it")
-            self.popen.kill()
+            os.killpg(self.popen.pid, signal.SIGKILL)  # its group: RQ's scheduler child too
             self.popen.wait()
 
 
@@ -128,22 +130,37 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     settings = load_settings()
     stop = threading.Event()
-    for sig in (signal.SIGINT, signal.SIGTERM):
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):  # SIGHUP: the terminal closed
         signal.signal(sig, lambda *_: stop.set())
-
     children: list[Child] = []
+    try:
+        return run(args, settings, children, stop)
+    finally:
+        shut_down(children)  # whatever ended the run: no child outlives the launcher
+
+
+def run(args: argparse.Namespace, settings: Settings, children: list[Child], stop: threading.Event) -> int:
     if not redis_answers(settings.redis_url):
         children.append(Child("redis", start_redis(settings.redis_url, args.redis_dir)))
         say(f"started redis-server (pid {children[0].popen.pid}) for {settings.redis_url}")
+        deadline = time.monotonic() + REDIS_START_S
         while not redis_answers(settings.redis_url):
             if not children[0].alive():
                 raise SystemExit("error: redis-server exited; is the port in use?")
-            time.sleep(0.1)
+            if time.monotonic() > deadline:
+                raise SystemExit(f"error: the redis-server started here does not answer at {settings.redis_url}")
+            if stop.wait(0.1):
+                return 0
 
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     env.setdefault("IMAGINE_LOG_FORMAT", "text")  # people read this terminal
     if "worker_models" not in settings.model_fields_set:
-        env.update(tiny_env(settings, args.tiny_dir))
+        try:
+            env.update(tiny_env(settings, args.tiny_dir))
+        except subprocess.CalledProcessError as error:
+            if stop.is_set():  # Ctrl-C reached the writer too
+                return 0
+            raise SystemExit(f"error: writing the tiny model failed (exit code {error.returncode})") from None
     children.append(spawn("worker", "worker.main", env))
     children.append(spawn("web", "web.app", env))
     if settings.discord_token is not None:
@@ -151,9 +168,7 @@ def main(argv: list[str] | None = None) -> int:
     else:
         say("Discord bot off (set IMAGINE_DISCORD_TOKEN and IMAGINE_APPLICATION_ID to start it)")
 
-    code = supervise(children, settings, stop)
-    shut_down(children)
-    return code
+    return supervise(children, settings, stop)
 
 
 def supervise(children: list[Child], settings: Settings, stop: threading.Event) -> int:
@@ -173,7 +188,8 @@ def supervise(children: list[Child], settings: Settings, stop: threading.Event) 
 def shut_down(children: list[Child]) -> None:
     """Front ends first, then the worker (RQ finishes its current job), then Redis last."""
     deadline = time.monotonic() + STOP_TIMEOUT_S
-    for child in reversed(children):
+    while children:
+        child = children.pop()
         child.stop(deadline)
         say(f"stopped {child.name}")
     say("all stopped")

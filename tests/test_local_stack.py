@@ -185,3 +185,36 @@ def _answers(url: str) -> bool:
         return bool(Redis.from_url(url, socket_connect_timeout=1).ping())
     except Exception:
         return False
+
+
+def alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    # A zombie awaiting its parent counts as gone.
+    return "(Z" not in Path(f"/proc/{pid}/stat").read_text().split(")")[-1][:3]
+
+
+@pytest.mark.parametrize("ending", ["gives up", "SIGHUP"])
+def test_launcher_never_hangs_on_or_leaves_behind_a_redis_it_started(tmp_path, ending):
+    """A redis-server that never answers (db 20 of 16) ends the launch with one line; closing
+    the terminal (SIGHUP) while it waits stops it too. Either way no redis-server is left."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("IMAGINE_")}
+    env.update({"PYTHONPATH": str(ROOT), "IMAGINE_REDIS_URL": f"redis://127.0.0.1:{free_port()}/20"})
+    launcher = Launcher(env, tmp_path / "launch.log", "--redis-dir", str(tmp_path / "redis"))
+    try:
+        wait_for(lambda: "started redis-server" in launcher.log(), 30, what="redis started")
+        if ending == "SIGHUP":
+            launcher.popen.send_signal(signal.SIGHUP)
+        code = launcher.popen.wait(40)
+    finally:
+        if launcher.popen.poll() is None:
+            launcher.popen.kill()
+    redis_pid = launcher.pids()["redis-server"]
+    assert not alive(redis_pid), launcher.log()
+    assert "Traceback" not in launcher.log() and "all stopped" in launcher.log()
+    if ending == "gives up":
+        assert code == 1 and "error: the redis-server started here does not answer" in launcher.log()
+    else:
+        assert code == 0

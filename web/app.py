@@ -42,7 +42,7 @@ def progress_text(request: JobRequest, progress: Progress) -> str:
         return f"Queued on **{request.model}** — position **{where}** of {progress.waiting or 1}."
     if progress.state == "running":
         return f"Generating on **{request.model}** — step {progress.step}/{progress.steps}."
-    if progress.state == "gone":
+    if progress.state in ("gone", "expired"):
         return "The job expired before a worker took it. Please try again."
     return "Sorry: your image could not be generated. The operators have the details."
 
@@ -68,7 +68,7 @@ def size_choices(settings: Settings) -> list[int]:
 def run_job(jobs: WebJobs, options: ImagineOptions) -> Iterator[tuple[str, list]]:
     """Submit, then yield (status text, gallery) until the images are there."""
     try:
-        request, position = jobs.submit(options)
+        request, position, notes = jobs.submit(options)
     except InvalidRequest as error:
         yield f"**Cannot generate:** {error}", []
         return
@@ -78,19 +78,32 @@ def run_job(jobs: WebJobs, options: ImagineOptions) -> Iterator[tuple[str, list]
         return
     log.info("queued %s on %s at #%s", request.job_id, request.model, position,
              extra={"job_id": request.job_id})
-    deadline = time.monotonic() + jobs.settings.queue_ttl_s + jobs.settings.job_timeout_s
+    changed = "".join(f"\n\nℹ️ {note}" for note in notes)  # e.g. steps lowered to the server's cap
+    deadline = time.monotonic() + jobs.queue.job_lifetime_s()
     progress = Progress("queued", position, position)
-    while not progress.done and time.monotonic() < deadline:
-        yield progress_text(request, progress), []
-        time.sleep(POLL_S)
-        try:
-            progress = jobs.progress(request)
-        except RedisError as error:
-            log.warning("queue unavailable while waiting: %s", error)
+    try:
+        while not progress.done and time.monotonic() < deadline:
+            yield progress_text(request, progress) + changed, []
+            time.sleep(POLL_S)
+            try:
+                progress = jobs.progress(request)
+            except RedisError as error:
+                log.warning("queue unavailable while waiting: %s", error)
+    finally:
+        if not progress.done:  # the page gave up or was closed: nobody will see the images
+            _abandon(jobs, request)
     if progress.result is None:
-        yield progress_text(request, progress if progress.done else Progress("gone")), []
+        yield progress_text(request, progress if progress.done else Progress("expired")), []
         return
     yield result_text(progress.result), gallery_items(jobs, progress.result)
+
+
+def _abandon(jobs: WebJobs, request: JobRequest) -> None:
+    try:
+        if jobs.abandon(request):
+            log.info("web job %s abandoned while queued", request.job_id, extra={"job_id": request.job_id})
+    except RedisError as error:  # the queue's own TTL removes it later
+        log.warning("could not take web job %s off the queue: %s", request.job_id, error)
 
 
 def build_ui(jobs: WebJobs) -> gr.Blocks:

@@ -26,7 +26,7 @@ WAITING = {JobStatus.CREATED, JobStatus.QUEUED, JobStatus.DEFERRED, JobStatus.SC
 
 @dataclass(frozen=True)
 class Progress:
-    state: str  # "queued" | "running" | "finished" | "failed" | "gone"
+    state: str  # "queued" | "running" | "finished" | "failed" | "expired" | "gone"
     position: int | None = None  # 1-based, while queued
     waiting: int | None = None  # jobs in the model's queue, while queued
     step: int = 0
@@ -35,7 +35,7 @@ class Progress:
 
     @property
     def done(self) -> bool:
-        return self.state in ("finished", "failed", "gone")
+        return self.state in ("finished", "failed", "expired", "gone")
 
 
 def new_job_id() -> str:
@@ -50,14 +50,23 @@ class WebJobs:
         self.queue = JobQueue(redis, settings)
         self.policies = PolicyStore(redis, settings.queue_prefix)
 
-    def submit(self, options: ImagineOptions) -> tuple[JobRequest, int]:
-        """Validate, apply the policy and enqueue; (request, 1-based position). Raises
-        ``InvalidRequest`` for the user and ``RedisError`` when the queue is down."""
+    def submit(self, options: ImagineOptions) -> tuple[JobRequest, int | None, tuple[str, ...]]:
+        """Validate, apply the policy and enqueue; (request, 1-based position, what the policy
+        changed). Raises ``InvalidRequest`` for the user and ``RedisError`` when the queue is down."""
         moderated, position = enqueue_moderated(
             options, web_requester(self.settings), job_id=new_job_id(), settings=self.settings,
             catalog=self.catalog, policies=self.policies, jobs=self.queue, created_at=time.time(),
             store_images=True)
-        return moderated.request, position
+        return moderated.request, position, moderated.notes
+
+    def abandon(self, request: JobRequest) -> bool:
+        """Take a job nobody will watch off the queue (the page gave up or was closed); True
+        when it was still waiting. A running job finishes; its images expire unseen."""
+        queue = self.queue.queue(request.model)
+        if not queue.remove(request.job_id):
+            return False
+        Job.fetch(request.job_id, connection=self.redis, serializer=JSONSerializer).cancel()
+        return True
 
     def progress(self, request: JobRequest) -> Progress:
         try:
@@ -74,6 +83,8 @@ class WebJobs:
             return Progress("running", step=step.get("step", 0), steps=step.get("steps", request.steps))
         if status == JobStatus.FINISHED:
             return Progress("finished", result=JobResult.model_validate(job.return_value()))
+        if status in (JobStatus.CANCELED, JobStatus.STOPPED):  # the bot's expiry sweep, say
+            return Progress("expired")
         return Progress("failed")
 
     def images(self, result: JobResult) -> list[bytes]:
