@@ -59,9 +59,10 @@ class FleetStats:
     def _key(self, model: str, kind: str = "latency") -> str:
         return f"{self.prefix}:{kind}:{model}"
 
-    def record(self, model: str, job_ms: float, units: float | None = None) -> None:
-        """One finished job: its time, and its time per unit of work when ``units`` is given."""
-        samples = [("latency", job_ms)] + ([("unit-ms", job_ms / units)] if units else [])
+    def record(self, model: str, job_ms: float, ms_per_unit: float | None = None) -> None:
+        """One finished job: how long it held its worker, and the generation time per unit of
+        work of the pipeline call that made its images (a batch's, shared by its jobs)."""
+        samples = [("latency", job_ms)] + ([("unit-ms", ms_per_unit)] if ms_per_unit else [])
         with self.redis.pipeline() as pipe:
             for kind, value in samples:
                 pipe.lpush(self._key(model, kind), f"{value:.4f}")

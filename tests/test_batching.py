@@ -205,6 +205,8 @@ def test_a_batch_owns_its_companions_until_each_is_done_even_through_a_crash(
         wait_for(lambda: all(fake_discord.results(t) for t in tokens), 240, what="each member's result")
         time.sleep(1.5)
         assert [len(fake_discord.results(m.delivery.interaction_token)) for m in batch] == [1, 1, 1]
+        retries = [Job.fetch(m.job_id, connection=redis, serializer=JSONSerializer).retries_left for m in batch]
+        assert retries == [1, 1, 1], "each member is recovered once, not by two clean-ups"
     finally:
         survivor.stop()
 
@@ -286,3 +288,27 @@ def test_a_companions_preview_shows_its_own_image_never_the_leads(tiny_model_dir
     for latents in previewed:
         assert any(torch.allclose(latents, own, atol=1e-4) for own in companions_own)
         assert not any(torch.allclose(latents, own, atol=1e-4) for own in leads_own)
+
+
+def test_a_malformed_job_plans_no_batch_instead_of_stopping_the_worker(redis_server):
+    from worker.batching import BatchPlan
+
+    redis = Redis.from_url(redis_server.url)
+    bad = Job.create("worker.tasks.run_imagine", args=[{"prompt": "no model"}], connection=redis,
+                     serializer=JSONSerializer)
+    good = Job.create("worker.tasks.run_imagine", args=[request("ok").model_dump(mode="json")],
+                      connection=redis, serializer=JSONSerializer)
+    plan = BatchPlan()
+    plan.plan(bad, [good], 8)  # the bad lead fails through RQ; the good one runs alone
+    plan.plan(good, [bad], 8)  # a bad companion is left out
+    assert plan.take_companions(bad.id) == [] and plan.take_companions(good.id) == []
+
+
+def test_previews_pause_while_a_batch_runs_in_parts_after_running_out_of_memory():
+    from worker.tasks import _from_image
+
+    seen = []
+    callback = _from_image(2, 4, lambda step, total, latents: seen.append(latents))
+    callback(1, 10, torch.arange(4).view(4, 1))  # the whole batch: this job's images start at 2
+    callback(2, 10, torch.arange(2).view(2, 1))  # one half after a split: not this job's layout
+    assert seen[0].flatten().tolist() == [2, 3] and seen[1] is None

@@ -54,7 +54,7 @@ def test_eta_scales_the_jobs_own_run_with_its_steps_images_and_size(redis_server
     stats = FleetStats(Redis.from_url(redis_server.url), prefix="unit-fleet-work", samples=10, min_samples=3)
     stats.redis.delete("unit-fleet-work:latency:m", "unit-fleet-work:unit-ms:m")
     for _ in range(3):  # typical jobs: 25 steps, one 512² image, 2 s each
-        stats.record("m", 2000, work_units(job(25, 1, 512)))
+        stats.record("m", 2000, 2000 / work_units(job(25, 1, 512)))
     typical = stats.eta("m", position=1, workers=1, units=work_units(job(25, 1, 512)))
     heavy = stats.eta("m", position=1, workers=1, units=work_units(job(50, 4, 512)))
     assert (typical, heavy) == (2.0, 16.0)

@@ -334,3 +334,12 @@ def test_a_prompt_cannot_ping_everyone_or_roles(stack, guild):
     result = wait_for(lambda: stack.results(payload["token"]), 60, what="result")[0]
     mentions = result.payload["allowed_mentions"]
     assert mentions["parse"] == [] and mentions.get("roles", []) == [] and [str(u) for u in mentions["users"]] == [MEMBER_ID]
+
+
+def test_channel_mentions_always_fit_an_embed_field():
+    from bot.commands.admin import mentions
+
+    for count in range(1, 101):
+        shown = mentions(tuple(1234567890123456789 + i for i in range(count)), 1024)
+        assert len(shown) <= 1024
+        assert shown.count("<#") == count or shown.endswith("more)")

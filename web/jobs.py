@@ -65,7 +65,10 @@ class WebJobs:
         queue = self.queue.queue(request.model)
         if not queue.remove(request.job_id):
             return False
-        Job.fetch(request.job_id, connection=self.redis, serializer=JSONSerializer).cancel()
+        try:
+            Job.fetch(request.job_id, connection=self.redis, serializer=JSONSerializer).cancel()
+        except NoSuchJobError:
+            pass  # expired meanwhile: off the queue either way
         return True
 
     def progress(self, request: JobRequest) -> Progress:

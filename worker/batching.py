@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, field
 
+from pydantic import ValidationError
 from rq import Queue
 from rq.job import Job
 
@@ -60,9 +61,16 @@ class BatchPlan:
     def plan(self, lead: Job, claimed: list[Job], max_images: int) -> None:
         """The claimed jobs that join the lead's pipeline call: compatible, within the image
         budget (a job raced in from behind may be neither; it then runs alone afterwards)."""
-        lead_request = request_of(lead)
+        try:
+            lead_request = request_of(lead)
+        except ValidationError:
+            return  # the lead fails through RQ; the claimed jobs run alone
         images, joining = lead_request.count, []
-        for request in map(request_of, claimed):
+        for job in claimed:
+            try:
+                request = request_of(job)
+            except ValidationError:
+                continue  # fails through RQ when its turn comes
             if batch_key(request) == batch_key(lead_request) and images + request.count <= max_images:
                 joining.append(request)
                 images += request.count

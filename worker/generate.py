@@ -18,8 +18,8 @@ from settings.catalog import ModelEntry
 from settings.jobs import JobRequest, Reproducibility
 
 log = logging.getLogger(__name__)
-# (steps done, total steps, current latents) — called from inside the denoising loop.
-StepCallback = Callable[[int, int, torch.Tensor], None]
+# (steps done, total steps, current latents or None) — called from inside the denoising loop.
+StepCallback = Callable[[int, int, torch.Tensor | None], None]
 
 
 @dataclass(frozen=True)

@@ -127,9 +127,10 @@ class ProgressReporter:
     def _due(self) -> bool:
         return time.monotonic() - self._last_sent >= self.interval_s
 
-    def on_step(self, step: int, total: int, latents: torch.Tensor) -> None:
+    def on_step(self, step: int, total: int, latents: torch.Tensor | None) -> None:
         # Copy latents off the device only when an edit is due: the copy syncs the GPU.
-        keep = latents[:1].to("cpu", copy=True) if self.preview is not None and self._due() else None
+        due = latents is not None and self.preview is not None and self._due()
+        keep = latents[:1].to("cpu", copy=True) if due else None
         with self._lock:
             if keep is None and self._pending is not None and self._pending[2] is not None:
                 keep = self._pending[2]  # keep a due preview until it is sent

@@ -25,7 +25,6 @@ import time
 from pydantic import ValidationError
 from redis.exceptions import RedisError
 from rq import Queue, SimpleWorker
-from rq.intermediate_queue import IntermediateQueue
 from rq.executions import Execution
 from rq.job import Job, JobStatus
 from rq.registry import clean_registries
@@ -123,7 +122,7 @@ class ImagineWorker(SimpleWorker):
         leases are renewed until its turn ends: a crash anywhere hands each one back to RQ's
         abandoned-job retry within a lease, a cancel meets a started job, and a warm shutdown
         (the worker stays BUSY) finishes the whole batch."""
-        members = [(job, self._lease(job))]  # first, before anything else can fail
+        members = [(job, self._lease(job, queue))]  # first, before anything else can fail
         members += self._claim_companions(job, queue)
         current_runtime().batches.plan(job, [member for member, _ in members[1:]], self.max_batch_images)
         with BatchHeartbeat(self, members, self.heartbeat_s) as heartbeat:
@@ -134,9 +133,15 @@ class ImagineWorker(SimpleWorker):
         if self.job_budget is not None and self.jobs_done >= self.job_budget:
             self._stop_requested = True  # RQ's loop ends before taking another job
 
-    def _lease(self, job: Job) -> Execution:
+    def _lease(self, job: Job, queue: Queue) -> Execution:
         execution = self.prepare_execution(job)  # a started-registry entry with a lease; BUSY
-        job.set_status(JobStatus.STARTED)  # what RQ's clean-up retries when the lease lapses
+        with self.connection.pipeline() as pipe:
+            job.set_status(JobStatus.STARTED, pipeline=pipe)  # what RQ's clean-up retries on a lapse
+            pipe.persist(job.key)  # the queue's TTL no longer applies to a job we hold
+            # Out of RQ's intermediate list: its clean-up must not recover a job we hold, or
+            # recover it a second time after the started registry's own retry.
+            pipe.lrem(queue.intermediate_queue_key, 1, job.id)
+            pipe.execute()
         return execution
 
     def _claim_companions(self, job: Job, queue: Queue) -> list[tuple[Job, Execution]]:
@@ -150,7 +155,7 @@ class ImagineWorker(SimpleWorker):
         claimed = []
         for companion in claim_companions(queue, lead, self.max_batch_images, max_jobs=room):
             try:
-                claimed.append((companion, self._lease(companion)))
+                claimed.append((companion, self._lease(companion, queue)))
             except RedisError as error:  # left in RQ's intermediate list, which recovers it
                 log.warning("could not lease batch companion %s: %s", companion.id, error)
         return claimed
@@ -161,9 +166,6 @@ class ImagineWorker(SimpleWorker):
             self.perform_job(job, queue, execution)
         finally:
             current_runtime().batches.forget(job.id)
-            # A companion was claimed with RQ's single-queue dequeue into the intermediate list,
-            # which a multi-queue worker's prepare step does not clear.
-            IntermediateQueue(queue.key, self.connection).remove(job.id)
         self.jobs_done += 1
 
     def dequeue_job_and_maintain_ttl(self, timeout, max_idle_time=None):

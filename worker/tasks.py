@@ -137,12 +137,13 @@ def images_for(runtime: WorkerRuntime, request: JobRequest, on_step: StepCallbac
     companions = runtime.batches.take_companions(request.job_id)
     # The companions' users see the same step bar on their own messages while the batch runs,
     # each with the latents of its own images (a preview must never show a stranger's image).
-    offsets = list(itertools.accumulate([request.count, *(c.count for c in companions)]))
-    reporters, steps = [], [on_step] if on_step is not None else []
-    for companion, offset in zip(companions, offsets):
+    counts = [request.count, *(c.count for c in companions)]
+    offsets, images = [0, *itertools.accumulate(counts)][:-1], sum(counts)
+    reporters, steps = [], [_from_image(0, images, on_step)] if on_step is not None else []
+    for companion, offset in zip(companions, offsets[1:]):
         if (reporter := discord_progress(runtime, companion)) is not None:
             reporters.append(reporter)
-            steps.append(_from_image(offset, reporter.on_step))
+            steps.append(_from_image(offset, images, reporter.on_step))
     try:
         generations = generate_batch(runtime.pipelines.get(request.model), [request, *companions],
                                      _each(steps) if steps else None)
@@ -153,9 +154,12 @@ def images_for(runtime: WorkerRuntime, request: JobRequest, on_step: StepCallbac
     return generations[0]
 
 
-def _from_image(offset: int, callback: StepCallback) -> StepCallback:
-    """``callback`` sees the batch's latents from its job's first image on."""
-    return lambda step, total, latents: callback(step, total, latents[offset:])
+def _from_image(offset: int, images: int, callback: StepCallback) -> StepCallback:
+    """``callback`` sees the batch's latents from its job's first image on; while the batch runs
+    in parts after running out of memory, only the step (no latents: no preview of the wrong
+    image)."""
+    return lambda step, total, latents: callback(
+        step, total, latents[offset:] if latents.shape[0] == images else None)
 
 
 def _each(callbacks: list[StepCallback]) -> StepCallback:
@@ -272,7 +276,10 @@ def run_imagine(payload: dict) -> dict:
         result.timings.total_ms = (time.time() - request.created_at) * 1000
     if runtime.redis is not None:
         # How long this job held the worker: what the next ETAs are made of.
-        runtime.stats().record(request.model, (time.perf_counter() - started) * 1000, work_units(request))
+        # Per unit, from the pipeline call: a batch companion's own job time is only its posting.
+        call_units = work_units(request) * generation.batch_images / request.count
+        runtime.stats().record(request.model, (time.perf_counter() - started) * 1000,
+                               generation.inference_ms / call_units)
     metrics.record_result(result)
     log.info("job %s done: %s", request.job_id, result.timings.model_dump())
     return result.model_dump(mode="json")

@@ -146,9 +146,10 @@ def mentions(channel_ids: tuple[int, ...], limit: int) -> str:
     """Channel mentions within ``limit`` characters; the ones left out are counted."""
     shown: list[str] = []
     for i, channel_id in enumerate(channel_ids):
-        rest = len(channel_ids) - i
+        rest = len(channel_ids) - i  # this one included
         candidate = ", ".join([*shown, f"<#{channel_id}>"])
-        if len(candidate) + len(f" (and {rest} more)") > limit and rest > 1:
+        room = limit - (len(f" (and {rest - 1} more)") if rest > 1 else 0)
+        if len(candidate) > room:
             return ", ".join(shown) + f" (and {rest} more)"
         shown.append(f"<#{channel_id}>")
     return ", ".join(shown)
