@@ -16,7 +16,7 @@ from rq.job import Job
 
 from bot.policy_store import PolicyStore
 from bot.queue import JobQueue
-from settings.jobs import ACTIVE_KEY_META, JobRequest
+from settings.jobs import JobRequest
 
 EXPIRED_TEXT = ("⏳ No GPU worker could start your image within {minutes} minutes, so it was "
                 "cancelled. Please try again.")
@@ -46,7 +46,6 @@ def expire_stale_jobs(jobs: JobQueue, policies: PolicyStore, models: list[str], 
             if not _take(queue, job):
                 continue
             job.cancel()
-            if active_key := job.meta.get(ACTIVE_KEY_META):
-                policies.release(active_key, job.id)
+            policies.release_job(job)
             expired.append(request)
     return expired

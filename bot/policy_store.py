@@ -22,8 +22,10 @@ from pydantic import BaseModel
 from redis import Redis
 from redis.client import Pipeline
 from redis.exceptions import WatchError
+from rq.job import Job
 
 from bot.policy import GuildPolicy, PolicyViolation
+from settings.jobs import ACTIVE_KEY_META
 
 AUDIT_KEEP = 500
 
@@ -157,6 +159,12 @@ class PolicyStore:
 
     def release(self, active_key: str, job_id: str) -> None:
         self.redis.zrem(active_key, job_id)
+
+    def release_job(self, job: Job) -> None:
+        """Free the slot a queued job holds (named in its meta), e.g. when it is cancelled:
+        RQ runs no callback then, so the worker never frees it."""
+        if active_key := job.meta.get(ACTIVE_KEY_META):
+            self.release(active_key, job.id)
 
     def active_jobs(self, guild_id: int, user_id: int) -> list[str]:
         key = self.active_key(guild_id, user_id)

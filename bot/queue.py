@@ -174,9 +174,9 @@ class Cancelling:
     """Cancel queued jobs (RQ ``Job.cancel``: out of the queue, into the canceled registry).
     A job a worker has already started is not interrupted; it finishes and posts."""
 
-    def __init__(self, jobs: JobQueue, release: Callable[[str, str], None]):
+    def __init__(self, jobs: JobQueue, release_job: Callable[[Job], None]):
         self.jobs = jobs
-        self.release = release  # (active-set key, job id): frees the user's slot
+        self.release_job = release_job  # frees the user's slot (PolicyStore.release_job)
 
     def queued(self, guild_id: int | None, user_id: int) -> list[QueuedJob]:
         """The user's waiting jobs in this server, found through their own job records (not by
@@ -207,8 +207,7 @@ class Cancelling:
             job.cancel()  # runs no RQ callback, so the worker will not free the slot
         except InvalidJobOperation:
             raise CannotCancel(f"Job `{job_id}` was already cancelled.") from None
-        if active_key := job.meta.get(ACTIVE_KEY_META):
-            self.release(active_key, job.id)
+        self.release_job(job)
         return request
 
 

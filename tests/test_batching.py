@@ -196,7 +196,7 @@ def test_a_batch_owns_its_companions_until_each_is_done_even_through_a_crash(
         queue.intermediate_queue.cleanup(ImagineWorker([queue], connection=redis, serializer=JSONSerializer), queue)
         assert queue.count == 0 and all(s == "started" for s in statuses()), "another worker took them back"
         with pytest.raises(CannotCancel):
-            Cancelling(jobs, release=lambda *_: None).cancel(batch[2].job_id, 5, 1, False)
+            Cancelling(jobs, release_job=lambda job: None).cancel(batch[2].job_id, 5, 1, False)
     finally:
         doomed.kill_group()
     survivor = start_worker({**env, **fast}, tmp_path / "survivor.log")

@@ -37,9 +37,8 @@ def claim_companions(queue: Queue, lead: JobRequest, max_images: int, max_jobs: 
         while images < max_images and (max_jobs is None or len(claimed) < max_jobs):
             head_id = queue.connection.lindex(queue.key, 0)
             head = queue.fetch_job(head_id.decode()) if head_id else None
-            if head is None or batch_key(request_of(head)) != batch_key(lead):
-                break
-            if images + request_of(head).count > max_images:
+            request = request_of(head) if head is not None else None
+            if request is None or batch_key(request) != batch_key(lead) or images + request.count > max_images:
                 break
             taken = Queue.dequeue_any([queue], None, connection=queue.connection, serializer=queue.serializer)
             if taken is None:

@@ -141,6 +141,16 @@ def _text(interaction: discord.Interaction, name: str, text: str) -> str:
     return text
 
 
+def _appended(policy: GuildPolicy, field: str, value: Any, cap: int, too_many: str) -> dict[str, Any]:
+    """The update adding ``value`` to a list setting: none when it is there, refused at ``cap``."""
+    values = getattr(policy, field)
+    if value in values:
+        return {}
+    if len(values) >= cap:
+        raise InvalidRequest(too_many)
+    return {field: (*values, value)}
+
+
 # -- whole policy and audit ----------------------------------------------------------------------
 def mentions(channel_ids: tuple[int, ...], limit: int) -> str:
     """Channel mentions within ``limit`` characters; the ones left out are counted."""
@@ -241,15 +251,8 @@ def _term(term: str) -> str:
 
 @banned_group.command(name="add", description="Refuse prompts containing this term (end with * for any ending)")
 async def banned_add(interaction: discord.Interaction, term: str) -> None:
-    def mutate(policy: GuildPolicy) -> dict[str, Any]:
-        value = _term(term)
-        if value in policy.banned_terms:
-            return {}
-        if len(policy.banned_terms) >= MAX_TERMS:
-            raise InvalidRequest(f"At most {MAX_TERMS} banned terms per server.")
-        return {"banned_terms": (*policy.banned_terms, value)}
-
-    await change(interaction, "banned add", mutate)
+    await change(interaction, "banned add", lambda p: _appended(
+        p, "banned_terms", _term(term), MAX_TERMS, f"At most {MAX_TERMS} banned terms per server."))
 
 
 @banned_group.command(name="remove", description="Allow this term again")
@@ -377,15 +380,9 @@ def _channel_id(interaction: discord.Interaction, channel: discord.abc.GuildChan
 @channels_group.command(name="allow", description="Let /imagine work in a channel (default: this one)")
 async def channels_allow(interaction: discord.Interaction, channel: discord.abc.GuildChannel | None = None) -> None:
     channel_id = _channel_id(interaction, channel)
-
-    def mutate(policy: GuildPolicy) -> dict[str, Any]:
-        if channel_id in policy.channels:
-            return {}
-        if len(policy.channels) >= MAX_CHANNELS:
-            raise InvalidRequest(f"At most {MAX_CHANNELS} channels; `channels clear` lets /imagine work everywhere.")
-        return {"channels": (*policy.channels, channel_id)}
-
-    await change(interaction, "channels allow", mutate)
+    await change(interaction, "channels allow", lambda p: _appended(
+        p, "channels", channel_id, MAX_CHANNELS,
+        f"At most {MAX_CHANNELS} channels; `channels clear` lets /imagine work everywhere."))
 
 
 @channels_group.command(name="remove", description="Take a channel off the list (default: this one)")

@@ -27,7 +27,7 @@ def is_admin(interaction: discord.Interaction) -> bool:
 
 
 def _cancelling(bot: ImagineBot) -> Cancelling:
-    return Cancelling(bot.jobs, release=bot.policies.release)
+    return Cancelling(bot.jobs, release_job=bot.policies.release_job)
 
 
 def cancel_jobs(bot: "ImagineBot", job_ids: list[str], user_id: int, guild_id: int | None,
