@@ -20,7 +20,7 @@ from redis import Redis
 from rq.job import Job
 from rq.serializers import JSONSerializer
 
-from settings.jobs import job_id_for_interaction
+from core.jobs import job_id_for_interaction
 from tests.fake_discord import FakeDiscord, slash_command
 from tests.stack import RedisServer, live_workers, stack_env, start_bot, start_worker, wait_for
 from worker.tiny import write_tiny_pipeline

@@ -21,12 +21,12 @@ from typing import Callable
 
 from redis import Redis
 
-from bot.admission import Requester, enqueue_moderated
-from bot.policy import GuildPolicy, apply_policy
-from bot.policy_store import Actor, PolicyStore
-from bot.queue import JobQueue
+from core.admission import Requester, enqueue_moderated
+from core.policy import GuildPolicy, apply_policy
+from core.policy_store import Actor, PolicyStore
+from core.queue import JobQueue
 from settings.config import Settings
-from settings.validation import ImagineOptions, build_request
+from core.validation import ImagineOptions, build_request
 from tests.stack import RedisServer
 
 GUILD, USER, CHANNEL = 1, 2, 3

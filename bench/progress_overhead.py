@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 from settings.catalog import ModelEntry
-from settings.jobs import JobRequest
+from core.jobs import JobRequest
 from worker.generate import generate
 from worker.pipelines import load_pipeline
 from worker.progress import ProgressReporter, latent_preview

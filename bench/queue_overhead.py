@@ -21,9 +21,9 @@ from rq.job import Job
 from rq.registry import FinishedJobRegistry
 from rq.serializers import JSONSerializer
 
-from bot.queue import JobQueue
+from core.queue import JobQueue
 from settings.config import Settings
-from settings.validation import ImagineOptions, build_request
+from core.validation import ImagineOptions, build_request
 from tests.stack import ROOT, RedisServer, live_workers, stack_env, start_worker, wait_for
 from worker.tiny import write_tiny_pipeline
 

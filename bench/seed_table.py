@@ -25,7 +25,7 @@ import transformers
 
 from bench.architectures import SIZES, UNETS, build_random_pipeline
 from settings.config import Settings
-from settings.jobs import JobRequest
+from core.jobs import JobRequest
 from worker.generate import generate, generate_batch
 from worker.optimize import SpeedOptions, optimize
 from worker.progress import ProgressReporter

@@ -1,4 +1,3 @@
-"""Discord front end: validates commands, applies server policy, enqueues jobs.
-
-Never imports torch or diffusers; talks to workers only through Redis.
-"""
+"""Discord front end: discord.py adapters (client, command tree, commands, components, error
+mapping) around :mod:`core`. Never imports torch or diffusers; talks to workers only through
+Redis."""

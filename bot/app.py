@@ -20,11 +20,11 @@ from discord.http import Route
 from bot import metrics
 from bot.buttons import DYNAMIC_ITEMS
 from bot.commands import admin, cancel, imagine, models, queue
-from bot.expiry import expire_stale_jobs, expired_text
-from bot.policy_store import PolicyStore
-from bot.queue import JobQueue, connect
+from core.expiry import expire_stale_jobs, expired_text
+from core.policy_store import PolicyStore
+from core.queue import JobQueue, connect
 from settings.config import Settings, load_settings
-from settings.logs import configure_logging, secrets_of
+from core.logs import configure_logging, secrets_of
 
 log = logging.getLogger("bot")
 

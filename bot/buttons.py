@@ -19,11 +19,11 @@ from redis.exceptions import RedisError
 
 from bot.commands.cancel import cancel_jobs, is_admin
 from bot.submit import QUEUE_DOWN, submit_imagine
-from settings.jobs import Reproducibility
-from settings.messages import (CANCEL_TEMPLATE, MODEL_TEMPLATE, RESULT_TEMPLATE, cancel_custom_id,
+from core.jobs import Reproducibility
+from core.texts import (CANCEL_TEMPLATE, MODEL_TEMPLATE, RESULT_TEMPLATE, cancel_custom_id,
                                model_custom_id, result_custom_id)
-from settings.records import JobRecord
-from settings.validation import MAX_SEED, ImagineOptions
+from core.records import JobRecord
+from core.validation import MAX_SEED, ImagineOptions
 
 if TYPE_CHECKING:
     from bot.app import ImagineBot

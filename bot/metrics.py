@@ -10,7 +10,7 @@ from prometheus_client import Counter
 from prometheus_client.core import GaugeMetricFamily
 from redis.exceptions import RedisError
 
-from settings.metrics_http import serve_metrics
+from core.metrics_http import serve_metrics
 
 log = logging.getLogger(__name__)
 

@@ -17,11 +17,11 @@ import discord
 from redis.exceptions import RedisError
 
 from bot import metrics
-from bot.admission import Admitted, Requester, admit, enqueue_admitted, release_admitted
-from bot.queue import AlreadyQueued
-from settings.jobs import Delivery, JobRequest, job_id_for_interaction
-from settings.messages import MAX_CONTENT, clip, queued_text
-from settings.validation import ImagineOptions, InvalidRequest
+from core.admission import Admitted, Requester, admit, enqueue_admitted, release_admitted
+from core.queue import AlreadyQueued
+from core.jobs import Delivery, JobRequest, job_id_for_interaction
+from core.texts import MAX_CONTENT, clip, queued_text
+from core.validation import ImagineOptions, InvalidRequest
 
 if TYPE_CHECKING:
     from bot.app import ImagineBot

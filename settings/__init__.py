@@ -1,4 +1,1 @@
-"""Configuration, model catalog and the job contract shared by bot and worker.
-
-Nothing here imports torch or discord.py, so both sides can depend on it.
-"""
+"""Configuration (pydantic-settings) and the model catalog. Nothing else."""

@@ -14,10 +14,10 @@ from redis import Redis
 from rq.job import Job
 from rq.serializers import JSONSerializer
 
-from bot.queue import JobQueue
+from core.queue import JobQueue
 from settings.catalog import ModelEntry
 from settings.config import Settings
-from settings.jobs import Delivery, JobRequest, queue_name
+from core.jobs import Delivery, JobRequest, queue_name
 from worker.generate import generate, generate_batch
 from worker.pipelines import ResidentPipelines, load_pipeline, weight_bytes
 from tests.fake_discord import snowflake
@@ -171,7 +171,7 @@ def test_a_batch_owns_its_companions_until_each_is_done_even_through_a_crash(
     """Companions waiting for their turn are leased like the running job: another worker's
     clean-up leaves them alone, a cancel is refused, and when the worker dies mid-batch every
     member comes back within a lease and is posted exactly once."""
-    from bot.queue import Cancelling, CannotCancel
+    from core.queue import Cancelling, CannotCancel
     from worker.rq_worker import ImagineQueue, ImagineWorker
 
     prefix = f"own{snowflake()[-6:]}"

@@ -12,7 +12,7 @@ from PIL import Image
 from redis import Redis
 from rq.job import Job
 
-from settings.jobs import job_id_for_interaction
+from core.jobs import job_id_for_interaction
 from tests.fake_discord import slash_command
 from tests.stack import live_workers, start_bot, start_worker, wait_for
 

@@ -15,8 +15,8 @@ from redis import Redis
 from rq.job import Job, JobStatus
 from rq.serializers import JSONSerializer
 
-from settings.fleet import FleetStats
-from settings.jobs import job_id_for_interaction
+from core.fleet import FleetStats
+from core.jobs import job_id_for_interaction
 from tests.fake_discord import MANAGE_GUILD, component_interaction, slash_command
 from tests.stack import live_workers, start_bot, start_worker, wait_for
 

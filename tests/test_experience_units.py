@@ -14,11 +14,11 @@ from PIL import Image
 from redis import Redis
 
 from bot.buttons import ModelSwitch, ResultButton, CancelButton, model_switch_options, reroll_options, variation_options
-from settings.fleet import FleetStats, eta_seconds, format_duration, percentile, work_units
-from settings.jobs import Delivery, JobRequest, Reproducibility
-from settings.messages import (cancel_custom_id, model_custom_id, progress_bar, queued_text,
+from core.fleet import FleetStats, eta_seconds, format_duration, percentile, work_units
+from core.jobs import Delivery, JobRequest, Reproducibility
+from core.texts import (cancel_custom_id, model_custom_id, progress_bar, queued_text,
                                result_custom_id)
-from settings.records import JobRecord, RecordStore
+from core.records import JobRecord, RecordStore
 from worker.images import grid
 from worker.progress import SD_FACTORS, ProgressReporter, latent_preview
 

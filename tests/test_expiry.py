@@ -12,11 +12,11 @@ from rq.job import Job, JobStatus
 from rq.serializers import JSONSerializer
 from rq.utils import utcformat
 
-from bot.expiry import expire_stale_jobs
-from bot.policy_store import PolicyStore
-from bot.queue import JobQueue
+from core.expiry import expire_stale_jobs
+from core.policy_store import PolicyStore
+from core.queue import JobQueue
 from settings.config import Settings
-from settings.jobs import Delivery, JobRequest, job_id_for_interaction
+from core.jobs import Delivery, JobRequest, job_id_for_interaction
 from tests.fake_discord import slash_command, snowflake
 from tests.stack import start_bot, wait_for
 

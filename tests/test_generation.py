@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from settings.catalog import ModelEntry
-from settings.jobs import JobRequest
+from core.jobs import JobRequest
 from worker.generate import generate
 from worker.pipelines import ResidentPipelines, load_pipeline
 from tests.stack import ROOT

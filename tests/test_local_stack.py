@@ -25,8 +25,8 @@ from rq.job import Job
 from rq.serializers import JSONSerializer
 
 from settings.config import Settings
-from settings.jobs import PROGRESS_META
-from settings.validation import ImagineOptions
+from core.jobs import PROGRESS_META
+from core.validation import ImagineOptions
 from tests.stack import ROOT, free_port, wait_for
 
 CHROMIUM, CHROMEDRIVER = shutil.which("chromium"), shutil.which("chromedriver")
@@ -158,7 +158,7 @@ def test_web_rejects_bad_options_without_a_job(stack, tiny_model_dir):
 
 
 def test_front_ends_never_import_torch_or_discord():
-    code = ("import sys, web.app, launch.stack, bot.queue; "
+    code = ("import sys, web.app, launch.stack, core.queue; "
             "print(sorted(m for m in ('torch', 'diffusers', 'discord') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
                          env={**os.environ, "PYTHONPATH": str(ROOT)}, timeout=120)

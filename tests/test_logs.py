@@ -8,7 +8,7 @@ import logging
 import pytest
 import requests
 
-from settings.logs import LineFormatter, redact
+from core.logs import LineFormatter, redact
 
 TOKEN = "tok-aW50ZXJhY3Rpb24.c2VjcmV0"
 

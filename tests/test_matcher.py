@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from bot.matcher import clean_term, find_banned, fold
+from core.matcher import clean_term, find_banned, fold
 
 TERMS = ("banned", "gore", "blood bath", "nud*", "4chan")
 

@@ -13,7 +13,7 @@ from redis import Redis
 from rq.job import Job
 from rq.serializers import JSONSerializer
 
-from settings.jobs import job_id_for_interaction
+from core.jobs import job_id_for_interaction
 from tests.fake_discord import slash_command
 from tests.stack import live_workers, start_bot, start_worker, wait_for
 
@@ -245,7 +245,7 @@ def test_rate_limit(stack, redis, guild):
 
 # -- edges: Discord's length limits, odd input, slots and buttons --------------------------------
 def set_policy(redis, guild, **fields) -> None:
-    from bot.policy import GuildPolicy
+    from core.policy import GuildPolicy
 
     redis.set(f"imagine:policy:{guild}", GuildPolicy(**fields).model_dump_json())
 

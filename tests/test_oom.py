@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from settings.jobs import JobRequest
+from core.jobs import JobRequest
 from worker.failures import friendly_reason
 from worker.generate import generate
 from worker.pipelines import load_pipeline

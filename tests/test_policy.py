@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from bot.policy import GuildPolicy, PolicyViolation, apply_policy
+from core.policy import GuildPolicy, PolicyViolation, apply_policy
 from settings.config import Settings
-from settings.validation import ImagineOptions, InvalidRequest
+from core.validation import ImagineOptions, InvalidRequest
 
 SETTINGS = Settings(_env_file=None, default_model="bk-sdm-small")
 CATALOG = SETTINGS.catalog()

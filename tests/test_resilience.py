@@ -14,7 +14,7 @@ from rq.job import Job, JobStatus
 from rq.serializers import JSONSerializer
 
 from bench.chaos import CHAOS_ENV, Config, run
-from settings.jobs import job_id_for_interaction
+from core.jobs import job_id_for_interaction
 from tests.fake_discord import slash_command
 from tests.stack import RedisServer, stack_env, start_bot, start_worker, wait_for
 

@@ -9,12 +9,12 @@ from unittest import mock
 from redis import Redis
 from redis.exceptions import ConnectionError as RedisConnectionError
 
-from bot.policy import GuildPolicy
-from bot.policy_store import PolicyStore
-from bot.queue import JobQueue
+from core.policy import GuildPolicy
+from core.policy_store import PolicyStore
+from core.queue import JobQueue
 from bot.submit import QUEUE_DOWN, submit_imagine
 from settings.config import Settings
-from settings.validation import ImagineOptions
+from core.validation import ImagineOptions
 from tests.fake_discord import snowflake
 
 GUILD, USER = 5, 7

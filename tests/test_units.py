@@ -10,8 +10,8 @@ from PIL import Image
 
 from settings.catalog import build_catalog
 from settings.config import Settings
-from settings.jobs import JobRequest, job_id_for_interaction, queue_name
-from settings.validation import ImagineOptions, InvalidRequest, build_request
+from core.jobs import JobRequest, job_id_for_interaction, queue_name
+from core.validation import ImagineOptions, InvalidRequest, build_request
 from worker.images import encode_for_upload
 
 
@@ -113,7 +113,7 @@ def test_image_over_the_limit_is_reencoded_not_dropped():
 
 def test_uploads_of_one_message_stay_under_discords_request_limit(monkeypatch):
     """Four large images and their grid must fit one message (25 MiB), not only each file."""
-    from settings.jobs import Reproducibility
+    from core.jobs import Reproducibility
     from worker import tasks
     from worker.generate import Generation
 
@@ -128,7 +128,7 @@ def test_uploads_of_one_message_stay_under_discords_request_limit(monkeypatch):
 
 def test_ten_images_fit_discords_ten_attachments():
     """The grid is left out when it would be an 11th file (Discord refuses the message)."""
-    from settings.jobs import Reproducibility
+    from core.jobs import Reproducibility
     from worker import tasks
     from worker.generate import Generation
 

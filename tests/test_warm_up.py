@@ -7,7 +7,7 @@ from torch._dynamo.utils import counters
 
 from settings.catalog import ModelEntry
 from settings.config import Settings
-from settings.jobs import JobRequest
+from core.jobs import JobRequest
 from worker.generate import generate_batch
 from worker.main import load_pipelines, warm_up_shapes
 

@@ -5,10 +5,10 @@ from __future__ import annotations
 import pytest
 from redis import Redis
 
-from bot.policy import PolicyViolation
-from bot.policy_store import Actor, PolicyStore
+from core.policy import PolicyViolation
+from core.policy_store import Actor, PolicyStore
 from settings.config import Settings
-from settings.validation import ImagineOptions
+from core.validation import ImagineOptions
 from tests.fake_discord import snowflake
 from web.jobs import WebJobs
 

@@ -20,11 +20,11 @@ import gradio as gr  # noqa: E402
 from PIL import Image  # noqa: E402
 from redis.exceptions import RedisError  # noqa: E402
 
-from bot.queue import AlreadyQueued, connect  # noqa: E402
+from core.queue import AlreadyQueued, connect  # noqa: E402
 from settings.config import Settings, load_settings  # noqa: E402
-from settings.jobs import JobRequest, JobResult  # noqa: E402
-from settings.logs import configure_logging, secrets_of  # noqa: E402
-from settings.validation import SIZE_STEP, ImagineOptions, InvalidRequest  # noqa: E402
+from core.jobs import JobRequest, JobResult  # noqa: E402
+from core.logs import configure_logging, secrets_of  # noqa: E402
+from core.validation import SIZE_STEP, ImagineOptions, InvalidRequest  # noqa: E402
 from web.jobs import Progress, WebJobs  # noqa: E402
 
 log = logging.getLogger("web")

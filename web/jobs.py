@@ -12,12 +12,12 @@ from rq.exceptions import NoSuchJobError
 from rq.job import Job, JobStatus
 from rq.serializers import JSONSerializer
 
-from bot.admission import enqueue_moderated
-from bot.policy_store import PolicyStore
-from bot.queue import JobQueue
+from core.admission import enqueue_moderated
+from core.policy_store import PolicyStore
+from core.queue import JobQueue
 from settings.config import Settings
-from settings.jobs import PROGRESS_META, JobRequest, JobResult
-from settings.validation import ImagineOptions
+from core.jobs import PROGRESS_META, JobRequest, JobResult
+from core.validation import ImagineOptions
 from web.policy import web_requester
 
 WAITING = {JobStatus.CREATED, JobStatus.QUEUED, JobStatus.DEFERRED, JobStatus.SCHEDULED,

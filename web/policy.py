@@ -7,7 +7,7 @@ prompts, allowed models, caps), so admins moderate the web from Discord with ``/
 
 from __future__ import annotations
 
-from bot.admission import Requester
+from core.admission import Requester
 from settings.config import Settings
 
 WEB_USER_ID = 0

@@ -17,7 +17,7 @@ from pydantic import ValidationError
 from rq import Queue
 from rq.job import Job
 
-from settings.jobs import JobRequest
+from core.jobs import JobRequest
 from worker.generate import Generation, batch_key
 
 log = logging.getLogger(__name__)

@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 
 from settings.config import load_settings
-from settings.validation import ImagineOptions, InvalidRequest, build_request
+from core.validation import ImagineOptions, InvalidRequest, build_request
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:

@@ -22,8 +22,8 @@ from discord.http import Route, handle_message_parameters
 from discord.webhook.sync import _get_webhook_adapter
 
 from settings.catalog import ModelEntry
-from settings.jobs import Delivery, JobRequest, Reproducibility, Timings
-from settings.messages import model_custom_id, result_custom_id
+from core.jobs import Delivery, JobRequest, Reproducibility, Timings
+from core.texts import model_custom_id, result_custom_id
 
 log = logging.getLogger(__name__)
 

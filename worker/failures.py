@@ -23,7 +23,7 @@ from rq import Queue
 from rq.job import Job
 
 from settings.config import Settings
-from settings.jobs import JobRequest
+from core.jobs import JobRequest
 from worker import metrics
 from worker.delivery import post_failure, use_api_base
 from worker.outcomes import Outcomes, Told

@@ -15,7 +15,7 @@ from diffusers import DiffusionPipeline
 from PIL.Image import Image
 
 from settings.catalog import ModelEntry
-from settings.jobs import JobRequest, Reproducibility
+from core.jobs import JobRequest, Reproducibility
 
 log = logging.getLogger(__name__)
 # (steps done, total steps, current latents or None) — called from inside the denoising loop.

@@ -24,8 +24,8 @@ from rq.serializers import JSONSerializer
 
 from settings.catalog import ModelEntry
 from settings.config import Settings, load_settings
-from settings.jobs import JobRequest, queue_name
-from settings.logs import configure_logging, secrets_of
+from core.jobs import JobRequest, queue_name
+from core.logs import configure_logging, secrets_of
 from worker import metrics
 from worker.delivery import use_api_base
 from worker.failures import Reporter

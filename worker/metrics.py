@@ -9,8 +9,8 @@ import torch
 from prometheus_client import Counter, Histogram
 from prometheus_client.core import GaugeMetricFamily
 
-from settings.jobs import JobResult
-from settings.metrics_http import serve_metrics
+from core.jobs import JobResult
+from core.metrics_http import serve_metrics
 
 log = logging.getLogger(__name__)
 

@@ -25,9 +25,9 @@ from rq import Queue, Worker
 from rq.job import Job, JobStatus
 from rq.serializers import JSONSerializer
 
-from settings.fleet import FleetStats, work_units
-from settings.jobs import JobRequest
-from settings.messages import queued_text
+from core.fleet import FleetStats, work_units
+from core.jobs import JobRequest
+from core.texts import queued_text
 from worker.delivery import edit_original
 
 log = logging.getLogger(__name__)

@@ -9,7 +9,7 @@ import logging
 
 from rq.job import Job
 
-from settings.jobs import ACTIVE_KEY_META
+from core.jobs import ACTIVE_KEY_META
 
 log = logging.getLogger(__name__)
 

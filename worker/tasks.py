@@ -1,4 +1,4 @@
-"""The function RQ runs for each job (``settings.jobs.JOB_FUNCTION``).
+"""The function RQ runs for each job (``core.jobs.JOB_FUNCTION``).
 
 It runs inside the worker process, where :func:`install_runtime` has put the resident
 pipelines; the job itself carries only JSON.
@@ -21,10 +21,10 @@ from rq.serializers import JSONSerializer
 
 from settings.catalog import ModelEntry
 from settings.config import Settings
-from settings.fleet import FleetStats, work_units
-from settings.jobs import PROGRESS_META, JobRequest, JobResult, Reproducibility, Timings, image_key, queue_name
-from settings.messages import generating_text
-from settings.records import RecordStore
+from core.fleet import FleetStats, work_units
+from core.jobs import PROGRESS_META, JobRequest, JobResult, Reproducibility, Timings, image_key, queue_name
+from core.texts import generating_text
+from core.records import RecordStore
 from worker import metrics
 from worker.batching import BatchPlan
 from worker.delivery import ResultComponents, Upload, deliver_result, edit_original, result_embed

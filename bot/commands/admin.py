@@ -17,11 +17,11 @@ from discord import app_commands
 from pydantic import ValidationError
 from redis.exceptions import RedisError
 
-from bot.matcher import clean_term
-from bot.policy import GuildPolicy
-from bot.policy_store import Actor, AuditEntry, PolicyStore
-from settings.messages import MAX_CONTENT, clip
-from settings.validation import SIZE_STEP, InvalidRequest
+from core.matcher import clean_term
+from core.policy import GuildPolicy
+from core.policy_store import Actor, AuditEntry, PolicyStore
+from core.texts import MAX_CONTENT, clip
+from core.validation import SIZE_STEP, InvalidRequest
 
 if TYPE_CHECKING:
     from bot.app import ImagineBot

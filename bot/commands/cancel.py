@@ -12,8 +12,8 @@ from discord import app_commands
 from redis.exceptions import RedisError
 
 from bot.submit import QUEUE_DOWN
-from bot.queue import Cancelling, CannotCancel
-from settings.messages import MAX_CONTENT, clip
+from core.queue import Cancelling, CannotCancel
+from core.texts import MAX_CONTENT, clip
 
 if TYPE_CHECKING:
     from bot.app import ImagineBot

@@ -10,7 +10,7 @@ from discord import app_commands
 from redis.exceptions import RedisError
 
 from bot.submit import submit_imagine
-from settings.validation import ImagineOptions
+from core.validation import ImagineOptions
 
 if TYPE_CHECKING:
     from bot.app import ImagineBot

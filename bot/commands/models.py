@@ -11,7 +11,7 @@ from redis.exceptions import RedisError
 
 from bot import metrics
 from settings.catalog import ModelEntry
-from settings.fleet import Latency, format_duration
+from core.fleet import Latency, format_duration
 
 if TYPE_CHECKING:
     from bot.app import ImagineBot

@@ -10,9 +10,9 @@ from discord import app_commands
 from redis.exceptions import RedisError
 
 from bot.buttons import CancelButton
-from bot.queue import UserJob
+from core.queue import UserJob
 from bot.submit import QUEUE_DOWN
-from settings.fleet import format_duration
+from core.fleet import format_duration
 
 if TYPE_CHECKING:
     from bot.app import ImagineBot

@@ -7,7 +7,7 @@ with these templates and read the job record from Redis, so they survive bot res
 
 from __future__ import annotations
 
-from settings.fleet import format_duration
+from core.fleet import format_duration
 
 JOB_ID = r"(?P<job>[A-Za-z0-9_-]{1,80})"
 RESULT_ACTIONS = ("reroll", "vary", "delete", "info")

@@ -14,7 +14,7 @@ import json
 from pydantic import BaseModel
 from redis import Redis
 
-from settings.jobs import JobRequest, Reproducibility
+from core.jobs import JobRequest, Reproducibility
 
 
 class JobRecord(BaseModel):

@@ -14,9 +14,9 @@ import time
 
 from rq.job import Job
 
-from bot.policy_store import PolicyStore
-from bot.queue import JobQueue
-from settings.jobs import JobRequest
+from core.policy_store import PolicyStore
+from core.queue import JobQueue
+from core.jobs import JobRequest
 
 EXPIRED_TEXT = ("⏳ No GPU worker could start your image within {minutes} minutes, so it was "
                 "cancelled. Please try again.")

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 from redis import Redis
 
-from settings.jobs import JobRequest
+from core.jobs import JobRequest
 
 
 @dataclass(frozen=True)

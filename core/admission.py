@@ -9,13 +9,13 @@ from dataclasses import dataclass, replace
 
 from redis.exceptions import RedisError
 
-from bot.policy import Moderated, apply_policy
-from bot.policy_store import PolicyStore
-from bot.queue import AlreadyQueued, JobQueue
+from core.policy import Moderated, apply_policy
+from core.policy_store import PolicyStore
+from core.queue import AlreadyQueued, JobQueue
 from settings.catalog import ModelEntry
 from settings.config import Settings
-from settings.jobs import Delivery, JobRequest
-from settings.validation import ImagineOptions
+from core.jobs import Delivery, JobRequest
+from core.validation import ImagineOptions
 
 log = logging.getLogger(__name__)
 

@@ -24,8 +24,8 @@ from redis.client import Pipeline
 from redis.exceptions import WatchError
 from rq.job import Job
 
-from bot.policy import GuildPolicy, PolicyViolation
-from settings.jobs import ACTIVE_KEY_META
+from core.policy import GuildPolicy, PolicyViolation
+from core.jobs import ACTIVE_KEY_META
 
 AUDIT_KEEP = 500
 

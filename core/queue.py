@@ -16,10 +16,10 @@ from rq.job import Job, JobStatus
 from rq.serializers import JSONSerializer
 
 from settings.config import Settings
-from settings.fleet import FleetStats, work_units
-from settings.jobs import ACTIVE_KEY_META, JOB_FUNCTION, JobRequest, queue_name
-from settings.messages import clip
-from settings.records import JobRecord, RecordStore
+from core.fleet import FleetStats, work_units
+from core.jobs import ACTIVE_KEY_META, JOB_FUNCTION, JobRequest, queue_name
+from core.texts import clip
+from core.records import JobRecord, RecordStore
 
 FAILURE_CALLBACK = "worker.failures.report_failure"
 SUCCESS_CALLBACK = "worker.release.on_success"

@@ -11,8 +11,8 @@ from dataclasses import dataclass
 
 from settings.catalog import ModelEntry
 from settings.config import Settings
-from settings.jobs import Delivery, JobRequest
-from settings.messages import clip
+from core.jobs import Delivery, JobRequest
+from core.texts import clip
 
 MAX_SEED = 2**32 - 1
 SIZE_STEP = 64

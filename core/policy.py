@@ -2,7 +2,7 @@
 path into the queue (slash command now; buttons and web later) calls before enqueueing.
 
 No I/O here: the policy is loaded and the per-user limits are enforced by
-:mod:`bot.policy_store`, so this module is unit-testable and cheap (see bench/policy_overhead.py).
+:mod:`core.policy_store`, so this module is unit-testable and cheap (see bench/policy_overhead.py).
 """
 
 from __future__ import annotations
@@ -11,12 +11,12 @@ from dataclasses import dataclass, replace
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from bot.matcher import find_banned
+from core.matcher import find_banned
 from settings.catalog import ModelEntry
 from settings.config import Settings
-from settings.jobs import Delivery, JobRequest
-from settings.messages import clip
-from settings.validation import ImagineOptions, InvalidRequest, build_request
+from core.jobs import Delivery, JobRequest
+from core.texts import clip
+from core.validation import ImagineOptions, InvalidRequest, build_request
 
 NEGATIVE_SEPARATOR = ", "
 CHANNELS_SHOWN = 10  # in a refusal; the rest are counted
@@ -118,7 +118,7 @@ def apply_policy(
 ) -> Moderated:
     """Options → the moderated :class:`JobRequest`, or :class:`InvalidRequest` (a
     :class:`PolicyViolation` when a server rule refused it). Per-user limits are not here:
-    they need Redis (:meth:`bot.policy_store.PolicyStore.admit`)."""
+    they need Redis (:meth:`core.policy_store.PolicyStore.admit`)."""
     check_channel(policy, channel_id)
     model = choose_model(policy, options.model, settings)
     entry = catalog.get(model)
