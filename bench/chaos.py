@@ -29,8 +29,8 @@ from redis import Redis
 from redis.exceptions import RedisError
 from rq import Queue
 
-from tests.fake_discord import FakeDiscord, slash_command
-from tests.stack import (TINY_MODEL, Process, RedisServer, live_workers, stack_env, start_bot,
+from tests.support.fake_discord import FakeDiscord, slash_command
+from tests.support.stack import (TINY_MODEL, Process, RedisServer, live_workers, stack_env, start_bot,
                          start_worker, wait_for)
 
 # Fast liveness for a short run: 1 s heartbeats (4 s lease), maintenance every 2 s.

@@ -27,7 +27,7 @@ from core.policy_store import Actor, PolicyStore
 from core.queue import JobQueue
 from settings.config import Settings
 from core.validation import ImagineOptions, build_request
-from tests.stack import RedisServer
+from tests.support.stack import RedisServer
 
 GUILD, USER, CHANNEL = 1, 2, 3
 PROMPT = ("a cozy cabin in a snowy pine forest at dusk, warm light in the windows, smoke from the "

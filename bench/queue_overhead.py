@@ -24,7 +24,7 @@ from rq.serializers import JSONSerializer
 from core.queue import JobQueue
 from settings.config import Settings
 from core.validation import ImagineOptions, build_request
-from tests.stack import ROOT, RedisServer, live_workers, stack_env, start_worker, wait_for
+from tests.support.stack import ROOT, RedisServer, live_workers, stack_env, start_worker, wait_for
 from worker.tiny import write_tiny_pipeline
 
 

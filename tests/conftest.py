@@ -8,8 +8,8 @@ import pytest
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from tests.fake_discord import FakeDiscord  # noqa: E402
-from tests.stack import RedisServer, stack_env  # noqa: E402
+from tests.support.fake_discord import FakeDiscord  # noqa: E402
+from tests.support.stack import RedisServer, stack_env  # noqa: E402
 
 
 @pytest.fixture(scope="session")

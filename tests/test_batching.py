@@ -20,8 +20,8 @@ from settings.config import Settings
 from core.jobs import Delivery, JobRequest, queue_name
 from worker.generate import generate, generate_batch
 from worker.pipelines import ResidentPipelines, load_pipeline, weight_bytes
-from tests.fake_discord import snowflake
-from tests.stack import start_worker, wait_for
+from tests.support.fake_discord import snowflake
+from tests.support.stack import start_worker, wait_for
 
 CPU = torch.device("cpu")
 

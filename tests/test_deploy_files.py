@@ -12,7 +12,7 @@ import yaml
 
 from settings.catalog import build_catalog
 from settings.config import Settings
-from tests.stack import ROOT
+from tests.support.stack import ROOT
 
 COMPOSE = yaml.safe_load((ROOT / "docker" / "compose.yaml").read_text())
 SERVICES = COMPOSE["services"]

@@ -13,8 +13,8 @@ from redis import Redis
 from rq.job import Job
 
 from core.jobs import job_id_for_interaction
-from tests.fake_discord import slash_command
-from tests.stack import live_workers, start_bot, start_worker, wait_for
+from tests.support.fake_discord import slash_command
+from tests.support.stack import live_workers, start_bot, start_worker, wait_for
 
 
 @pytest.fixture(scope="module")

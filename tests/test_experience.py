@@ -17,8 +17,8 @@ from rq.serializers import JSONSerializer
 
 from core.fleet import FleetStats
 from core.jobs import job_id_for_interaction
-from tests.fake_discord import MANAGE_GUILD, component_interaction, slash_command
-from tests.stack import live_workers, start_bot, start_worker, wait_for
+from tests.support.fake_discord import MANAGE_GUILD, component_interaction, slash_command
+from tests.support.stack import live_workers, start_bot, start_worker, wait_for
 
 PREFIX = "ux"  # this module's own Redis keys: fleet numbers start empty
 INTERVAL = 0.4  # progress edit interval for these tests (the default is 1.5 s)

@@ -17,8 +17,8 @@ from core.policy_store import PolicyStore
 from core.queue import JobQueue
 from settings.config import Settings
 from core.jobs import Delivery, JobRequest, job_id_for_interaction
-from tests.fake_discord import slash_command, snowflake
-from tests.stack import start_bot, wait_for
+from tests.support.fake_discord import slash_command, snowflake
+from tests.support.stack import start_bot, wait_for
 
 
 def request(job_id: str, created_at: float) -> JobRequest:

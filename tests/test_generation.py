@@ -14,7 +14,7 @@ from settings.catalog import ModelEntry
 from core.jobs import JobRequest
 from worker.generate import generate
 from worker.pipelines import ResidentPipelines, load_pipeline
-from tests.stack import ROOT
+from tests.support.stack import ROOT
 
 CPU = torch.device("cpu")
 

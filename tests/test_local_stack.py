@@ -27,7 +27,7 @@ from rq.serializers import JSONSerializer
 from settings.config import Settings
 from core.jobs import PROGRESS_META
 from core.validation import ImagineOptions
-from tests.stack import ROOT, free_port, wait_for
+from tests.support.stack import ROOT, free_port, wait_for
 
 CHROMIUM, CHROMEDRIVER = shutil.which("chromium"), shutil.which("chromedriver")
 SCREENSHOT = ROOT / "docs" / "web-ui.png"

@@ -14,8 +14,8 @@ from rq.job import Job
 from rq.serializers import JSONSerializer
 
 from core.jobs import job_id_for_interaction
-from tests.fake_discord import slash_command
-from tests.stack import live_workers, start_bot, start_worker, wait_for
+from tests.support.fake_discord import slash_command
+from tests.support.stack import live_workers, start_bot, start_worker, wait_for
 
 ADMIN_PERMISSIONS = str(1 << 5)  # Manage Server only
 MEMBER_PERMISSIONS = "2048"  # Send Messages
@@ -296,7 +296,7 @@ def test_cancelling_frees_the_users_slot(stack, redis, guild):
 
 
 def click(fake, guild, custom_id: str, message: dict) -> tuple[dict, dict]:
-    from tests.fake_discord import component_interaction
+    from tests.support.fake_discord import component_interaction
 
     message = {**message, "components": [{"type": 1, "components": [
         {"type": 2, "style": 2, "label": "x", "custom_id": custom_id}]}]}

@@ -13,8 +13,8 @@ import urllib.request
 
 import pytest
 
-from tests.fake_discord import slash_command
-from tests.stack import free_port, live_workers, start_bot, start_worker, wait_for
+from tests.support.fake_discord import slash_command
+from tests.support.stack import free_port, live_workers, start_bot, start_worker, wait_for
 
 BOT_TOKEN = "test-bot-token"
 

@@ -15,8 +15,8 @@ from rq.serializers import JSONSerializer
 
 from bench.chaos import CHAOS_ENV, Config, run
 from core.jobs import job_id_for_interaction
-from tests.fake_discord import slash_command
-from tests.stack import RedisServer, stack_env, start_bot, start_worker, wait_for
+from tests.support.fake_discord import slash_command
+from tests.support.stack import RedisServer, stack_env, start_bot, start_worker, wait_for
 
 MANAGE_GUILD = 1 << 5
 

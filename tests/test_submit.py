@@ -15,7 +15,7 @@ from core.queue import JobQueue
 from bot.submit import QUEUE_DOWN, submit_imagine
 from settings.config import Settings
 from core.validation import ImagineOptions
-from tests.fake_discord import snowflake
+from tests.support.fake_discord import snowflake
 
 GUILD, USER = 5, 7
 

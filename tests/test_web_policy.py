@@ -9,7 +9,7 @@ from core.policy import PolicyViolation
 from core.policy_store import Actor, PolicyStore
 from settings.config import Settings
 from core.validation import ImagineOptions
-from tests.fake_discord import snowflake
+from tests.support.fake_discord import snowflake
 from web.jobs import WebJobs
 
 GUILD = 4242

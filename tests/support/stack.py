@@ -16,7 +16,7 @@ from typing import Callable
 
 from redis import Redis
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 TINY_MODEL = "tiny"
 
 
