@@ -15,7 +15,7 @@ import json
 
 import torch
 
-from bench.architectures import SIZES, build_random_pipeline
+from tests.support.architectures import SIZES, build_random_pipeline
 from bench.seed_table import free, log, requests_for, timed_ms, worker_progress
 from worker.generate import generate
 from worker.optimize import SpeedOptions, optimize

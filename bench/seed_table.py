@@ -23,7 +23,7 @@ import numpy as np
 import torch
 import transformers
 
-from bench.architectures import SIZES, UNETS, build_random_pipeline
+from tests.support.architectures import SIZES, UNETS, build_random_pipeline
 from settings.config import Settings
 from core.jobs import JobRequest
 from worker.generate import generate, generate_batch

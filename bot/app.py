@@ -1,4 +1,5 @@
-"""The Discord client: builds the command tree, syncs it, and holds the services commands use.
+"""The Discord client: builds the command tree, syncs it, holds the services commands and
+buttons use (:class:`bot.services.Services`), and tells users whose jobs expired in the queue.
 
     python -m bot.app
 """
@@ -11,20 +12,22 @@ import sys
 
 import discord
 import yarl
-from discord import app_commands
 from discord.ext import tasks
-from redis.exceptions import RedisError
 from discord.gateway import DiscordWebSocket
 from discord.http import Route
+from redis.exceptions import RedisError
 
 from bot import metrics
 from bot.buttons import DYNAMIC_ITEMS
 from bot.commands import admin, cancel, imagine, models, queue
-from core.expiry import expire_stale_jobs, expired_text
-from core.policy_store import PolicyStore
+from bot.errors import ImagineTree
+from bot.notify import mentioning, notify
+from bot.services import Services
+from core.expiry import Expired, ExpirySweep, expired_text
+from core.jobs import JobRequest
+from core.logs import configure_logging, secrets_of
 from core.queue import JobQueue, connect
 from settings.config import Settings, load_settings
-from core.logs import configure_logging, secrets_of
 
 log = logging.getLogger("bot")
 
@@ -38,19 +41,15 @@ def use_discord_endpoints(settings: Settings) -> None:
 
 
 class ImagineBot(discord.Client):
-    def __init__(self, settings: Settings, jobs: JobQueue, policies: PolicyStore | None = None, *,
-                 sync_commands: bool = True):
+    def __init__(self, services: Services, *, sync_commands: bool = True):
         # Prompts are user text: no message of the bot may ping @everyone, roles or users unless
-        # it names them explicitly (tell() mentions the job's owner).
-        super().__init__(intents=discord.Intents(guilds=True), application_id=settings.application_id,
+        # it names them explicitly (bot.notify.mentioning).
+        super().__init__(intents=discord.Intents(guilds=True), application_id=services.settings.application_id,
                          allowed_mentions=discord.AllowedMentions.none())
-        self.settings = settings
-        self.catalog = settings.catalog()
-        self.jobs = jobs
-        self.policies = policies or PolicyStore(jobs.redis, settings.queue_prefix, jobs.job_lifetime_s())
+        self.services = services  # handlers reach it through bot.services.services_of
+        self.settings = services.settings
         self.sync_commands = sync_commands
-        self.tree = app_commands.CommandTree(self)
-        self.tree.on_error = self.on_app_command_error
+        self.tree = ImagineTree(self)
 
     async def setup_hook(self) -> None:
         for command in (imagine.imagine, models.list_models, queue.show_queue, cancel.cancel, admin.admin):
@@ -68,57 +67,51 @@ class ImagineBot(discord.Client):
 
     @tasks.loop(seconds=30)
     async def expiry_sweep(self) -> None:
-        """Jobs no worker started within the queue TTL: cancelled, and their users told."""
+        """Jobs no worker started within the queue TTL: cancelled, and their users told.
+        discord.py stops a loop on any unhandled exception, so nothing may escape."""
         try:
-            expired = await asyncio.to_thread(expire_stale_jobs, self.jobs, self.policies,
-                                              list(self.catalog), self.settings.queue_ttl_s)
+            await self._sweep_once()
         except RedisError as error:
             log.warning("expiry sweep skipped: %s", error)
-            return
-        for request in expired:
-            log.warning("job %s expired in the queue", request.job_id, extra={"job_id": request.job_id})
-            try:
-                await self.tell(request, expired_text(self.settings.queue_ttl_s))
-            except Exception:  # one notice that cannot be delivered must not stop the sweep
-                log.exception("could not tell the user of expired job %s", request.job_id,
-                              extra={"job_id": request.job_id})
+        except Exception:
+            log.exception("expiry sweep failed; it runs again in %s s", self.settings.expiry_sweep_s)
 
-    async def tell(self, request, text: str) -> None:
+    async def _sweep_once(self) -> None:
+        sweep = ExpirySweep(self.services.jobs, self.services.policies, self.settings.queue_ttl_s)
+        await asyncio.to_thread(sweep.take_stale, list(self.services.catalog))
+        for expired in await asyncio.to_thread(sweep.pending):
+            await self._finish_expired(sweep, expired)
+
+    async def _finish_expired(self, sweep: ExpirySweep, expired: Expired) -> None:
+        """Cancel, tell, then forget one job; any fault leaves it for the next sweep."""
+        extra = {"job_id": expired.job_id}
+        try:
+            await asyncio.to_thread(sweep.cancel, expired)
+            if expired.request is not None:
+                log.warning("job %s expired in the queue", expired.job_id, extra=extra)
+                await self.tell(expired.request, expired_text(self.settings.queue_ttl_s))
+        except Exception as error:
+            # Discord refusing (4xx: token and channel both gone) will not change; retrying
+            # would only earn the bot an IP ban. Redis and network faults are retried.
+            refused = isinstance(error, discord.HTTPException) and error.status < 500
+            if not refused and not sweep.gave_up(expired):
+                log.warning("expired job %s not finished; retrying next sweep", expired.job_id,
+                            exc_info=True, extra=extra)
+                return
+            log.exception("giving up telling the user of expired job %s", expired.job_id, extra=extra)
+        await asyncio.to_thread(sweep.done, expired)
+
+    async def tell(self, request: JobRequest, text: str) -> None:
         """Replace the user's message with ``text``; in the channel when the token has expired."""
         delivery = request.delivery
-        if delivery is None:
+        if delivery is None or await notify(self, delivery, text):
             return
-        try:
-            webhook = discord.Webhook.partial(delivery.application_id, delivery.interaction_token, client=self)
-            await webhook.edit_message("@original", content=text)
-        except discord.HTTPException as error:
-            if delivery.channel_id is None:
-                log.warning("could not tell the user of %s: %s", request.job_id, error.status)
-                return
+        if delivery.channel_id is not None:  # may raise: the sweep logs it and goes on
             await self.get_partial_messageable(delivery.channel_id).send(
-                f"<@{delivery.user_id}> {text}",
-                allowed_mentions=discord.AllowedMentions(users=[discord.Object(delivery.user_id)]))
+                f"<@{delivery.user_id}> {text}", allowed_mentions=mentioning(delivery.user_id))
 
     async def on_ready(self) -> None:
         log.info("connected as %s", self.user)
-
-    async def on_app_command_error(
-        self, interaction: discord.Interaction, error: app_commands.AppCommandError
-    ) -> None:
-        """A failed check gets its reason; anything else is logged with its traceback and the
-        user sees one friendly line."""
-        if isinstance(error, app_commands.MissingPermissions):
-            text = "🔒 You need the **Manage Server** permission to do that."
-        elif isinstance(error, app_commands.NoPrivateMessage):
-            text = "This command works only in a server."
-        else:
-            log.exception("command failed", exc_info=error)
-            metrics.command(interaction.command.name if interaction.command else "unknown", "error")
-            text = "Something went wrong on our side. Please try again in a moment."
-        if interaction.response.is_done():
-            await interaction.followup.send(text, ephemeral=True)
-        else:
-            await interaction.response.send_message(text, ephemeral=True)
 
 
 def main() -> int:
@@ -127,9 +120,9 @@ def main() -> int:
                       secrets=secrets_of(settings))
     token, _ = settings.require_discord()
     use_discord_endpoints(settings)
-    jobs = JobQueue(connect(settings), settings)
-    bot = ImagineBot(settings, jobs)
-    metrics.serve(settings.bot_metrics_port, lambda: jobs.depths(list(bot.catalog)))
+    services = Services.build(settings, JobQueue(connect(settings), settings))
+    metrics.serve(settings.bot_metrics_port, lambda: services.jobs.depths(list(services.catalog)))
+    bot = ImagineBot(services)
     bot.run(token, log_handler=None)
     return 0
 

@@ -4,6 +4,7 @@ They are discord.py dynamic items: the bot matches a clicked component's custom 
 (``img:<action>:<job id>``) against a template, whatever message it sits on and however long
 ago the bot restarted, and reads the job record from Redis. New jobs go through the same
 :func:`bot.submit.submit_imagine` as ``/imagine`` (validation and server policy included).
+Failures reach the user through :func:`bot.errors.answers_errors`.
 """
 
 from __future__ import annotations
@@ -11,22 +12,23 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import discord
 from discord import ui
 from redis.exceptions import RedisError
 
-from bot.commands.cancel import cancel_jobs, is_admin
-from bot.submit import QUEUE_DOWN, submit_imagine
+from bot.cancelling import cancel_jobs
+from bot.errors import answers_errors
+from bot.notify import notify
+from bot.permissions import is_admin
+from bot.services import Services, services_of
+from bot.submit import submit_imagine
 from core.jobs import Reproducibility
-from core.texts import (CANCEL_TEMPLATE, MODEL_TEMPLATE, RESULT_TEMPLATE, cancel_custom_id,
-                               model_custom_id, result_custom_id)
 from core.records import JobRecord
+from core.texts import (CANCEL_TEMPLATE, MODEL_TEMPLATE, RESULT_TEMPLATE, cancel_custom_id,
+                        model_custom_id, result_custom_id)
 from core.validation import MAX_SEED, ImagineOptions
-
-if TYPE_CHECKING:
-    from bot.app import ImagineBot
 
 log = logging.getLogger(__name__)
 
@@ -52,14 +54,15 @@ def variation_options(record: JobRecord, count: int) -> ImagineOptions:
     return user_options(record, seed=(record.request.seed + record.request.count) % (MAX_SEED + 1), count=count)
 
 
-def variation_count(bot: ImagineBot, guild_id: int | None) -> int:
+def variation_count(services: Services, guild_id: int | None) -> int:
     """As many new images as the operator's and this server's caps allow: the user did not ask
     for a number, so a cap lowers it instead of refusing the click."""
+    settings = services.settings
     try:
-        server_cap = bot.policies.load(guild_id).max_count
+        server_cap = services.policies.load(guild_id).max_count
     except RedisError:
         server_cap = None  # submitting will say the queue is down
-    return min(bot.settings.variations_count, bot.settings.max_count, server_cap or bot.settings.max_count)
+    return min(settings.variations_count, settings.max_count, server_cap or settings.max_count)
 
 
 def model_switch_options(record: JobRecord, model: str) -> ImagineOptions:
@@ -92,20 +95,15 @@ def info_embed(record: JobRecord) -> discord.Embed:
 
 # -- shared steps ----------------------------------------------------------------------------
 async def load_record(interaction: discord.Interaction, job_id: str) -> JobRecord | None:
-    bot: ImagineBot = interaction.client  # type: ignore[assignment]
-    try:
-        record = await asyncio.to_thread(bot.jobs.records.load, job_id)
-    except RedisError as error:
-        log.warning("job records unavailable: %s", error)
-        await interaction.response.send_message(f"⏳ {QUEUE_DOWN}", ephemeral=True)
-        return None
+    """None when the record is gone (the user was told)."""
+    record = await asyncio.to_thread(services_of(interaction).jobs.records.load, job_id)
     if record is None:
         await interaction.response.send_message(f"⌛ {EXPIRED}", ephemeral=True)
     return record
 
 
 def may_delete(interaction: discord.Interaction, record: JobRecord) -> bool:
-    return interaction.user.id == record.user_id or interaction.permissions.manage_guild
+    return interaction.user.id == record.user_id or is_admin(interaction)
 
 
 async def delete_result(interaction: discord.Interaction, record: JobRecord) -> None:
@@ -130,15 +128,15 @@ class ResultButton(ui.DynamicItem[ui.Button], template=RESULT_TEMPLATE):
     async def from_custom_id(cls, interaction: discord.Interaction, item: ui.Button, match) -> "ResultButton":
         return cls(match["action"], match["job"])
 
+    @answers_errors
     async def callback(self, interaction: discord.Interaction) -> None:
-        bot: ImagineBot = interaction.client  # type: ignore[assignment]
         record = await load_record(interaction, self.job_id)
         if record is None:
             return
         if self.action == "reroll":
             await submit_imagine(interaction, reroll_options(record))
         elif self.action == "vary":
-            count = await asyncio.to_thread(variation_count, bot, interaction.guild_id)
+            count = await asyncio.to_thread(variation_count, services_of(interaction), interaction.guild_id)
             await submit_imagine(interaction, variation_options(record, count))
         elif self.action == "info":
             await interaction.response.send_message(embed=info_embed(record), ephemeral=True)
@@ -155,6 +153,7 @@ class ModelSwitch(ui.DynamicItem[ui.Select], template=MODEL_TEMPLATE):
     async def from_custom_id(cls, interaction: discord.Interaction, item: ui.Select, match) -> "ModelSwitch":
         return cls(match["job"])
 
+    @answers_errors
     async def callback(self, interaction: discord.Interaction) -> None:
         record = await load_record(interaction, self.job_id)
         if record is not None:
@@ -171,25 +170,19 @@ class CancelButton(ui.DynamicItem[ui.Button], template=CANCEL_TEMPLATE):
     async def from_custom_id(cls, interaction: discord.Interaction, item: ui.Button, match) -> "CancelButton":
         return cls(match["job"])
 
+    @answers_errors
     async def callback(self, interaction: discord.Interaction) -> None:
-        bot: ImagineBot = interaction.client  # type: ignore[assignment]
-        try:
-            done, refused = await asyncio.to_thread(
-                cancel_jobs, bot, [self.job_id], interaction.user.id, interaction.guild_id,
-                is_admin(interaction))
-        except RedisError:
-            done, refused = [], [QUEUE_DOWN]
-        request = done[0] if done else None
-        text = "Cancelled." if done else refused[0]
-        await interaction.response.send_message(("🚫 " if request else "ℹ️ ") + text, ephemeral=True)
-        if request is not None and request.delivery is not None:
-            # Tell the channel too: the job's own queued message says it will not come.
-            webhook = discord.Webhook.partial(request.delivery.application_id,
-                                              request.delivery.interaction_token, client=bot)
-            try:
-                await webhook.edit_message("@original", content=f"🚫 Cancelled.\n> {request.prompt[:300]}")
-            except discord.HTTPException as error:
-                log.warning("could not mark %s cancelled: %s", request.job_id, error)
+        done, refused = await asyncio.to_thread(
+            cancel_jobs, services_of(interaction), [self.job_id], interaction.user.id, interaction.guild_id,
+            is_admin(interaction))
+        if not done:
+            await interaction.response.send_message(f"ℹ️ {refused[0]}", ephemeral=True)
+            return
+        request = done[0]
+        await interaction.response.send_message("🚫 Cancelled.", ephemeral=True)
+        if request.delivery is not None:
+            # The job's own queued message says it will come: it must say it will not.
+            await notify(interaction.client, request.delivery, f"🚫 Cancelled.\n> {request.prompt[:300]}")
 
 
 DYNAMIC_ITEMS = (ResultButton, ModelSwitch, CancelButton)

@@ -2,7 +2,9 @@
 replay guard → server policy and user limits → answer with position and ETA → record → enqueue.
 
 The answer goes out before the job is enqueued: a worker edits that answer (progress, then the
-result), so it must exist first. Position and ETA are read just before answering.
+result), so it must exist first. Position and ETA are read just before answering. Redis failing
+before the answer reaches the caller's error mapping (:mod:`bot.errors`); after it, the answer
+is corrected here, since it said "Queued".
 """
 
 from __future__ import annotations
@@ -11,24 +13,21 @@ import asyncio
 import dataclasses
 import logging
 import time
-from typing import TYPE_CHECKING
 
 import discord
 from redis.exceptions import RedisError
 
 from bot import metrics
+from bot.errors import QUEUE_DOWN
+from bot.permissions import is_admin
+from bot.services import Services, services_of
 from core.admission import Admitted, Requester, admit, enqueue_admitted, release_admitted
 from core.queue import AlreadyQueued
 from core.jobs import Delivery, JobRequest, job_id_for_interaction
 from core.texts import MAX_CONTENT, clip, queued_text
 from core.validation import ImagineOptions, InvalidRequest
 
-if TYPE_CHECKING:
-    from bot.app import ImagineBot
-
 log = logging.getLogger(__name__)
-
-QUEUE_DOWN = "The image queue is unavailable right now. Please try again shortly."
 
 
 def delivery_for(interaction: discord.Interaction) -> Delivery:
@@ -43,10 +42,10 @@ def delivery_for(interaction: discord.Interaction) -> Delivery:
 def requester_for(interaction: discord.Interaction) -> Requester:
     return Requester(user_id=interaction.user.id, guild_id=interaction.guild_id,
                      channel_id=interaction.channel_id,
-                     exempt=interaction.permissions.manage_guild)
+                     exempt=is_admin(interaction))
 
 
-def _admit(bot: ImagineBot, interaction: discord.Interaction, options: ImagineOptions,
+def _admit(bot: Services, interaction: discord.Interaction, options: ImagineOptions,
            received_at: float) -> Admitted | None:
     """None for a gateway replay of an interaction already answered."""
     job_id = job_id_for_interaction(interaction.id)
@@ -59,20 +58,19 @@ def _admit(bot: ImagineBot, interaction: discord.Interaction, options: ImagineOp
 
 async def submit_imagine(interaction: discord.Interaction, options: ImagineOptions) -> JobRequest | None:
     """Answer ``interaction`` with the queued message and enqueue the job; returns the request,
-    or None when the user got an error (ephemeral) or the interaction was a replay."""
+    or None when the user got an error (ephemeral) or the interaction was a replay. Raises
+    RedisError when Redis fails before the answer (nothing is left taken)."""
     received_at = time.time()
-    bot: ImagineBot = interaction.client  # type: ignore[assignment]
+    bot = services_of(interaction)
     try:
         admitted = await asyncio.to_thread(_admit, bot, interaction, options, received_at)
     except InvalidRequest as error:
         metrics.command("imagine", "invalid")
         await interaction.response.send_message(clip(f"❌ {error}", MAX_CONTENT), ephemeral=True)
         return None
-    except RedisError as error:
+    except RedisError:
         metrics.command("imagine", "queue_down")
-        log.warning("queue unavailable: %s", error)
-        await interaction.response.send_message(f"⏳ {QUEUE_DOWN}", ephemeral=True)
-        return None
+        raise
     if admitted is None:
         metrics.command("imagine", "replayed")
         log.info("interaction %s replayed; already answered", interaction.id)
@@ -83,7 +81,9 @@ async def submit_imagine(interaction: discord.Interaction, options: ImagineOptio
         outlook = await asyncio.to_thread(bot.jobs.outlook_if_enqueued, request)
         notes = "".join(f"\nℹ️ {note}" for note in admitted.moderated.notes)
         await interaction.response.send_message(
-            queued_text(request.model, request.prompt, request.count, outlook.position, outlook.eta_s) + notes)
+            queued_text(request.model, request.prompt, request.count, outlook.position, outlook.eta_s,
+                        no_worker_minutes=None if outlook.workers else max(1, round(bot.settings.queue_ttl_s / 60)))
+            + notes)
         answered = True
         position = await asyncio.to_thread(_record_and_enqueue, bot, admitted, options)
     except AlreadyQueued:
@@ -92,14 +92,12 @@ async def submit_imagine(interaction: discord.Interaction, options: ImagineOptio
     except Exception as error:
         # Not queued: the slot admit() took must not count against the user's limits.
         await asyncio.to_thread(release_admitted, admitted, bot.policies)
-        if not isinstance(error, RedisError):
+        if isinstance(error, RedisError):
+            metrics.command("imagine", "queue_down")
+        if not (answered and isinstance(error, RedisError)):
             raise
-        metrics.command("imagine", "queue_down")
         log.warning("queue unavailable: %s", error)
-        if answered:
-            await interaction.edit_original_response(content=f"⏳ {QUEUE_DOWN}")
-        else:
-            await interaction.response.send_message(f"⏳ {QUEUE_DOWN}", ephemeral=True)
+        await interaction.edit_original_response(content=f"⏳ {QUEUE_DOWN}")  # it said "Queued"
         return None
     metrics.command("imagine", "queued")
     log.info("queued %s on %s at #%s", request.job_id, request.model, position,
@@ -107,6 +105,6 @@ async def submit_imagine(interaction: discord.Interaction, options: ImagineOptio
     return request
 
 
-def _record_and_enqueue(bot: ImagineBot, admitted: Admitted, options: ImagineOptions) -> int | None:
+def _record_and_enqueue(bot: Services, admitted: Admitted, options: ImagineOptions) -> int | None:
     bot.jobs.save_record(admitted.request, dataclasses.asdict(options))  # before the worker needs it
     return enqueue_admitted(admitted, bot.jobs, bot.policies)

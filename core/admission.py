@@ -1,16 +1,24 @@
-"""The one way into the queue for every front end: load the server's policy, apply it
-(pure), count the job against the user's limits (:func:`admit`), enqueue
-(:func:`enqueue_admitted`). Blocking (Redis): the async bot calls these in a thread."""
+"""The one way into the queue for every front end. A front end turns its input into
+:class:`ImagineOptions` and calls :func:`admit` once:
+
+  1. load the server's policy (Redis)
+  2. :func:`core.policy.apply_policy`, pure: gates, resolved options, server rules, operator
+     limits, banned terms, then the one JobRequest (its docstring lists the steps; new option
+     rules go there)
+  3. count the job against the requester's quotas (Redis, :meth:`PolicyStore.admit_all`): the
+     server's per-user limits, or the web's per-client and total limits
+
+then :func:`enqueue_admitted`. Blocking (Redis): the async bot calls these in a thread."""
 
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 from redis.exceptions import RedisError
 
-from core.policy import Moderated, apply_policy
-from core.policy_store import PolicyStore
+from core.policy import GuildPolicy, Moderated, apply_policy
+from core.policy_store import PolicyStore, Quota
 from core.queue import AlreadyQueued, JobQueue
 from settings.catalog import ModelEntry
 from settings.config import Settings
@@ -27,9 +35,17 @@ class Requester:
     user_id: int
     guild_id: int | None
     channel_id: int | None
-    # Exempt from per-user limits: admins (Manage Server), and the web UI, whose users are
-    # anonymous (its guild's caps, terms and negative prompts still apply).
+    # Exempt from per-user limits: admins (Manage Server).
     exempt: bool = False
+    # Limits that replace the server's per-user ones (the web: per client and in total).
+    quotas: tuple[Quota, ...] | None = None
+
+    def quotas_under(self, policy: GuildPolicy) -> tuple[Quota, ...]:
+        if self.quotas is not None:
+            return self.quotas
+        if self.guild_id is None or self.exempt:
+            return ()
+        return (Quota.for_user(policy, self.guild_id, self.user_id),)
 
 
 @dataclass(frozen=True)
@@ -37,7 +53,7 @@ class Admitted:
     """A request the server's policy accepted, holding its slot in the user's limits."""
 
     moderated: Moderated
-    active_key: str | None  # the user's active-job set, freed by the worker when the job ends
+    active_keys: tuple[str, ...]  # the active-job sets it counts in, freed when the job ends
 
     @property
     def request(self) -> JobRequest:
@@ -59,25 +75,19 @@ def admit(
     """Load the server's policy, apply it and count the job against the user's limits.
     Raises InvalidRequest (policy violations and limits included) or RedisError."""
     policy = policies.load(requester.guild_id)
-    if requester.channel_id is None:  # channel allowlists concern Discord channels only
-        policy = policy.model_copy(update={"channels": ()})
     moderated = apply_policy(options, policy, job_id=job_id, settings=settings, catalog=catalog,
                              channel_id=requester.channel_id, delivery=delivery,
-                             created_at=created_at)
-    if store_images:
-        moderated = replace(moderated, request=moderated.request.model_copy(update={"store_images": True}))
-    active_key = None
-    if requester.guild_id is not None and not requester.exempt:
-        active_key = policies.admit(policy, requester.guild_id, requester.user_id, job_id)
-    return Admitted(moderated, active_key)
+                             created_at=created_at, store_images=store_images)
+    keys = policies.admit_all(requester.quotas_under(policy), job_id)
+    return Admitted(moderated, tuple(keys))
 
 
 def release_admitted(admitted: Admitted, policies: PolicyStore) -> None:
     """Give back the slot of a request that will not be queued. Best effort: with Redis down the
     slot expires on its own (``PolicyStore`` bounds every active-job entry's life)."""
-    if admitted.active_key:
+    for key in admitted.active_keys:
         try:
-            policies.release(admitted.active_key, admitted.request.job_id)
+            policies.release(key, admitted.request.job_id)
         except RedisError as error:
             log.warning("could not free the slot of %s: %s", admitted.request.job_id, error)
 
@@ -85,7 +95,7 @@ def release_admitted(admitted: Admitted, policies: PolicyStore) -> None:
 def enqueue_admitted(admitted: Admitted, jobs: JobQueue, policies: PolicyStore) -> int | None:
     """Enqueue; the queue position (None: unknown). Frees the user's slot if enqueueing fails."""
     try:
-        return jobs.submit(admitted.request, admitted.active_key)
+        return jobs.submit(admitted.request, list(admitted.active_keys))
     except AlreadyQueued:
         raise  # the first submission holds the slot
     except Exception:

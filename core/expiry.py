@@ -1,51 +1,150 @@
 """Jobs that no worker started in time are taken off the queue and their users are told.
 
 RQ's own queue ``ttl`` deletes such a job silently (its id is skipped at dequeue), which would
-leave a user waiting forever. Instead the bot sweeps every model's queue: a job that has waited
+leave a user waiting forever. Instead the bot sweeps every model's queue. A job that has waited
 ``queue_ttl_s`` since it was (re)queued — a retry after a worker died goes back to the front and
-waits afresh — is removed (only the process whose removal succeeds owns it, so several bots can
-sweep at once), cancelled, its user's job slot freed, and the user told by an edit of their
-message. RQ's ``ttl`` stays as a backstop, later than the sweep.
+waits afresh — is moved, in one atomic step, from its queue to the *expiring* set (only the
+process whose move succeeds owns it, so several bots can sweep at once). Each job in that set is
+then finished on its own: cancelled, its user's job slot freed, its user told, and only then
+dropped from the set. A Redis error, a malformed job or an undeliverable notice affects that one
+job, which stays in the set and is finished by a later sweep; a notice that still cannot be
+delivered after ``NOTICE_RETRY_S`` is given up (logged). RQ's ``ttl`` stays as a backstop.
 """
 
 from __future__ import annotations
 
+import logging
 import time
+from dataclasses import dataclass
 
-from rq.job import Job
+from redis import Redis
+from rq.exceptions import NoSuchJobError
+from rq.job import Job, JobStatus
+from rq.serializers import JSONSerializer
 
+from core.jobs import JobRequest
 from core.policy_store import PolicyStore
 from core.queue import JobQueue
-from core.jobs import JobRequest
+from core.tokens import with_token
+
+log = logging.getLogger(__name__)
 
 EXPIRED_TEXT = ("⏳ No GPU worker could start your image within {minutes} minutes, so it was "
                 "cancelled. Please try again.")
+NOTICE_RETRY_S = 600  # keep retrying an undelivered notice this long, then give up
+
+# Remove the job from its queue and note it as expiring, both or neither.
+_TAKE = """
+if redis.call('LREM', KEYS[1], 1, ARGV[1]) == 1 then
+    redis.call('ZADD', KEYS[2], ARGV[2], ARGV[1])
+    return 1
+end
+return 0
+"""
 
 
 def expired_text(ttl_s: float) -> str:
     return EXPIRED_TEXT.format(minutes=max(1, round(ttl_s / 60)))
 
 
-def _take(queue, job: Job) -> bool:
-    """True when this process removed the job from its queue (nobody else can run or expire it)."""
-    return bool(queue.remove(job.id))
+@dataclass(frozen=True)
+class Expired:
+    job_id: str
+    request: JobRequest | None  # None: a malformed job, nobody to tell
+    since: float  # when it was taken off its queue
+
+
+class ExpirySweep:
+    """One sweep's steps, each a few Redis calls; the caller tells users between them."""
+
+    def __init__(self, jobs: JobQueue, policies: PolicyStore, ttl_s: float):
+        self.jobs = jobs
+        self.policies = policies
+        self.ttl_s = ttl_s
+        self.redis: Redis = jobs.redis
+        self.key = f"{jobs.settings.queue_prefix}:expiring"
+        self._take = self.redis.register_script(_TAKE)
+
+    def take_stale(self, models: list[str], now: float | None = None) -> int:
+        """Move every stale job of ``models`` into the expiring set; how many this process took."""
+        now = time.time() if now is None else now
+        taken = 0
+        for model in models:
+            queue = self.jobs.queue(model)
+            for job_id in queue.get_job_ids():  # not in age order: retries go back to the front
+                queued_at = self._queued_at(job_id)
+                if queued_at is not None and now - queued_at >= self.ttl_s:
+                    taken += self._take(keys=[queue.key, self.key], args=[job_id, now])
+        return taken
+
+    def pending(self) -> list[Expired]:
+        """Jobs taken off their queues whose users have not been told yet (this sweep's and any
+        earlier sweep's that failed part-way)."""
+        return [self._expired(raw.decode(), since)
+                for raw, since in self.redis.zrange(self.key, 0, -1, withscores=True)]
+
+    def cancel(self, expired: Expired) -> None:
+        """Cancel the job and free its user's slot; safe to repeat."""
+        try:
+            job = self._fetch(expired.job_id)
+        except NoSuchJobError:
+            return
+        if job.get_status(refresh=False) != JobStatus.CANCELED:
+            job.cancel()
+        self.policies.release_job(job)
+
+    def done(self, expired: Expired) -> None:
+        self.redis.zrem(self.key, expired.job_id)
+
+    def gave_up(self, expired: Expired, now: float | None = None) -> bool:
+        return (time.time() if now is None else now) - expired.since > NOTICE_RETRY_S
+
+    def _fetch(self, job_id: str) -> Job:
+        return Job.fetch(job_id, connection=self.redis, serializer=JSONSerializer)
+
+    def _queued_at(self, job_id: str) -> float | None:
+        """When the job was last (re)queued; None when it cannot be read (then it is left alone:
+        a malformed job is removed only once it is known to be stale)."""
+        try:
+            job = self._fetch(job_id)
+        except NoSuchJobError:
+            return None
+        except Exception:  # a corrupt job hash: nothing to measure, nobody to tell
+            log.warning("queued job %s cannot be read", job_id, exc_info=True)
+            return None
+        if job.enqueued_at is not None:
+            return job.enqueued_at.timestamp()
+        request = _request_of(job)
+        return None if request is None else request.created_at
+
+    def _expired(self, job_id: str, since: float) -> Expired:
+        try:
+            request = _request_of(self._fetch(job_id))
+        except Exception:  # gone or unreadable: still cancelled and dropped, nobody to tell
+            request = None
+        if request is not None:  # its token back from its own key, for the notice
+            request = with_token(self.redis, self.jobs.settings.queue_prefix, request)
+        return Expired(job_id, request, since)
+
+
+def _request_of(job: Job) -> JobRequest | None:
+    try:
+        return JobRequest.model_validate(job.args[0])
+    except Exception:  # malformed arguments: the job can never run
+        log.warning("job %s has malformed arguments", job.id)
+        return None
 
 
 def expire_stale_jobs(jobs: JobQueue, policies: PolicyStore, models: list[str], ttl_s: float,
                       now: float | None = None) -> list[JobRequest]:
-    """Cancel the queued jobs older than ``ttl_s``; returns their requests (to tell the users)."""
-    now = time.time() if now is None else now
-    expired = []
-    for model in models:
-        queue = jobs.queue(model)
-        for job in queue.get_jobs():  # not in age order: retries go back to the front
-            request = JobRequest.model_validate(job.args[0])
-            queued_at = job.enqueued_at.timestamp() if job.enqueued_at else request.created_at
-            if now - queued_at < ttl_s:
-                continue
-            if not _take(queue, job):
-                continue
-            job.cancel()
-            policies.release_job(job)
-            expired.append(request)
-    return expired
+    """Take and cancel the stale jobs in one go, for callers with nobody to tell (tests, tools).
+    The bot runs the steps itself so that each user is told before the job leaves the set."""
+    sweep = ExpirySweep(jobs, policies, ttl_s)
+    sweep.take_stale(models, now)
+    told = []
+    for expired in sweep.pending():
+        sweep.cancel(expired)
+        sweep.done(expired)
+        if expired.request is not None:
+            told.append(expired.request)
+    return told

@@ -14,7 +14,14 @@ from pydantic import BaseModel, ConfigDict, Field
 JOB_FUNCTION = "worker.tasks.run_imagine"
 # job.meta field naming the Redis sorted set of the user's active jobs; the worker removes the
 # job from it when the job ends (worker.release), so per-user limits free up.
-ACTIVE_KEY_META = "active_key"
+ACTIVE_KEY_META = "active_key"  # job.meta: the active-job set(s) the job counts in (str or list)
+
+
+def active_keys_of(meta: dict) -> list[str]:
+    """The active-job sets a job holds a slot in (one key, or several: a web client and the web's
+    total), freed when it ends."""
+    keys = meta.get(ACTIVE_KEY_META) or []
+    return [keys] if isinstance(keys, str) else [key for key in keys if isinstance(key, str)]
 
 
 class Delivery(BaseModel):
@@ -24,7 +31,9 @@ class Delivery(BaseModel):
 
     application_id: int
     interaction_id: int
-    interaction_token: str = Field(repr=False)  # a 15-minute credential: keep out of reprs/logs
+    # A 15-minute credential: keep out of reprs/logs. Queued jobs carry "" (the token waits in
+    # its own short-lived key, core.tokens); jobs queued before that carry the token itself.
+    interaction_token: str = Field(default="", repr=False)
     channel_id: int | None = None
     guild_id: int | None = None
     user_id: int

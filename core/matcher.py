@@ -6,8 +6,19 @@ look-alikes mapped to the ASCII letter they imitate (Unicode's confusables data,
 ``confusable_homoglyphs`` package, plus the stroked letters and open e's it leaves out). A term
 then becomes a regex in which every letter also accepts its digit/symbol stand-ins ("4" or "@"
 for "a"), may repeat ("baaanned") and may be followed by a little punctuation or spacing
-("b.a n-n e d"). Terms match whole words only, so
-"ass" does not fire inside "class"; a trailing ``*`` matches any ending ("nud*" → "nudity").
+("b.a n-n e d", "n+u+d+e", "n1u2d3e"). A trailing ``*`` matches any ending ("nud*" → "nudity").
+
+Words are what the text encoder reads as words. CLIP's tokenizer (SD 1.x and SDXL alike)
+pre-splits lower-cased text with ``'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+``:
+a run of letters is one word, and every digit and every punctuation run is a piece of its own.
+So a term matches where it is not glued to another *letter*; digits and punctuation around it
+are boundaries ("nude1" and "2nude" are read as "nude"), and "ass" still does not fire inside
+"class". ``tests/test_matcher.py`` checks this against the tokenizer's own pre-splitter.
+
+Folding also covers the look-alike families Unicode's confusables data leaves out, by the
+letter their Unicode name spells: small capitals (ɴᴜᴅᴇ), negative circled and squared letters
+(🅝, 🅽) and regional indicators (🇳); NFKC already handles fullwidth, mathematical, circled,
+squared and parenthesized letters.
 """
 
 from __future__ import annotations
@@ -30,9 +41,20 @@ CANONICAL = {"4": "a", "@": "a", "8": "b", "3": "e", "0": "o", "5": "s", "$": "s
 # has already lowered them.
 STROKED = {"ø": "o", "đ": "d", "ð": "d", "ł": "l", "ħ": "h", "ŧ": "t", "ƀ": "b", "ɨ": "i", "ƶ": "z",
            "ε": "e", "є": "e", "ɛ": "e", "ƒ": "f"}
-# Up to this many separators (spaces, punctuation, underscores) between two letters of a term.
+# Up to this many separators (spaces, punctuation, digits, symbols) between two letters of a term.
 MAX_GAP = 3
-WORD_CHARS = "a-z0-9"
+# A letter, as CLIP's ``\p{L}``: what glues pieces into one word. Digits and symbols do not.
+LETTER = r"[^\W\d_]"
+NOT_LETTER = r"[\W\d_]"  # one class, not a lookahead: the gap is on the hot path
+# A contraction the tokenizer splits off on its own ("'sbanned" is read as "'s" + "banned"; a
+# punctuation run swallows the apostrophe instead): matched text gets a space after it.
+CONTRACTION = re.compile(r"(?<![^\s\w]|_)'(?:re|ve|ll|s|t|m|d)")
+WORD_START = f"(?<!{LETTER})"
+# Look-alike families named after the letter they show ("LATIN LETTER SMALL CAPITAL N",
+# "NEGATIVE SQUARED LATIN CAPITAL LETTER N", "REGIONAL INDICATOR SYMBOL LETTER N").
+NAMED_LETTER = re.compile(r"^(?:LATIN|REGIONAL INDICATOR|NEGATIVE|CIRCLED|SQUARED|PARENTHESIZED|"
+                          r"MATHEMATICAL|FULLWIDTH|MODIFIER)\b.*\bLETTER (?:SMALL CAPITAL )?([A-Z])"
+                          r"(?: WITH .+)?$")
 
 
 @lru_cache(maxsize=4096)
@@ -44,7 +66,8 @@ def _ascii_lookalike(char: str) -> str:
         target = glyph["c"]
         if len(target) == 1 and target.isascii() and target.isalnum():
             return target
-    return char
+    named = NAMED_LETTER.match(unicodedata.name(char, ""))
+    return named.group(1).lower() if named else char
 
 
 def fold(text: str) -> str:
@@ -70,10 +93,9 @@ def _term_body(term: str) -> str:
     folded = fold(term).strip()
     prefix = folded.endswith("*")
     letters = [c for c in folded.rstrip("*") if c.isalnum() or c in CANONICAL]
-    stand_ins = "".join(sorted({c for c in "".join(LOOKALIKES.values()) if not c.isalnum()}))
-    gap = f"[^{WORD_CHARS}{re.escape(stand_ins)}]{{0,{MAX_GAP}}}"
+    gap = f"{NOT_LETTER}{{0,{MAX_GAP}}}"
     body = gap.join(_letter_class(c) for c in letters)
-    return body if prefix else f"{body}(?![{WORD_CHARS}])"
+    return body if prefix else f"{body}(?!{LETTER})"
 
 
 def clean_term(term: str) -> str:
@@ -90,10 +112,10 @@ def compile_terms(terms: tuple[str, ...]) -> tuple[re.Pattern[str] | None, list[
     kept = [term for term in terms if clean_term(term)]
     if not kept:
         return None, []
-    start = f"(?<![{WORD_CHARS}])"
+    start = WORD_START
     bodies = [_term_body(term) for term in kept]
-    combined = re.compile(f"{start}(?:{'|'.join(bodies)})")
-    return combined, [(term, re.compile(start + body)) for term, body in zip(kept, bodies)]
+    combined = re.compile(f"{start}(?:{'|'.join(bodies)})", re.S)
+    return combined, [(term, re.compile(start + body, re.S)) for term, body in zip(kept, bodies)]
 
 
 def find_banned(text: str, terms: tuple[str, ...]) -> str | None:
@@ -102,6 +124,8 @@ def find_banned(text: str, terms: tuple[str, ...]) -> str | None:
         return None
     combined, each = compile_terms(terms)
     folded = fold(text)
+    if "'" in folded:
+        folded = CONTRACTION.sub(lambda m: m.group(0) + " ", folded)
     if combined is None or not combined.search(folded):
         return None
     return next((term for term, pattern in each if pattern.search(folded)), None)

@@ -1,8 +1,20 @@
-"""A server's moderation policy as data, and :func:`apply_policy`, the one pure function every
-path into the queue (slash command now; buttons and web later) calls before enqueueing.
+"""A server's moderation policy as data, and :func:`apply_policy`, the one pure pass every path
+into the queue (slash command, buttons, web) makes before enqueueing. In order:
 
-No I/O here: the policy is loaded and the per-user limits are enforced by
-:mod:`core.policy_store`, so this module is unit-testable and cheap (see bench/policy_overhead.py).
+  1. gates           check_channel, check_model: where the command was used and the model it
+                     names, before anything else ("not allowed here" beats "unknown model")
+  2. resolve         core.validation.resolve_options over server_defaults: every option concrete,
+                     with a record of what the user set
+  3. server rules    apply_caps, apply_guidance_floor on the resolved values (a rule that changes
+                     or refuses an option, e.g. fast mode or image input, goes here)
+  4. operator limits core.validation.check_limits on the final values
+  5. text rules      check_terms on the text as queued
+  6. build           policy_negative (forced part first), then the one JobRequest
+                     (core.validation.request_from)
+
+Per-user defaults would layer over server_defaults before step 2. Per-user limits are not here:
+they need Redis (:func:`core.admission.admit`, :mod:`core.policy_store`), so this module is
+unit-testable and cheap (see bench/policy_overhead.py).
 """
 
 from __future__ import annotations
@@ -11,12 +23,13 @@ from dataclasses import dataclass, replace
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from core.jobs import Delivery, JobRequest
 from core.matcher import find_banned
+from core.texts import clip
+from core.validation import (Defaults, ImagineOptions, InvalidRequest, Resolved, check_limits,
+                             model_key, request_from, resolve_options)
 from settings.catalog import ModelEntry
 from settings.config import Settings
-from core.jobs import Delivery, JobRequest
-from core.texts import clip
-from core.validation import ImagineOptions, InvalidRequest, build_request
 
 NEGATIVE_SEPARATOR = ", "
 CHANNELS_SHOWN = 10  # in a refusal; the rest are counted
@@ -56,53 +69,84 @@ class Moderated:
     notes: tuple[str, ...] = ()  # what the policy changed, told to the user (e.g. clamped steps)
 
 
-def combined_negative(policy: GuildPolicy, user_negative: str, settings: Settings) -> str:
-    """Forced text first: CLIP reads only 77 tokens, so a long user negative cannot push the
-    server's forced negative out of the window."""
-    base = user_negative or (settings.default_negative_prompt if policy.default_negative is None
-                             else policy.default_negative)
-    return NEGATIVE_SEPARATOR.join(part for part in (policy.forced_negative, base) if part)
+def server_defaults(policy: GuildPolicy) -> Defaults:
+    return Defaults(model=policy.default_model, negative_prompt=policy.default_negative)
 
 
 def check_channel(policy: GuildPolicy, channel_id: int | None) -> None:
-    if policy.channels and channel_id not in policy.channels:
+    """No channel (the web): channel allowlists concern Discord channels only."""
+    if channel_id is not None and policy.channels and channel_id not in policy.channels:
         where = ", ".join(f"<#{c}>" for c in policy.channels[:CHANNELS_SHOWN])
         if len(policy.channels) > CHANNELS_SHOWN:
             where += f" (and {len(policy.channels) - CHANNELS_SHOWN} more)"
         raise PolicyViolation("channels", f"`/imagine` is not enabled in this channel. Use {where}.")
 
 
-def choose_model(policy: GuildPolicy, requested: str | None, settings: Settings) -> str:
-    key = (requested or policy.default_model or settings.default_model).strip().lower()
+def check_model(policy: GuildPolicy, key: str) -> None:
     if policy.allowed_models and key not in policy.allowed_models:
         raise PolicyViolation("models", f"Model `{clip(key, 80)}` is not allowed on this server. "
                                         f"Allowed: {', '.join(policy.allowed_models)}.")
-    return key
 
 
-def _capped(name: str, asked: int | None, default: int, cap: int | None, clamp: bool,
-            notes: list[str]) -> int | None:
-    """The value to use under ``cap``. An unset option above the cap is lowered silently;
-    an explicit one is clamped (with a note) or refused, as the server chose."""
-    value = default if asked is None else asked
+def _capped(name: str, value: int, explicit: bool, cap: int | None, clamp: bool,
+            notes: list[str]) -> int:
+    """``value`` under ``cap``. A defaulted value above the cap is lowered silently; one the user
+    set is clamped (with a note) or refused, as the server chose."""
     if cap is None or value <= cap:
-        return asked
-    if asked is None:
+        return value
+    if not explicit:
         return cap
     if not clamp:
-        raise PolicyViolation(f"max {name}", f"`{name}` is limited to {cap} on this server (got {asked}).")
+        raise PolicyViolation(f"max {name}", f"`{name}` is limited to {cap} on this server (got {value}).")
     notes.append(f"`{name}` lowered to the server's cap of {cap}")
     return cap
 
 
+def apply_caps(policy: GuildPolicy, resolved: Resolved) -> tuple[Resolved, tuple[str, ...]]:
+    """The server's caps; (the capped options, notes for the user)."""
+    notes: list[str] = []
+    capped = {name: _capped(name, getattr(resolved, name), name in resolved.explicit, cap,
+                            policy.clamp, notes)
+              for name, cap in (("steps", policy.max_steps), ("count", policy.max_count),
+                                ("size", policy.max_size))}
+    return replace(resolved, **capped), tuple(notes)
+
+
+def apply_guidance_floor(policy: GuildPolicy, resolved: Resolved, settings: Settings,
+                         ) -> tuple[Resolved, tuple[str, ...]]:
+    """A forced negative prompt must be read: diffusers skips classifier-free guidance (and
+    never encodes the negative prompt) at guidance <= 1, and weighs it by (guidance - 1) above.
+    Below the floor a defaulted guidance is raised silently; one the user set is raised with a
+    note or refused, as the server chose for its caps. Every front end and button comes here."""
+    floor = settings.forced_negative_min_guidance
+    if not policy.forced_negative or resolved.guidance >= floor:
+        return resolved, ()
+    shown = f"{floor:g}"
+    if "guidance" in resolved.explicit and not policy.clamp:
+        raise PolicyViolation(
+            "forced negative prompt",
+            f"This server adds a negative prompt to every image, which needs `guidance` of at "
+            f"least {shown} to take effect (got {resolved.guidance:g}).")
+    notes = (f"`guidance` raised to {shown} so the server's negative prompt applies",) \
+        if "guidance" in resolved.explicit else ()
+    return replace(resolved, guidance=floor), notes
+
+
 def check_terms(policy: GuildPolicy, prompt: str, negative_prompt: str) -> None:
-    """On the text as it will be queued (whitespace collapsed), so the check sees what the
-    model reads."""
+    """On the text as it will be queued (whitespace collapsed), so the check sees what the model
+    reads. The user's negative prompt too, so it cannot smuggle terms in; not the defaults."""
     for field_name, text in (("prompt", prompt), ("negative_prompt", negative_prompt)):
         term = find_banned(text, policy.banned_terms)
         if term is not None:
             raise PolicyViolation("banned terms", f"Your `{field_name}` contains the banned term "
                                                   f"“{term}”. Rephrase it and try again.")
+
+
+def policy_negative(policy: GuildPolicy, resolved: Resolved) -> str:
+    """Forced text first: CLIP reads only 77 tokens, so a long user negative cannot push the
+    server's forced negative out of the window."""
+    parts = (policy.forced_negative, resolved.negative_or_default)
+    return NEGATIVE_SEPARATOR.join(part for part in parts if part)
 
 
 def apply_policy(
@@ -115,27 +159,20 @@ def apply_policy(
     channel_id: int | None = None,
     delivery: Delivery | None = None,
     created_at: float | None = None,
+    store_images: bool = False,
 ) -> Moderated:
     """Options → the moderated :class:`JobRequest`, or :class:`InvalidRequest` (a
-    :class:`PolicyViolation` when a server rule refused it). Per-user limits are not here:
-    they need Redis (:meth:`core.policy_store.PolicyStore.admit`)."""
+    :class:`PolicyViolation` when a server rule refused it). The steps of the module docstring."""
+    defaults = server_defaults(policy)
     check_channel(policy, channel_id)
-    model = choose_model(policy, options.model, settings)
-    entry = catalog.get(model)
-    notes: list[str] = []
-    if entry is not None:  # an unknown model is reported by build_request
-        options = replace(
-            options, model=model,
-            steps=_capped("steps", options.steps, entry.default_steps, policy.max_steps, policy.clamp, notes),
-            count=_capped("count", options.count, 1, policy.max_count, policy.clamp, notes),
-            size=_capped("size", options.size, entry.native_size, policy.max_size, policy.clamp, notes),
-        )
-    request = build_request(options, job_id=job_id, settings=settings, catalog=catalog,
-                            delivery=delivery, created_at=created_at)
-    user_negative = request.negative_prompt if (options.negative_prompt or "").strip() else ""
-    check_terms(policy, request.prompt, user_negative)
-    request = request.model_copy(update={
-        "negative_prompt": combined_negative(policy, user_negative, settings),
-        "forced_negative_applied": bool(policy.forced_negative),
-    })
-    return Moderated(request, tuple(notes))
+    check_model(policy, model_key(options.model, defaults, settings))
+    resolved = resolve_options(options, settings, catalog, defaults)
+    resolved, notes = apply_caps(policy, resolved)
+    resolved, floor_notes = apply_guidance_floor(policy, resolved, settings)
+    check_limits(resolved, settings)
+    check_terms(policy, resolved.prompt, resolved.negative_prompt)
+    request = request_from(
+        resolved, job_id=job_id, negative_prompt=policy_negative(policy, resolved),
+        forced_negative_applied=bool(policy.forced_negative), delivery=delivery,
+        created_at=created_at, store_images=store_images)
+    return Moderated(request, notes + floor_notes)

@@ -5,6 +5,8 @@ Keys (under the configured prefix, e.g. ``imagine``):
     {p}:policy:{guild}:audit      list of audit entries (JSON), newest first, capped
     {p}:active:{guild}:{user}     sorted set of the user's queued/running job ids, score = expiry
     {p}:rate:{guild}:{user}       token bucket (tokens, at)
+    {p}:active:web:{client}       the same for a web client ({client}: a digest of its address,
+    {p}:rate:web:{client}         never the raw text), and {p}:active:web:all for all web jobs
 
 Admission (rate limit + active-job count) is one Lua script, so it holds across several bot
 processes. A job leaves the active set when the worker finishes it or it fails for good
@@ -25,7 +27,7 @@ from redis.exceptions import WatchError
 from rq.job import Job
 
 from core.policy import GuildPolicy, PolicyViolation
-from core.jobs import ACTIVE_KEY_META
+from core.jobs import active_keys_of
 
 AUDIT_KEEP = 500
 
@@ -63,6 +65,28 @@ class AuditEntry(BaseModel):
 
 
 @dataclass(frozen=True)
+class Quota:
+    """A limit on one owner's jobs: at most ``max_active`` queued or running, and
+    ``rate_count`` per ``rate_window_s`` (None or 0: no limit)."""
+
+    scope: str  # key namespace: a guild id, or "web"
+    owner: str  # a user id, a web client's digest, or "all"
+    max_active: int | None
+    rate_count: int | None = None
+    rate_window_s: int = 60
+    # The refusal's words, formatted with the quota's fields (and {seconds} for the rate).
+    active_refusal: str = ("You already have {max_active} image job(s) queued or running; wait "
+                           "for one to finish.")
+    rate_refusal: str = ("You can start {rate_count} job(s) per {rate_window_s} s on this server; "
+                         "try again in {seconds} s.")
+
+    @classmethod
+    def for_user(cls, policy: GuildPolicy, guild_id: int, user_id: int) -> "Quota":
+        return cls(str(guild_id), str(user_id), policy.max_active_jobs, policy.rate_count,
+                   policy.rate_window_s)
+
+
+@dataclass(frozen=True)
 class Actor:
     id: int
     name: str
@@ -84,11 +108,11 @@ class PolicyStore:
     def audit_key(self, guild_id: int) -> str:
         return f"{self.prefix}:policy:{guild_id}:audit"
 
-    def active_key(self, guild_id: int, user_id: int) -> str:
-        return f"{self.prefix}:active:{guild_id}:{user_id}"
+    def active_key(self, scope: int | str, owner: int | str) -> str:
+        return f"{self.prefix}:active:{scope}:{owner}"
 
-    def rate_key(self, guild_id: int, user_id: int) -> str:
-        return f"{self.prefix}:rate:{guild_id}:{user_id}"
+    def rate_key(self, scope: int | str, owner: int | str) -> str:
+        return f"{self.prefix}:rate:{scope}:{owner}"
 
     # -- policy and audit ----------------------------------------------------------------------
     def load(self, guild_id: int | None) -> GuildPolicy:
@@ -139,23 +163,37 @@ class PolicyStore:
 
     # -- per-user limits -----------------------------------------------------------------------
     def admit(self, policy: GuildPolicy, guild_id: int, user_id: int, job_id: str) -> str:
-        """Count ``job_id`` against the user's limits, or raise :class:`PolicyViolation`.
-        Returns the active-set key the job must be released from when it ends. Admitting the
-        same job id twice (a replayed interaction) is a no-op."""
-        key = self.active_key(guild_id, user_id)
+        """Count ``job_id`` against the user's limits in this server; see :meth:`admit_quota`."""
+        return self.admit_quota(Quota.for_user(policy, guild_id, user_id), job_id)
+
+    def admit_quota(self, quota: Quota, job_id: str) -> str:
+        """Count ``job_id`` against ``quota``, or raise :class:`PolicyViolation`. Returns the
+        active-set key the job must be released from when it ends. Admitting the same job id
+        twice (a replayed interaction) is a no-op."""
+        key = self.active_key(quota.scope, quota.owner)
         verdict, wait = self._admit(
-            keys=[key, self.rate_key(guild_id, user_id)],
-            args=[job_id, policy.max_active_jobs or 0, self.job_lifetime_s, policy.rate_count or 0,
-                  policy.rate_window_s])
+            keys=[key, self.rate_key(quota.scope, quota.owner)],
+            args=[job_id, quota.max_active or 0, self.job_lifetime_s, quota.rate_count or 0,
+                  quota.rate_window_s])
         verdict = verdict.decode() if isinstance(verdict, bytes) else verdict
         if verdict == "active":
-            raise PolicyViolation("max active jobs", f"You already have {policy.max_active_jobs} "
-                                  "image job(s) queued or running; wait for one to finish.")
+            raise PolicyViolation("max active jobs", quota.active_refusal.format(**vars(quota)))
         if verdict == "rate":
             seconds = max(1, round(float(wait)))
-            raise PolicyViolation("rate limit", f"You can start {policy.rate_count} job(s) per "
-                                  f"{policy.rate_window_s} s on this server; try again in {seconds} s.")
+            raise PolicyViolation("rate limit", quota.rate_refusal.format(**vars(quota), seconds=seconds))
         return key
+
+    def admit_all(self, quotas: tuple[Quota, ...], job_id: str) -> list[str]:
+        """Every quota or none: a refusal gives back the slots already taken."""
+        keys: list[str] = []
+        try:
+            for quota in quotas:
+                keys.append(self.admit_quota(quota, job_id))
+        except Exception:
+            for key in keys:
+                self.release(key, job_id)
+            raise
+        return keys
 
     def release(self, active_key: str, job_id: str) -> None:
         self.redis.zrem(active_key, job_id)
@@ -163,7 +201,7 @@ class PolicyStore:
     def release_job(self, job: Job) -> None:
         """Free the slot a queued job holds (named in its meta), e.g. when it is cancelled:
         RQ runs no callback then, so the worker never frees it."""
-        if active_key := job.meta.get(ACTIVE_KEY_META):
+        for active_key in active_keys_of(job.meta):
             self.release(active_key, job.id)
 
     def active_jobs(self, guild_id: int, user_id: int) -> list[str]:

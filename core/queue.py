@@ -20,12 +20,21 @@ from core.fleet import FleetStats, work_units
 from core.jobs import ACTIVE_KEY_META, JOB_FUNCTION, JobRequest, queue_name
 from core.texts import clip
 from core.records import JobRecord, RecordStore
+from core.tokens import stash_token, with_token
 
 FAILURE_CALLBACK = "worker.failures.report_failure"
 SUCCESS_CALLBACK = "worker.release.on_success"
 STOPPED_CALLBACK = "worker.release.on_stopped"
 RETRIES = 2
 USER_JOBS_SCANNED = 500  # a user's most recent jobs that /cancel looks through
+
+
+def _slot_meta(active_key: str | list[str] | None) -> dict | None:
+    """One key is stored as a plain string, the form every worker version reads."""
+    keys = [active_key] if isinstance(active_key, str) else list(active_key or ())
+    if not keys:
+        return None
+    return {ACTIVE_KEY_META: keys[0] if len(keys) == 1 else keys}
 
 
 class AlreadyQueued(Exception):
@@ -48,6 +57,7 @@ class Outlook:
 
     position: int
     eta_s: float | None
+    workers: int | None = None  # live workers serving the model (None: not counted)
 
 
 @dataclass(frozen=True)
@@ -72,13 +82,15 @@ class JobQueue:
         """Longest a job can stay queued or running: queue TTL, every try's timeout, slack."""
         return self.settings.queue_ttl_s + self.settings.job_timeout_s * (RETRIES + 1) + 60
 
-    def submit(self, request: JobRequest, active_key: str | None = None) -> int | None:
+    def submit(self, request: JobRequest, active_key: str | list[str] | None = None) -> int | None:
         """Enqueue and return the 1-based position in the model's queue (None: unknown).
-        ``active_key`` names the user's active-job set the worker frees the job from when it ends."""
+        ``active_key`` names the active-job set(s) the worker frees the job from when it ends."""
         queue = self.queue(request.model)
+        # The interaction token goes to a key of its own, not into what RQ keeps (core.tokens).
+        queued = stash_token(self.redis, self.settings.queue_prefix, request)
         try:
             queue.enqueue(
-                JOB_FUNCTION, request.model_dump(mode="json"),
+                JOB_FUNCTION, queued.model_dump(mode="json"),
                 job_id=request.job_id, unique=True,
                 # The bot's expiry sweep cancels and tells at queue_ttl_s; RQ's silent ttl is
                 # only a backstop for when no bot runs.
@@ -88,7 +100,7 @@ class JobQueue:
                 # A retried job (its worker died) already waited its turn: it goes back first.
                 retry=Retry(max=RETRIES, enqueue_at_front=True), on_failure=Callback(FAILURE_CALLBACK),
                 on_success=Callback(SUCCESS_CALLBACK), on_stopped=Callback(STOPPED_CALLBACK),
-                meta={ACTIVE_KEY_META: active_key} if active_key else None,
+                meta=_slot_meta(active_key),
                 description=f"{request.model}: {request.prompt[:80]}",
             )
         except DuplicateJobError:
@@ -106,12 +118,16 @@ class JobQueue:
         return bool(self.redis.set(key, 1, nx=True, ex=self.settings.queue_ttl_s))
 
     def workers_for(self, model: str) -> int:
-        return Worker.count(connection=self.redis, queue=self.queue(model))
+        """Live workers serving ``model``: those in its queue's worker set whose worker key has
+        not expired (a killed worker stays in the set until some worker's clean-up removes it)."""
+        keys = list(Worker.all_keys(connection=self.redis, queue=self.queue(model)))
+        return self.redis.exists(*keys) if keys else 0
 
     def outlook(self, request: JobRequest, position: int) -> Outlook:
         """``request`` at ``position`` in its queue (0: generating now) and when it should be done."""
         workers = 1 if position == 0 else self.workers_for(request.model)
-        return Outlook(position, self.stats.eta(request.model, max(position, 1), workers, work_units(request)))
+        return Outlook(position, self.stats.eta(request.model, max(position, 1), workers, work_units(request)),
+                       workers)
 
     def outlook_if_enqueued(self, request: JobRequest) -> Outlook:
         """Position and ETA the job would get if enqueued now (for the immediate answer)."""
@@ -171,8 +187,9 @@ def may_cancel(request: JobRequest, user_id: int, guild_id: int | None, is_admin
 
 
 class Cancelling:
-    """Cancel queued jobs (RQ ``Job.cancel``: out of the queue, into the canceled registry).
-    A job a worker has already started is not interrupted; it finishes and posts."""
+    """Cancel queued jobs (:func:`cancel_waiting`: taken off the queue list, then RQ's
+    ``Job.cancel``). A job a worker has already taken is not interrupted and is not marked: it
+    finishes and posts, and the canceller is told it had started."""
 
     def __init__(self, jobs: JobQueue, release_job: Callable[[Job], None]):
         self.jobs = jobs
@@ -201,14 +218,33 @@ class Cancelling:
         request = JobRequest.model_validate(job.args[0])
         if not may_cancel(request, user_id, guild_id, is_admin):
             raise CannotCancel("You can only cancel your own jobs (admins: any job in this server).")
-        if job.get_status() != JobStatus.QUEUED:
-            raise CannotCancel(f"Job `{job_id}` is not waiting any more ({job.get_status()}).")
-        try:
-            job.cancel()  # runs no RQ callback, so the worker will not free the slot
-        except InvalidJobOperation:
-            raise CannotCancel(f"Job `{job_id}` was already cancelled.") from None
-        self.release_job(job)
-        return request
+        if not cancel_waiting(job, self.jobs.queue(request.model), self.release_job):
+            status = job.get_status()
+            if status == JobStatus.CANCELED:
+                raise CannotCancel(f"Job `{job_id}` was already cancelled.")
+            if status in (JobStatus.STARTED, JobStatus.FINISHED):
+                raise CannotCancel(f"Job `{job_id}` has already started; its images are on their way.")
+            raise CannotCancel(f"Job `{job_id}` is not waiting any more ({status}).")
+        # With its token, for telling the owner (bot.notify) through their command's message.
+        return with_token(self.jobs.redis, self.jobs.settings.queue_prefix, request)
+
+
+def cancel_waiting(job: Job, queue: Queue, release_job: Callable[[Job], None]) -> bool:
+    """Cancel ``job`` if it is still waiting in ``queue``, and free its user's slot; False when
+    a worker (or another canceller, or the expiry sweep) took it first.
+
+    Whoever removes the id from the queue list owns the job: a worker takes a job only by popping
+    that list (RQ's dequeue, and the batch companions' claim in ``worker.batching``), and the
+    expiry sweep only by the same LREM. So exactly one of them wins, with no window between a
+    status check and the cancel in which a worker could start a job then marked cancelled."""
+    if not queue.remove(job.id):  # LREM: 1 only for the one caller that took it off the list
+        return False
+    try:
+        job.cancel()  # out of every registry, into the canceled one; runs no RQ callback
+    except InvalidJobOperation:
+        pass  # already marked cancelled (a retried cancel): it is ours to finish all the same
+    release_job(job)  # no worker will run it, so none will free the slot
+    return True
 
 
 class CannotCancel(Exception):

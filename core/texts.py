@@ -40,10 +40,19 @@ def _images(count: int) -> str:
     return "1 image" if count == 1 else f"{count} images"
 
 
-def queued_text(model: str, prompt: str, count: int, position: int, eta_s: float | None) -> str:
+def no_worker_text(model: str, minutes: int) -> str:
+    """The warning for a job queued on a model that no live worker serves."""
+    return (f"⚠️ No GPU worker is serving **{model}** right now: your image will start when one "
+            f"comes back, or be cancelled after {minutes} minutes.")
+
+
+def queued_text(model: str, prompt: str, count: int, position: int, eta_s: float | None,
+                no_worker_minutes: int | None = None) -> str:
+    """``no_worker_minutes``: no live worker serves the model; the job is cancelled after that."""
     eta = f" · ETA ~{format_duration(eta_s)}" if eta_s is not None else ""
-    return (f"🎨 Queued {_images(count)} on **{model}** — position **#{position}** in its queue{eta}.\n"
-            f"> {prompt[:300]}")
+    warning = "" if no_worker_minutes is None else f"\n{no_worker_text(model, no_worker_minutes)}"
+    return (f"🎨 Queued {_images(count)} on **{model}** — position **#{position}** in its queue{eta}."
+            f"{warning}\n> {prompt[:300]}")
 
 
 def progress_bar(step: int, total: int, width: int = BAR_WIDTH) -> str:

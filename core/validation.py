@@ -1,13 +1,21 @@
-"""Turn raw command options into a :class:`JobRequest`, or a friendly error.
+"""The option half of admission: raw command options → concrete values → one :class:`JobRequest`.
 
-Every front end (Discord command, buttons, CLI, web) goes through :func:`build_request`, so the
-limits are enforced in one place whatever the client-side checks were.
+  resolve_options  every option made concrete: the user's value, else the layered
+                   :class:`Defaults` (the server's), else the operator's settings, else the
+                   model's catalog entry; records which options the user set
+  check_limits     the operator's global limits, on the final values (after any server caps)
+  request_from     the one construction of the :class:`JobRequest`
+
+:func:`core.policy.apply_policy` runs these with the server's rules in between; every front end
+goes through it, so the limits hold whatever the client-side checks were. :func:`build_request`
+chains them with no server policy (CLI, benchmarks).
 """
 
 from __future__ import annotations
 
 import secrets
-from dataclasses import dataclass
+import unicodedata
+from dataclasses import dataclass, fields
 
 from settings.catalog import ModelEntry
 from settings.config import Settings
@@ -34,9 +42,41 @@ class ImagineOptions:
     count: int = 1
 
 
+@dataclass(frozen=True)
+class Defaults:
+    """Defaults between the user's options and the operator's: a server's today. A user's own
+    saved defaults would be one more layer, merged over these before resolving."""
+
+    model: str | None = None  # None: the operator's default model
+    negative_prompt: str | None = None  # None: the operator's; "": none
+
+
+@dataclass(frozen=True)
+class Resolved:
+    """Every option concrete. ``explicit`` names the options the user set: a server cap lowers a
+    defaulted value silently but clamps or refuses one the user asked for."""
+
+    prompt: str  # whitespace collapsed: the text as queued
+    negative_prompt: str  # the user's own ("" when unset), as queued
+    default_negative: str  # used when the user gave none
+    entry: ModelEntry
+    steps: int
+    guidance: float
+    size: int
+    count: int
+    seed: int
+    explicit: frozenset[str]
+
+    @property
+    def negative_or_default(self) -> str:
+        return self.negative_prompt or self.default_negative
+
+
 def _number(value: float) -> str:
-    """Whole numbers in full (seeds reach 4294967295), others as typed."""
-    return str(int(value)) if float(value).is_integer() else f"{value:g}"
+    """Whole numbers in full (seeds reach 4294967295), others as typed; huge ones shortened."""
+    if isinstance(value, int):
+        return clip(str(value), 24)
+    return str(int(value)) if value.is_integer() else f"{value:g}"
 
 
 def _check_range(name: str, value: float, low: float, high: float) -> None:
@@ -45,18 +85,87 @@ def _check_range(name: str, value: float, low: float, high: float) -> None:
                              f"(got {_number(value)}).")
 
 
-def _clean_text(name: str, text: str | None, limit: int) -> str:
-    text = " ".join((text or "").split())
+def _check_length(name: str, text: str, limit: int) -> None:
     if len(text) > limit:
         raise InvalidRequest(f"`{name}` is {len(text)} characters; the limit is {limit}.")
-    return text
 
 
-def resolve_model(key: str | None, settings: Settings, catalog: dict[str, ModelEntry]) -> ModelEntry:
-    key = (key or settings.default_model).strip().lower()
+def clean_text(text: str | None) -> str:
+    """Whitespace collapsed, as the model will read it (and the banned-term check sees it);
+    control characters and lone surrogates (which JSON can carry but UTF-8 cannot) dropped."""
+    text = " ".join((text or "").split())
+    if text.isprintable():
+        return text
+    return "".join(c for c in text if unicodedata.category(c) not in ("Cc", "Cs")).strip()
+
+
+def model_key(requested: str | None, defaults: Defaults, settings: Settings) -> str:
+    """The user's model, else the server's default, else the operator's."""
+    return clean_text(requested or defaults.model or settings.default_model).lower()
+
+
+def _catalog_entry(key: str, catalog: dict[str, ModelEntry]) -> ModelEntry:
     if key not in catalog:
         raise InvalidRequest(f"Unknown model `{clip(key, 80)}`. Choose one of: {', '.join(sorted(catalog))}.")
     return catalog[key]
+
+
+def resolve_options(options: ImagineOptions, settings: Settings, catalog: dict[str, ModelEntry],
+                    defaults: Defaults = Defaults()) -> Resolved:
+    """Raises InvalidRequest only for an unknown model (its entry holds the other defaults)."""
+    entry = _catalog_entry(model_key(options.model, defaults, settings), catalog)
+    default_negative = (settings.default_negative_prompt if defaults.negative_prompt is None
+                        else defaults.negative_prompt)
+    return Resolved(
+        prompt=clean_text(options.prompt), negative_prompt=clean_text(options.negative_prompt),
+        default_negative=default_negative, entry=entry,
+        steps=entry.default_steps if options.steps is None else options.steps,
+        guidance=entry.default_guidance if options.guidance is None else options.guidance,
+        size=entry.native_size if options.size is None else options.size,
+        count=options.count,
+        seed=secrets.randbelow(MAX_SEED + 1) if options.seed is None else options.seed,
+        explicit=frozenset(f.name for f in fields(options) if getattr(options, f.name) is not None),
+    )
+
+
+def check_limits(resolved: Resolved, settings: Settings) -> None:
+    """The operator's global limits, in the order users are told about them."""
+    _check_length("prompt", resolved.prompt, settings.max_prompt_chars)
+    if not resolved.prompt:
+        raise InvalidRequest("The prompt is empty: describe the image you want.")
+    _check_length("negative_prompt", resolved.negative_prompt, settings.max_prompt_chars)
+    for name in ("steps", "count", "size", "seed"):  # every front end sends ints; core checks anyway
+        value = getattr(resolved, name)
+        if isinstance(value, bool) or not (isinstance(value, int) or float(value).is_integer()):
+            raise InvalidRequest(f"`{name}` must be a whole number (got {_number(value)}).")
+    _check_range("steps", resolved.steps, 1, settings.max_steps)
+    _check_range("guidance", resolved.guidance, 0, settings.max_guidance)
+    _check_range("count", resolved.count, 1, settings.max_count)
+    _check_range("size", resolved.size, settings.min_size, settings.max_size)
+    if resolved.size % SIZE_STEP:
+        raise InvalidRequest(f"`size` must be a multiple of {SIZE_STEP} (got {resolved.size}).")
+    _check_range("seed", resolved.seed, 0, MAX_SEED)
+
+
+def request_from(
+    resolved: Resolved,
+    *,
+    job_id: str,
+    negative_prompt: str,
+    forced_negative_applied: bool = False,
+    delivery: Delivery | None = None,
+    created_at: float | None = None,
+    store_images: bool = False,
+) -> JobRequest:
+    """The one construction of a request, from checked values and the final negative prompt."""
+    extra = {} if created_at is None else {"created_at": created_at}
+    return JobRequest(
+        job_id=job_id, model=resolved.entry.key, prompt=resolved.prompt,
+        negative_prompt=negative_prompt, steps=resolved.steps, guidance=resolved.guidance,
+        seed=resolved.seed, size=resolved.size, count=resolved.count,
+        forced_negative_applied=forced_negative_applied, delivery=delivery,
+        store_images=store_images, **extra,
+    )
 
 
 def build_request(
@@ -68,25 +177,8 @@ def build_request(
     delivery: Delivery | None = None,
     created_at: float | None = None,
 ) -> JobRequest:
-    prompt = _clean_text("prompt", options.prompt, settings.max_prompt_chars)
-    if not prompt:
-        raise InvalidRequest("The prompt is empty: describe the image you want.")
-    negative = _clean_text("negative_prompt", options.negative_prompt, settings.max_prompt_chars)
-    entry = resolve_model(options.model, settings, catalog)
-    steps = entry.default_steps if options.steps is None else options.steps
-    guidance = entry.default_guidance if options.guidance is None else options.guidance
-    size = entry.native_size if options.size is None else options.size
-    _check_range("steps", steps, 1, settings.max_steps)
-    _check_range("guidance", guidance, 0, settings.max_guidance)
-    _check_range("count", options.count, 1, settings.max_count)
-    _check_range("size", size, settings.min_size, settings.max_size)
-    if size % SIZE_STEP:
-        raise InvalidRequest(f"`size` must be a multiple of {SIZE_STEP} (got {size}).")
-    seed = secrets.randbelow(MAX_SEED + 1) if options.seed is None else options.seed
-    _check_range("seed", seed, 0, MAX_SEED)
-    extra = {} if created_at is None else {"created_at": created_at}
-    return JobRequest(
-        job_id=job_id, model=entry.key, prompt=prompt,
-        negative_prompt=negative or settings.default_negative_prompt, steps=steps,
-        guidance=guidance, seed=seed, size=size, count=options.count, delivery=delivery, **extra,
-    )
+    """Options → request with no server policy: the operator's defaults and limits only."""
+    resolved = resolve_options(options, settings, catalog)
+    check_limits(resolved, settings)
+    return request_from(resolved, job_id=job_id, negative_prompt=resolved.negative_or_default,
+                        delivery=delivery, created_at=created_at)

@@ -57,7 +57,7 @@ class Settings(BaseSettings):
     device: str = "auto"  # "auto" → cuda when available, else cpu
     dtype: Literal["auto", "float16", "bfloat16", "float32"] = "auto"
     warmup: bool = True
-    # Speed (issue: fast workers). All are safe defaults on GPU and no-ops on CPU.
+    # Speed. All are safe defaults on GPU and no-ops on CPU.
     max_batch_images: int = Field(default=8, ge=1, description="images per pipeline call when batching")
     channels_last: bool = True
     fuse_qkv: bool = True
@@ -74,6 +74,14 @@ class Settings(BaseSettings):
     web_port: int = 7860
     # The web applies this Discord server's policy (set with /imagine-admin); unset: defaults.
     web_policy_guild_id: int | None = None
+    # Web users are anonymous: limits per client address and in total (0: no limit).
+    web_max_active_per_client: int = Field(default=2, ge=0)
+    web_rate_count: int = Field(default=10, ge=0)  # jobs per web_rate_window_s, per client
+    web_rate_window_s: int = Field(default=60, ge=1)
+    web_max_queued: int = Field(default=50, ge=0)  # web jobs queued or running at once
+    # Behind a reverse proxy the client is the proxy: name the header it sets (its last entry,
+    # the one the proxy added, is used). Trust it only when the port is not reachable otherwise.
+    web_client_header: str | None = None
     bot_metrics_port: int = 9101
     worker_metrics_port: int = 9102
     log_format: Literal["json", "text"] = "json"
@@ -104,6 +112,10 @@ class Settings(BaseSettings):
     max_steps: int = 50
     max_count: int = Field(default=4, ge=1, le=10)  # Discord takes 10 attachments per message
     max_guidance: float = 20.0
+    # A server's forced negative prompt is read only through classifier-free guidance, which
+    # diffusers runs at guidance > 1 and which weighs the negative by (guidance - 1): jobs in such
+    # a server run at least this guidance (raised with a note, or refused, as the server chose).
+    forced_negative_min_guidance: float = Field(default=2.0, gt=1)
     min_size: int = 256
     max_size: int = 1024
     default_negative_prompt: str = (

@@ -36,6 +36,15 @@ def as_array(image) -> np.ndarray:
     return np.asarray(image, dtype=np.int16)
 
 
+def runtime_for(pipelines: ResidentPipelines, redis: Redis, prefix: str, settings: Settings | None = None):
+    """A worker runtime on the test's Redis, as ``worker.main`` builds it."""
+    from worker.outcomes import Outcomes
+    from worker.runtime import WorkerRuntime
+
+    settings = settings or Settings(_env_file=None, queue_prefix=prefix)
+    return WorkerRuntime(pipelines=pipelines, redis=redis, outcomes=Outcomes(redis, prefix, 600), settings=settings)
+
+
 @pytest.fixture(scope="module")
 def pipe(tiny_model_dir):
     entry = ModelEntry(key="tiny", source=str(tiny_model_dir), pipeline="StableDiffusionPipeline")
@@ -95,6 +104,7 @@ def queue_then_drain(env, redis_server, tmp_path, name: str, specs: dict[str, tu
     return requests, worker
 
 
+@pytest.mark.e2e  # real worker processes
 def test_worker_batches_queued_compatible_jobs(env, redis_server, fake_discord, pipe, tmp_path):
     """Jobs queued while no worker runs: A,B,C share settings, D differs, E matches A again.
     Expected pipeline calls: [A,B,C] then [D] then [E] — never reordered past D."""
@@ -116,12 +126,12 @@ def test_worker_prefers_models_on_the_gpu_without_starving_others(redis_server):
     from collections import OrderedDict
 
     from worker.rq_worker import ImagineQueue, ImagineWorker
-    from worker.tasks import WorkerRuntime, install_runtime
+    from worker.runtime import install_runtime
 
     redis = Redis.from_url(redis_server.url)
     prefix = f"pref{snowflake()[-6:]}"
     resident = ResidentPipelines(device=CPU, dtype=torch.float32, on_device=OrderedDict(hot=1))
-    install_runtime(WorkerRuntime(pipelines=resident))
+    install_runtime(runtime_for(resident, redis, prefix))
     queues = [ImagineQueue(queue_name(m, prefix), connection=redis, serializer=JSONSerializer)
               for m in ("cold", "hot")]
     worker = ImagineWorker(queues, connection=redis, serializer=JSONSerializer, starvation_s=20)
@@ -139,6 +149,7 @@ def test_worker_prefers_models_on_the_gpu_without_starving_others(redis_server):
     assert order() == ["cold", "hot"]  # waited past starvation_s: served even if it costs a swap
 
 
+@pytest.mark.e2e  # real worker processes
 def test_batch_companions_show_the_step_bar_too(env, redis_server, fake_discord, tmp_path):
     requests, worker = queue_then_drain(env, redis_server, tmp_path, "batchbar",
                                         {"lead": (20, 3), "companion": (20, 4)})
@@ -152,12 +163,12 @@ def test_oldest_starving_model_first_whatever_the_configured_order(redis_server)
     from collections import OrderedDict
 
     from worker.rq_worker import ImagineQueue, ImagineWorker
-    from worker.tasks import WorkerRuntime, install_runtime
+    from worker.runtime import install_runtime
 
     redis = Redis.from_url(redis_server.url)
     prefix = f"old:{snowflake()[-6:]}"  # a prefix with a colon, too
-    install_runtime(WorkerRuntime(pipelines=ResidentPipelines(device=CPU, dtype=torch.float32,
-                                                              on_device=OrderedDict(a=1))))
+    install_runtime(runtime_for(ResidentPipelines(device=CPU, dtype=torch.float32, on_device=OrderedDict(a=1)),
+                                redis, prefix))
     queues = [ImagineQueue(queue_name(m, prefix), connection=redis, serializer=JSONSerializer) for m in ("a", "b")]
     worker = ImagineWorker(queues, connection=redis, serializer=JSONSerializer, starvation_s=20)
     jobs = JobQueue(redis, Settings(redis_url=redis_server.url, queue_prefix=prefix, _env_file=None))
@@ -166,6 +177,7 @@ def test_oldest_starving_model_first_whatever_the_configured_order(redis_server)
     assert [q.name.rsplit(":", 1)[1] for q in sorted(worker.queues, key=worker._queue_priority)] == ["b", "a"]
 
 
+@pytest.mark.e2e  # real worker processes
 def test_a_batch_owns_its_companions_until_each_is_done_even_through_a_crash(
         env, redis_server, fake_discord, tmp_path):
     """Companions waiting for their turn are leased like the running job: another worker's
@@ -203,7 +215,8 @@ def test_a_batch_owns_its_companions_until_each_is_done_even_through_a_crash(
     try:
         tokens = [m.delivery.interaction_token for m in batch]
         wait_for(lambda: all(fake_discord.results(t) for t in tokens), 240, what="each member's result")
-        time.sleep(1.5)
+        # A second post could only come from another run of a member: over once all are finished.
+        wait_for(lambda: statuses() == ["finished"] * 3, 60, what="every member finished")
         assert [len(fake_discord.results(m.delivery.interaction_token)) for m in batch] == [1, 1, 1]
         retries = [Job.fetch(m.job_id, connection=redis, serializer=JSONSerializer).retries_left for m in batch]
         assert retries == [1, 1, 1], "each member is recovered once, not by two clean-ups"
@@ -234,6 +247,7 @@ def test_failed_web_jobs_are_noted_once_not_reported_every_sweep(redis_server, c
     assert reporter.outcomes.untold([job.id]) == []
 
 
+@pytest.mark.e2e  # real worker processes
 def test_max_jobs_counts_jobs_not_batches(env, redis_server, tmp_path):
     """Recycling a worker after N jobs (--max-jobs) stays exact with batching: it claims no more
     companions than the jobs it has left, and exits after the Nth."""
@@ -255,19 +269,19 @@ def test_max_jobs_counts_jobs_not_batches(env, redis_server, tmp_path):
 def test_a_companions_preview_shows_its_own_image_never_the_leads(tiny_model_dir, redis_server, monkeypatch):
     """Jobs of different users share a pipeline call; each one's progress preview must come from
     its own latents."""
-    import worker.tasks as tasks
-    from worker.tasks import WorkerRuntime, images_for
+    import worker.progress as progress
+    from worker.batching import images_for
 
     resident = ResidentPipelines(device=CPU, dtype=torch.float32)
     resident.load(ModelEntry(key="tiny", source=str(tiny_model_dir), pipeline="StableDiffusionPipeline"))
     settings = Settings(_env_file=None, progress_preview=True, progress_interval_s=0.01,
                         queue_prefix=f"prev{snowflake()[-6:]}")
-    runtime = WorkerRuntime(pipelines=resident, settings=settings, redis=Redis.from_url(redis_server.url))
+    runtime = runtime_for(resident, Redis.from_url(redis_server.url), settings.queue_prefix, settings)
     previewed: list[torch.Tensor] = []
-    real_preview = tasks.latent_preview
-    monkeypatch.setattr(tasks, "latent_preview", lambda latents, xl: (previewed.append(latents.clone()),
-                                                                      real_preview(latents, xl))[1])
-    monkeypatch.setattr(tasks, "edit_original", lambda *args, **kwargs: None)
+    real_preview = progress.latent_preview
+    monkeypatch.setattr(progress, "latent_preview", lambda latents, xl: (previewed.append(latents.clone()),
+                                                                         real_preview(latents, xl))[1])
+    monkeypatch.setattr(progress, "edit_original", lambda *args, **kwargs: None)
 
     def job(name: str, prompt: str, seed: int) -> JobRequest:
         return request(name, prompt=prompt, seed=seed, steps=3, delivery=Delivery(
@@ -276,7 +290,7 @@ def test_a_companions_preview_shows_its_own_image_never_the_leads(tiny_model_dir
 
     lead, companion = job("lead", "a red fox", 1), job("comp", "a blue whale", 999)
     runtime.batches.companions[lead.job_id] = [companion]
-    images_for(runtime, lead, lambda step, total, latents: time.sleep(0.05))
+    images_for(runtime, lead, lambda step, total, latents: time.sleep(0.05))  # steps outlast the 0.01 s interval
 
     def own_latents(r: JobRequest) -> list[torch.Tensor]:
         seen: list[torch.Tensor] = []
@@ -305,7 +319,7 @@ def test_a_malformed_job_plans_no_batch_instead_of_stopping_the_worker(redis_ser
 
 
 def test_previews_pause_while_a_batch_runs_in_parts_after_running_out_of_memory():
-    from worker.tasks import _from_image
+    from worker.batching import _from_image
 
     seen = []
     callback = _from_image(2, 4, lambda step, total, latents: seen.append(latents))

@@ -1,14 +1,27 @@
-"""The benchmark scripts run (tiny configs) and the shipped architectures are the real ones."""
+"""The benchmark scripts run (tiny configs) and the shipped architectures are the real ones.
+
+The scripts run as a user runs them (``python -m bench.…``): tests never import ``bench/``
+(``bench/`` imports ``tests/support/``, the dependency runs one way)."""
 
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 
 import pytest
 import torch
 
-from bench import ablation, queue_overhead, seed_table
-from bench.architectures import UNETS, build_unet
+from tests.support.architectures import UNETS, build_unet
+from tests.support.stack import ROOT
+
+
+def bench(module: str, *args: str, timeout: float = 300) -> str:
+    """Run ``python -m bench.<module> args…``; its stdout (it must exit 0)."""
+    done = subprocess.run([sys.executable, "-m", f"bench.{module}", *args], cwd=ROOT, capture_output=True,
+                          text=True, timeout=timeout)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done.stdout
 
 
 @pytest.mark.parametrize("key, millions", [
@@ -21,31 +34,33 @@ def test_shipped_unet_configs_have_the_published_sizes(key, millions):
     assert set(UNETS) == {"bk-sdm-small", "sd-v1-4", "ssd-1b", "sdxl-base"}
 
 
-def test_seed_table_compares_plain_and_imagine_paths(capsys):
-    rows = seed_table.main(["--tiny", "--models", "bk-sdm-small,ssd-1b", "--steps", "1", "--runs", "1",
-                            "--depth", "4", "--batch", "4"])
+@pytest.mark.e2e
+def test_seed_table_compares_plain_and_imagine_paths(tmp_path):
+    out = tmp_path / "table.json"
+    printed = bench("seed_table", "--tiny", "--models", "bk-sdm-small,ssd-1b", "--steps", "1", "--runs", "1",
+                    "--depth", "4", "--batch", "4", "--json", str(out))
+    rows = json.loads(out.read_text())["rows"]
     assert [r["model"] for r in rows] == ["bk-sdm-small", "ssd-1b"]
     for row in rows:
         assert row["plain_ms"] > 0 and row["imagine_ms"] > 0 and row["imagine_img_per_s"] > 0
         assert row["max_pixel_diff"] <= 2  # the optimized path draws the same image
-    assert "imagine img/s@4" in capsys.readouterr().out
+    assert "imagine img/s@4" in printed
+    # --json keeps what was printed (it is rewritten after each model, so a run cut short keeps it).
+    assert json.loads(printed.splitlines()[-1])["rows"] == rows and json.loads(out.read_text())["batch"] == 4
 
 
-def test_seed_table_keeps_each_finished_model_in_its_json(tmp_path):
-    out = tmp_path / "table.json"
-    seed_table.main(["--tiny", "--models", "bk-sdm-small", "--steps", "1", "--runs", "1", "--depth", "2",
-                     "--batch", "2", "--json", str(out)])
-    report = json.loads(out.read_text())
-    assert [r["model"] for r in report["rows"]] == ["bk-sdm-small"] and report["batch"] == 2
-
-
+@pytest.mark.e2e
 def test_ablation_times_each_optimization_against_plain(tmp_path):
-    report = ablation.main(["--tiny", "--models", "sd-v1-4", "--steps", "1", "--runs", "1",
-                            "--json", str(tmp_path / "ablation.json")])
-    assert set(report["ms"]["sd-v1-4"]) == set(ablation.VARIANTS)
-    assert all(ms > 0 for ms in report["ms"]["sd-v1-4"].values())
+    out = tmp_path / "ablation.json"
+    bench("ablation", "--tiny", "--models", "sd-v1-4", "--steps", "1", "--runs", "1", "--json", str(out))
+    times = json.loads(out.read_text())["ms"]["sd-v1-4"]
+    assert {"plain", "fp16_vae", "fuse_qkv", "channels_last", "all_eager"} <= set(times)
+    assert all(ms > 0 for ms in times.values())
 
 
-def test_scale_simulation_runs_real_workers(redis_server):
-    row = queue_overhead.scale(redis_server.url, workers=2, work_ms=50, jobs_per_worker=3)
+@pytest.mark.e2e
+def test_scale_simulation_runs_real_workers():
+    printed = bench("queue_overhead", "--jobs", "0", "--enqueue", "0", "--workers", "2", "--work-ms", "50",
+                    "--jobs-per-worker", "3")
+    (row,) = json.loads(printed.splitlines()[-1])["scale"]
     assert row["workers"] == 2 and row["jobs_per_s"] > 0 and 0 < row["efficiency"] <= 1.05

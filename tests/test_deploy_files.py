@@ -95,7 +95,9 @@ def test_metrics_and_web_ports_match_healthchecks():
     bot, web = SERVICES["bot"], SERVICES["web"]
     assert f":{bot['environment']['IMAGINE_BOT_METRICS_PORT']}/metrics" in " ".join(bot["healthcheck"]["test"])
     port = web["environment"]["IMAGINE_WEB_PORT"]
-    assert web["ports"] == [f"{port}:{port}"] and web["environment"]["IMAGINE_WEB_HOST"] == "0.0.0.0"
+    # Inside its container it listens everywhere; the host publishes it on loopback only.
+    assert web["ports"] == [f"127.0.0.1:{port}:{port}"] and web["environment"]["IMAGINE_WEB_HOST"] == "0.0.0.0"
+    assert all(str(p).startswith("127.0.0.1:") for s in SERVICES.values() for p in s.get("ports", []))
 
 
 @pytest.mark.parametrize("name", sorted(SERVICES))
@@ -109,31 +111,47 @@ def test_builds_point_at_existing_dockerfiles_and_targets(name):
         assert re.search(rf"^FROM .+ AS {build['target']}$", dockerfile.read_text(), re.M)
 
 
-def test_frontend_requirements_are_project_dependencies():
-    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
-    declared = {re.split(r"[<>=\[ ]", d)[0].lower() for d in project["dependencies"]}
-    lines = (ROOT / "docker" / "requirements-frontend.txt").read_text().splitlines()
-    wanted = {re.split(r"[<>=\[ ]", line)[0].lower() for line in lines if line and not line.startswith("#")}
-    assert wanted <= declared
-    assert "torch" not in wanted and "diffusers" not in wanted
+def extra_names(requirements: list[str]) -> set[str]:
+    return {re.split(r"[<>=\[ ;]", r)[0].lower().replace("_", "-") for r in requirements}
 
 
-def test_frontend_requirements_cover_what_the_front_ends_import():
-    """The bot and web images install only docker/requirements-frontend.txt (+ gradio for web):
-    every third-party package that bot/, web/, launch/ or settings/ imports must be there."""
+PROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+BASE = extra_names(PROJECT["dependencies"])
+EXTRAS = {name: extra_names(reqs) for name, reqs in PROJECT["optional-dependencies"].items()}
+
+
+@pytest.mark.parametrize(("dockerfile", "target", "extra"), [
+    ("Dockerfile.frontend", "bot", "bot"), ("Dockerfile.frontend", "web", "web"),
+    ("Dockerfile.worker", None, "worker")])
+def test_images_install_their_service_extra_from_pyproject(dockerfile, target, extra):
+    text = (ROOT / "docker" / dockerfile).read_text()
+    if target is not None:  # the RUN lines of that build stage only
+        text = re.split(r"^FROM ", text.split(f" AS {target}\n", 1)[1], flags=re.M)[0]
+    installs = re.findall(r"pip install (.+)", text)
+    assert installs == [f'".[{extra}]"'] or installs[-1].startswith(f'".[{extra}]"')
+    assert "-r " not in text and "requirements" not in text
+
+
+def test_gradio_is_pinned_in_one_place():
+    pinned = [path for path in (*ROOT.glob("docker/*"), ROOT / "Makefile", ROOT / "pyproject.toml")
+              if "gradio" in re.sub(r"#.*", "", path.read_text()).replace("gradio.", "")]
+    assert pinned == [ROOT / "pyproject.toml"]
+
+
+@pytest.mark.parametrize(("extra", "folders"), [
+    ("bot", ("bot", "core", "settings")), ("web", ("web", "core", "settings")),
+    ("worker", ("worker", "core", "settings"))])
+def test_each_service_extra_covers_what_its_code_imports(extra, folders):
+    """An image installs the base dependencies and its extra: every third-party package that
+    the service's code imports must be there, and the front ends never get torch."""
     import ast
     import sys
     from importlib.metadata import packages_distributions
 
-    def name(line: str) -> str:
-        return re.split(r"[<>=\[ ]", line)[0].lower().replace("_", "-")
-
-    lines = (ROOT / "docker" / "requirements-frontend.txt").read_text().splitlines()
-    installed = {name(line) for line in lines if line and not line.startswith("#")} | {"gradio"}
-    local = {"bot", "web", "launch", "settings", "worker", "tests", "bench"}
+    local = {"core", "bot", "web", "launch", "settings", "worker", "tests", "bench"}
     distributions = packages_distributions()
     imported = set()
-    for folder in ("bot", "web", "launch", "settings"):
+    for folder in folders:
         for path in (ROOT / folder).rglob("*.py"):
             for node in ast.walk(ast.parse(path.read_text())):
                 if isinstance(node, ast.Import):
@@ -141,7 +159,9 @@ def test_frontend_requirements_cover_what_the_front_ends_import():
                 elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
                     imported.add(node.module.split(".")[0])
     third_party = {m for m in imported - local if m not in sys.stdlib_module_names}
-    needed = {name(dist) for m in third_party for dist in distributions.get(m, [m])}
+    needed = {d.lower().replace("_", "-") for m in third_party for d in distributions.get(m, [m])}
     # Packages that come with the ones listed (discord.py brings aiohttp and yarl, pydantic its core).
     transitive = {"aiohttp", "yarl", "pydantic-core", "typing-extensions"}
-    assert needed - installed - transitive == set()
+    assert needed - BASE - EXTRAS[extra] - transitive == set()
+    if extra != "worker":
+        assert not {"torch", "diffusers", "transformers"} & (BASE | EXTRAS[extra])

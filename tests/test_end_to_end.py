@@ -14,22 +14,14 @@ from rq.job import Job
 
 from core.jobs import job_id_for_interaction
 from tests.support.fake_discord import slash_command
-from tests.support.stack import live_workers, start_bot, start_worker, wait_for
+from tests.support.stack import wait_for
 
 
 @pytest.fixture(scope="module")
-def stack(env, fake_discord, redis_server, tmp_path_factory):
-    logs = tmp_path_factory.mktemp("logs")
-    worker = start_worker(env, logs / "worker.log")
-    bot = start_bot(env, logs / "bot.log")
-    try:
-        wait_for(lambda: live_workers(redis_server.url) >= 1, 60, what="worker ready")
-        wait_for(lambda: fake_discord.identified.is_set() and fake_discord.synced_commands, 30, what="bot ready")
-        yield fake_discord
-    finally:
-        bot.stop()
-        worker.stop()
-        print("---- bot log ----\n", bot.log()[-3000:], "\n---- worker log ----\n", worker.log()[-3000:])
+def stack(env, fake_discord, processes):
+    processes.worker(env)
+    processes.bot(env)
+    return fake_discord
 
 
 def command(fake, name: str, **options):
@@ -116,14 +108,12 @@ def test_bad_options_get_ephemeral_error_and_no_job(stack, redis_server, options
     assert not Job.exists(job_id, connection=Redis.from_url(redis_server.url))
 
 
-def test_replayed_interaction_makes_one_job(stack):
+def test_replayed_interaction_makes_one_job(stack, processes):
     payload = command(stack, "imagine", prompt="a single replayed command", seed=7)
     stack.dispatch("INTERACTION_CREATE", payload)  # the gateway replays it
     result(stack, payload)
-    wait_for(lambda: True, 0.1)
-    import time
-
-    time.sleep(2)  # leave time for a second result to (wrongly) appear
+    # The bot has seen the replay and refused it (a second job would have been queued instead).
+    wait_for(lambda: f"interaction {payload['id']} replayed" in processes["bot"].log(), 10, what="replay refused")
     assert len(results(stack, payload)) == 1
     assert not stack.messages("followup", payload["token"])
     assert len(stack.messages("callback", payload["token"])) == 1

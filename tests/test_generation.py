@@ -70,6 +70,7 @@ def run_cli(env, *args):
                           capture_output=True, text=True, timeout=120)
 
 
+@pytest.mark.e2e  # runs the generate CLI as a process
 def test_cli_writes_images(env, tmp_path):
     out = tmp_path / "cat.png"
     done = run_cli(env, "an orange cat", "--seed", "5", "--count", "2", "--out", str(out))
@@ -78,6 +79,7 @@ def test_cli_writes_images(env, tmp_path):
     assert "seed=6" in done.stdout
 
 
+@pytest.mark.e2e  # runs the generate CLI as a process
 @pytest.mark.parametrize("args, message", [
     (["cat", "--steps", "99"], "error: `steps` must be between 1 and 50 (got 99).\n"),
     (["cat", "--model", "nope"], "error: Unknown model `nope`."),
@@ -91,6 +93,7 @@ def test_cli_bad_input_is_one_line_and_nonzero(env, args, message):
     assert done.stderr.startswith(message) and done.stderr.count("\n") == 1
 
 
+@pytest.mark.e2e  # runs the generate CLI as a process
 @pytest.mark.parametrize("variable, value, message", [
     ("IMAGINE_MAX_COUNT", "abc", "error: IMAGINE_MAX_COUNT: Input should be a valid integer"),
     ("IMAGINE_MAX_COUNT", "11", "error: IMAGINE_MAX_COUNT: Input should be less than or equal to 10"),
@@ -103,6 +106,7 @@ def test_cli_bad_configuration_is_one_line(env, variable, value, message):
     assert done.stderr.count("\n") == 1
 
 
+@pytest.mark.e2e  # runs the generate CLI as a process
 def test_cli_missing_weights_is_one_line(env, tmp_path):
     env = {**env, "IMAGINE_MODELS": json.dumps({"tiny": {"source": str(tmp_path / "missing"),
                                                           "pipeline": "StableDiffusionPipeline"}})}
@@ -119,6 +123,7 @@ def test_local_copy_without_fp16_files_loads_in_half_precision(tiny_model_dir):
     assert pipe.unet.dtype == torch.float16
 
 
+@pytest.mark.slow  # torch.compile on CPU: minutes
 def test_compiled_pipeline_draws_the_same_image(tiny_xl_model_dir):
     """torch.compile (fullgraph, as the worker does at start) with fused QKV: same pixels."""
     from worker.optimize import SpeedOptions, optimize

@@ -27,28 +27,24 @@ from rq.serializers import JSONSerializer
 from settings.config import Settings
 from core.jobs import PROGRESS_META
 from core.validation import ImagineOptions
-from tests.support.stack import ROOT, free_port, wait_for
+from tests.support.stack import ROOT, Process, Processes, free_port, wait_for
 
 CHROMIUM, CHROMEDRIVER = shutil.which("chromium"), shutil.which("chromedriver")
 SCREENSHOT = ROOT / "docs" / "web-ui.png"
 
 
-class Launcher:
-    def __init__(self, env: dict[str, str], log_path: Path, *args: str):
-        self.log_path = log_path
-        self._log = open(log_path, "wb")
-        self.popen = subprocess.Popen([sys.executable, "-m", "launch", *args], env=env, cwd=ROOT,
-                                      stdout=self._log, stderr=subprocess.STDOUT)
+def start_launcher(processes: Processes, env: dict[str, str], *args: str) -> Process:
+    """``python -m launch args…``; stopped as from a terminal's Ctrl-C (SIGINT)."""
+    return processes.start([sys.executable, "-m", "launch", *args], env, "launch",
+                           stop_signal=signal.SIGINT, stop_timeout=60)
 
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace")
 
-    def pids(self) -> dict[str, int]:
-        return {name: int(pid) for name, pid in re.findall(r"started (\S+) .*?\(pid (\d+)\)", self.log())}
+def pids(launcher: Process) -> dict[str, int]:
+    return {name: int(pid) for name, pid in re.findall(r"started (\S+) .*?\(pid (\d+)\)", launcher.log())}
 
 
 @pytest.fixture(scope="module")
-def stack(tiny_model_dir, tmp_path_factory):
+def stack(tiny_model_dir, tmp_path_factory, processes):
     tmp = tmp_path_factory.mktemp("launch")
     ports = {"redis": free_port(), "web": free_port(), "worker_metrics": free_port()}
     env = {k: v for k, v in os.environ.items() if not k.startswith("IMAGINE_")}
@@ -56,18 +52,9 @@ def stack(tiny_model_dir, tmp_path_factory):
                 "IMAGINE_REDIS_URL": f"redis://127.0.0.1:{ports['redis']}/0",
                 "IMAGINE_WEB_PORT": str(ports["web"]),
                 "IMAGINE_WORKER_METRICS_PORT": str(ports["worker_metrics"]), "IMAGINE_DEVICE": "cpu"})
-    launcher = Launcher(env, tmp / "launch.log", "--tiny-dir", str(tiny_model_dir),
-                        "--redis-dir", str(tmp / "redis"))
-    try:
-        wait_for(lambda: "ready: web UI" in launcher.log() or launcher.popen.poll() is not None, 120,
-                 what="stack ready")
-        assert launcher.popen.poll() is None, launcher.log()
-        yield {"launcher": launcher, "ports": ports, "env": env}
-    finally:
-        if launcher.popen.poll() is None:
-            launcher.popen.send_signal(signal.SIGINT)
-            launcher.popen.wait(60)
-        print("---- launcher log ----\n", launcher.log()[-4000:])
+    launcher = start_launcher(processes, env, "--tiny-dir", str(tiny_model_dir), "--redis-dir", str(tmp / "redis"))
+    launcher.wait_ready(lambda: "ready: web UI" in launcher.log(), 120, "stack ready")
+    return {"launcher": launcher, "ports": ports, "env": env}
 
 
 def web_url(stack) -> str:
@@ -75,8 +62,7 @@ def web_url(stack) -> str:
 
 
 def test_launcher_started_redis_worker_and_web_but_no_bot(stack):
-    pids = stack["launcher"].pids()
-    assert set(pids) == {"redis-server", "worker", "web"}
+    assert set(pids(stack["launcher"])) == {"redis-server", "worker", "web"}
     assert "Discord bot off" in stack["launcher"].log()
     assert Redis.from_url(stack["env"]["IMAGINE_REDIS_URL"]).config_get("appendonly") == {"appendonly": "yes"}
 
@@ -168,11 +154,11 @@ def test_front_ends_never_import_torch_or_discord():
 def test_ctrl_c_stops_every_process(stack):
     """Runs last in this module: SIGINT as from a terminal's Ctrl-C."""
     launcher = stack["launcher"]
-    pids = launcher.pids()
+    started = pids(launcher)
     launcher.popen.send_signal(signal.SIGINT)
     assert launcher.popen.wait(60) == 0, launcher.log()
     assert "all stopped" in launcher.log()
-    for name, pid in pids.items():
+    for name, pid in started.items():
         with pytest.raises(ProcessLookupError):
             os.kill(pid, 0)  # the launcher reaped it: no such process
     assert not _answers(stack["env"]["IMAGINE_REDIS_URL"])
@@ -197,21 +183,17 @@ def alive(pid: int) -> bool:
 
 
 @pytest.mark.parametrize("ending", ["gives up", "SIGHUP"])
-def test_launcher_never_hangs_on_or_leaves_behind_a_redis_it_started(tmp_path, ending):
+def test_launcher_never_hangs_on_or_leaves_behind_a_redis_it_started(tmp_path, processes, ending):
     """A redis-server that never answers (db 20 of 16) ends the launch with one line; closing
     the terminal (SIGHUP) while it waits stops it too. Either way no redis-server is left."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("IMAGINE_")}
     env.update({"PYTHONPATH": str(ROOT), "IMAGINE_REDIS_URL": f"redis://127.0.0.1:{free_port()}/20"})
-    launcher = Launcher(env, tmp_path / "launch.log", "--redis-dir", str(tmp_path / "redis"))
-    try:
+    with start_launcher(processes, env, "--redis-dir", str(tmp_path / "redis")) as launcher:
         wait_for(lambda: "started redis-server" in launcher.log(), 30, what="redis started")
         if ending == "SIGHUP":
             launcher.popen.send_signal(signal.SIGHUP)
         code = launcher.popen.wait(40)
-    finally:
-        if launcher.popen.poll() is None:
-            launcher.popen.kill()
-    redis_pid = launcher.pids()["redis-server"]
+    redis_pid = pids(launcher)["redis-server"]
     assert not alive(redis_pid), launcher.log()
     assert "Traceback" not in launcher.log() and "all stopped" in launcher.log()
     if ending == "gives up":

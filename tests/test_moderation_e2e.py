@@ -15,7 +15,7 @@ from rq.serializers import JSONSerializer
 
 from core.jobs import job_id_for_interaction
 from tests.support.fake_discord import slash_command
-from tests.support.stack import live_workers, start_bot, start_worker, wait_for
+from tests.support.stack import wait_for
 
 ADMIN_PERMISSIONS = str(1 << 5)  # Manage Server only
 MEMBER_PERMISSIONS = "2048"  # Send Messages
@@ -25,19 +25,11 @@ _guilds = itertools.count(860000000000000001)
 
 
 @pytest.fixture(scope="module")
-def stack(env, fake_discord, redis_server, tmp_path_factory):
-    logs = tmp_path_factory.mktemp("moderation-logs")
-    worker = start_worker(env, logs / "worker.log")
-    bot = start_bot(env, logs / "bot.log")
-    try:
-        wait_for(lambda: live_workers(redis_server.url) >= 1, 60, what="worker ready")
-        wait_for(lambda: fake_discord.identified.is_set() and any(
-            c["name"] == "imagine-admin" for c in fake_discord.synced_commands), 30, what="bot ready")
-        yield fake_discord
-    finally:
-        bot.stop()
-        worker.stop()
-        print("---- bot log ----\n", bot.log()[-3000:], "\n---- worker log ----\n", worker.log()[-3000:])
+def stack(env, fake_discord, processes):
+    processes.worker(env)
+    processes.bot(env)
+    assert any(c["name"] == "imagine-admin" for c in fake_discord.synced_commands)
+    return fake_discord
 
 
 @pytest.fixture
@@ -337,7 +329,7 @@ def test_a_prompt_cannot_ping_everyone_or_roles(stack, guild):
 
 
 def test_channel_mentions_always_fit_an_embed_field():
-    from bot.commands.admin import mentions
+    from bot.policy_render import mentions
 
     for count in range(1, 101):
         shown = mentions(tuple(1234567890123456789 + i for i in range(count)), 1024)

@@ -14,7 +14,7 @@ import urllib.request
 import pytest
 
 from tests.support.fake_discord import slash_command
-from tests.support.stack import free_port, live_workers, start_bot, start_worker, wait_for
+from tests.support.stack import free_port, wait_for
 
 BOT_TOKEN = "test-bot-token"
 
@@ -33,19 +33,15 @@ def sample(text: str, name: str, **labels: str) -> float:
 
 
 @pytest.fixture(scope="module")
-def run(env, fake_discord, redis_server, tmp_path_factory):
-    logs = tmp_path_factory.mktemp("ops-logs")
+def run(env, fake_discord, processes):
     ports = {"bot": free_port(), "worker": free_port()}
     env = {**env, "IMAGINE_LOG_LEVEL": "DEBUG", "IMAGINE_LOG_FORMAT": "json",
            "IMAGINE_BOT_METRICS_PORT": str(ports["bot"]), "IMAGINE_WORKER_METRICS_PORT": str(ports["worker"]),
            "IMAGINE_QUEUE_PREFIX": "ops"}  # its own queues: the e2e module's worker must not take these jobs
-    worker = start_worker(env, logs / "worker.log")
-    bot = start_bot(env, logs / "bot.log")
+    worker = processes.worker(env)
+    bot = processes.bot(env)
     try:
-        wait_for(lambda: live_workers(redis_server.url) >= 1 and b'"ready: serving' in (logs / "worker.log").read_bytes(),
-                 60, what="worker ready")
-        wait_for(lambda: fake_discord.identified.is_set() and fake_discord.synced_commands, 30, what="bot ready")
-        wait_for(lambda: b"metrics on" in (logs / "bot.log").read_bytes(), 10, what="bot metrics")
+        wait_for(lambda: "metrics on" in bot.log(), 10, what="bot metrics")
 
         good = slash_command("imagine", {"prompt": "a quiet harbour", "seed": 3})
         bad = slash_command("imagine", {"prompt": "cat", "steps": 500})
@@ -57,12 +53,10 @@ def run(env, fake_discord, redis_server, tmp_path_factory):
             fake_discord.dispatch("INTERACTION_CREATE", payload)
         wait_for(lambda: fake_discord.results(good["token"]), 60, what="result post")
         wait_for(lambda: fake_discord.messages("callback", bad["token"]), 10, what="rejection")
-        wait_for(lambda: b"failed for good" in (logs / "worker.log").read_bytes(), 60, what="final failure")
+        wait_for(lambda: "failed for good" in worker.log(), 60, what="final failure")
         yield {"ports": ports, "tokens": [p["token"] for p in (good, bad, expired)],
                "bot": bot, "worker": worker}
     finally:
-        bot.stop()
-        worker.stop()
         fake_discord.failures.clear()
 
 

@@ -92,6 +92,63 @@ def test_caps_clamp_mode_clamps_and_says_so():
     assert len(moderated.notes) == 2 and "steps" in moderated.notes[0]
 
 
+def test_the_request_is_built_once_with_everything_it_carries():
+    request = apply_policy(ImagineOptions(prompt="a cat"), GuildPolicy(forced_negative="gore"), job_id="j1",
+                           settings=SETTINGS, catalog=CATALOG, created_at=5.0, store_images=True).request
+    assert request.store_images and request.created_at == 5.0 and request.forced_negative_applied
+
+
+def test_an_unknown_model_on_an_allowlisting_server_names_the_allowed_ones():
+    with pytest.raises(PolicyViolation, match="Allowed: sd-v1-4"):
+        run(GuildPolicy(allowed_models=("sd-v1-4",)), model="nope")
+
+
+def test_channel_allowlists_concern_discord_channels_only():
+    assert run(GuildPolicy(channels=(10,)), channel_id=None).request  # the web has no channel
+
+
+def test_defaults_are_not_checked_for_banned_terms():
+    """Only the user's own text can smuggle a term in; the server's default negative cannot."""
+    policy = GuildPolicy(banned_terms=("lowres",), default_negative="lowres")
+    assert run(policy).request.negative_prompt == "lowres"
+
+
 def test_global_limits_still_apply():
     with pytest.raises(InvalidRequest, match="between 1 and 50"):
         run(GuildPolicy(), steps=99)
+
+
+# A forced negative prompt is read only through classifier-free guidance (guidance > 1).
+@pytest.mark.parametrize("guidance", [0, 0.5, 1, 1.0001, 1.5, 1.99])
+def test_guidance_that_would_skip_a_forced_negative_is_refused(guidance):
+    with pytest.raises(PolicyViolation, match=r"`guidance` of at least 2 .*forced negative prompt"):
+        run(GuildPolicy(forced_negative="gore"), guidance=guidance)
+
+
+@pytest.mark.parametrize("guidance", [0, 1, 1.5])
+def test_a_clamping_server_raises_guidance_with_a_note(guidance):
+    moderated = run(GuildPolicy(forced_negative="gore", clamp=True), guidance=guidance)
+    assert moderated.request.guidance == 2.0 and moderated.request.forced_negative_applied
+    assert moderated.notes == ("`guidance` raised to 2 so the server's negative prompt applies",)
+
+
+def test_a_low_default_guidance_is_raised_silently_under_a_forced_negative():
+    settings = Settings(_env_file=None, models={"bk-sdm-small": {"default_guidance": 1.0}})
+    catalog = settings.catalog()
+    moderated = apply_policy(ImagineOptions(prompt="a cat"), GuildPolicy(forced_negative="gore"),
+                             job_id="j1", settings=settings, catalog=catalog)
+    assert moderated.request.guidance == 2.0 and moderated.notes == ()
+
+
+def test_guidance_at_the_floor_or_without_a_forced_negative_is_left_alone():
+    assert run(GuildPolicy(forced_negative="gore"), guidance=2).request.guidance == 2
+    assert run(GuildPolicy(default_negative="lowres"), guidance=0).request.guidance == 0
+    assert run(GuildPolicy(), guidance=1).request.guidance == 1
+
+
+def test_the_floor_is_an_operator_setting():
+    settings = Settings(_env_file=None, forced_negative_min_guidance=4)
+    moderated = apply_policy(ImagineOptions(prompt="a cat", guidance=3),
+                             GuildPolicy(forced_negative="gore", clamp=True), job_id="j1",
+                             settings=settings, catalog=settings.catalog())
+    assert moderated.request.guidance == 4

@@ -8,17 +8,18 @@ import time
 
 import pytest
 from redis import Redis
-from rq import Queue, Worker
+from rq import Queue
 from rq.exceptions import NoSuchJobError
 from rq.job import Job, JobStatus
 from rq.serializers import JSONSerializer
 
-from bench.chaos import CHAOS_ENV, Config, run
 from core.jobs import job_id_for_interaction
+from tests.support.chaos import CHAOS_ENV, Config, run
 from tests.support.fake_discord import slash_command
-from tests.support.stack import RedisServer, stack_env, start_bot, start_worker, wait_for
+from tests.support.stack import RedisServer, stack_env, wait_for
 
 MANAGE_GUILD = 1 << 5
+FINAL = (JobStatus.FINISHED, JobStatus.FAILED)
 
 
 @pytest.fixture(scope="module")
@@ -35,24 +36,8 @@ def chaos_env(redis_aof, fake_discord, tiny_model_dir):
 
 
 @pytest.fixture(scope="module")
-def bot(chaos_env, fake_discord, tmp_path_factory):
-    proc = start_bot(chaos_env, tmp_path_factory.mktemp("bot") / "bot.log")
-    wait_for(lambda: fake_discord.identified.is_set() and fake_discord.synced_commands, 30, what="bot ready")
-    yield proc
-    proc.stop()
-
-
-@pytest.fixture
-def worker_log(tmp_path):
-    return tmp_path / "worker.log"
-
-
-def start_ready_worker(env, log, redis_url, *args, **kw):
-    proc = start_worker(env, log, *args, **kw)
-    connection = Redis.from_url(redis_url)
-    wait_for(lambda: any(w.pid == proc.popen.pid for w in Worker.all(connection=connection)),
-             180, 0.2, "worker ready")
-    return proc
+def bot(chaos_env, processes):
+    return processes.bot(chaos_env)
 
 
 def command(fake, name="imagine", user="820000000000000001", permissions="0", **options):
@@ -70,9 +55,12 @@ def messages_for(fake, payload):
     return fake.outcomes(payload["token"], payload["member"]["user"]["id"])
 
 
-def one_message(fake, payload, timeout=60):
+def one_message(fake, payload, redis_url, timeout=60):
     wait_for(lambda: messages_for(fake, payload), timeout, 0.1, "a message for the command")
-    time.sleep(1.5)  # a second (wrong) message would arrive now
+    # A second (wrong) message could only come from a later run of the job or a failure path
+    # still to run; both are over once the job's status is final (the result is posted inside
+    # the job, a failure from its on_failure callback, before RQ sets the final status).
+    wait_for(lambda: status_of(redis_url, payload) in FINAL, 30, 0.1, "the job's final status")
     found = messages_for(fake, payload)
     assert len(found) == 1, [(m.kind, m.payload.get("content")) for m in found]
     return found[0]
@@ -91,9 +79,9 @@ def status_of(redis_url, payload) -> JobStatus | None:
         return None
 
 
-def test_killed_worker_job_is_retried_on_a_live_worker(bot, chaos_env, fake_discord, redis_aof, tmp_path):
+def test_killed_worker_job_is_retried_on_a_live_worker(bot, chaos_env, fake_discord, redis_aof, processes):
     # A job that takes long enough for the kill to land mid-generation.
-    slow = start_ready_worker(chaos_env, tmp_path / "slow.log", redis_aof.url, new_session=True)
+    slow = processes.worker(chaos_env, name="slow", new_session=True)
     payload = command(fake_discord, prompt="killed mid-job", seed=3, steps=10, size=128)
     assert "Queued" in answer(fake_discord, payload)
     wait_for(lambda: status_of(redis_aof.url, payload) == JobStatus.STARTED, 30, 0.05, "job started")
@@ -106,23 +94,19 @@ def test_killed_worker_job_is_retried_on_a_live_worker(bot, chaos_env, fake_disc
     registry = job_of(redis_aof.url, payload).started_job_registry
     wait_for(lambda: job_id_for_interaction(int(payload["id"])) in registry.get_expired_job_ids(), 30, 0.1,
              "lease expired")
-    survivor = start_ready_worker(chaos_env, tmp_path / "survivor.log", redis_aof.url)
-    try:
-        post = one_message(fake_discord, payload, timeout=90)
+    with processes.worker(chaos_env, name="survivor"):
+        post = one_message(fake_discord, payload, redis_aof.url, timeout=90)
         assert post.files, "expected the images, not a failure"
         assert job_of(redis_aof.url, payload).retries_left == 1  # one retry used by the death
-        firsts = [one_message(fake_discord, waiting).at for waiting in later]
+        firsts = [one_message(fake_discord, waiting, redis_aof.url).at for waiting in later]
         assert post.at < min(firsts), "the retried job must go back to the front of its queue"
-    finally:
-        survivor.stop()
 
 
-def test_discord_429_500_and_expired_token(bot, chaos_env, fake_discord, redis_aof, tmp_path):
-    worker = start_ready_worker(chaos_env, tmp_path / "w.log", redis_aof.url)
-    try:
+def test_discord_429_500_and_expired_token(bot, chaos_env, fake_discord, redis_aof, processes):
+    with processes.worker(chaos_env) as worker:
         fake_discord.fail_next("edit", 429, 500)
         flaky = command(fake_discord, prompt="rate limited then 500", seed=4, user="820000000000000004")
-        post = one_message(fake_discord, flaky)
+        post = one_message(fake_discord, flaky, redis_aof.url)
         assert post.kind == "edit" and post.files
         job = job_of(redis_aof.url, flaky)
         assert job.retries_left == 2, "429/500 must be retried by the HTTP client, not by re-running the job"
@@ -131,16 +115,14 @@ def test_discord_429_500_and_expired_token(bot, chaos_env, fake_discord, redis_a
                                 user_id="820000000000000005", permissions="0")
         fake_discord.expired_tokens.add(expired["token"])
         fake_discord.dispatch("INTERACTION_CREATE", expired)
-        post = one_message(fake_discord, expired)
+        post = one_message(fake_discord, expired, redis_aof.url)
         assert post.kind == "channel" and post.files
         assert post.payload["content"] == "<@820000000000000005>"
         assert [str(u) for u in post.payload["allowed_mentions"]["users"]] == ["820000000000000005"]
-    finally:
-        worker.stop()
-    assert "test-bot-token" not in (tmp_path / "w.log").read_text()
+    assert "test-bot-token" not in worker.log()
 
 
-def test_job_timeout_is_stopped_and_told_once(bot, chaos_env, fake_discord, redis_aof, tmp_path):
+def test_job_timeout_is_stopped_and_told_once(bot, chaos_env, fake_discord, redis_aof, processes):
     queue = Queue("resil:tiny", connection=Redis.from_url(redis_aof.url), serializer=JSONSerializer)
     # 50 steps at 512 px take several seconds even for the tiny model; the job gets 1 s.
     payload = command(fake_discord, prompt="too slow", seed=6, steps=50, size=512, user="820000000000000006")
@@ -148,33 +130,27 @@ def test_job_timeout_is_stopped_and_told_once(bot, chaos_env, fake_discord, redi
     job = job_of(redis_aof.url, payload)
     job.timeout = 1  # the bot enqueues with the settings' 60 s; this job gets 1 s
     job.save()
-    worker = start_ready_worker(chaos_env, tmp_path / "w.log", redis_aof.url)
-    try:
-        post = one_message(fake_discord, payload, timeout=90)
+    with processes.worker(chaos_env):
+        post = one_message(fake_discord, payload, redis_aof.url, timeout=90)
         assert "took too long" in post.payload["content"] and not post.files
         assert job.id in queue.failed_job_registry.get_job_ids()
         assert "JobTimeoutException" in job_of(redis_aof.url, payload).exc_info
-    finally:
-        worker.stop()
 
 
-def test_sigterm_finishes_current_job_and_takes_no_new_one(bot, chaos_env, fake_discord, redis_aof, tmp_path):
-    worker = start_ready_worker(chaos_env, tmp_path / "w.log", redis_aof.url)
+def test_sigterm_finishes_current_job_and_takes_no_new_one(bot, chaos_env, fake_discord, redis_aof, processes):
+    worker = processes.worker(chaos_env)
     running = command(fake_discord, prompt="finish me", seed=7, steps=10, size=128, user="820000000000000007")
     wait_for(lambda: status_of(redis_aof.url, running) == JobStatus.STARTED, 30, 0.05, "job started")
     waiting = command(fake_discord, prompt="leave me queued", seed=8, user="820000000000000008")
     assert "Queued" in answer(fake_discord, waiting)
     worker.popen.send_signal(signal.SIGTERM)
     worker.popen.wait(60)
-    assert one_message(fake_discord, running, timeout=5).files
+    assert one_message(fake_discord, running, redis_aof.url, timeout=5).files
     assert job_of(redis_aof.url, waiting).get_status() == JobStatus.QUEUED
     assert not messages_for(fake_discord, waiting)
     # Clean up for later tests: let a worker take it.
-    after = start_ready_worker(chaos_env, tmp_path / "w2.log", redis_aof.url)
-    try:
-        assert one_message(fake_discord, waiting).files
-    finally:
-        after.stop()
+    with processes.worker(chaos_env, name="after"):
+        assert one_message(fake_discord, waiting, redis_aof.url).files
 
 
 def test_cancel_own_job_and_admin_cancels_others(bot, fake_discord, redis_aof):
@@ -204,9 +180,8 @@ def test_cancel_own_job_and_admin_cancels_others(bot, fake_discord, redis_aof):
     Job.fetch(other_id, connection=Redis.from_url(redis_aof.url), serializer=JSONSerializer).cancel()
 
 
-def test_redis_down_answers_fast_and_everything_recovers(bot, chaos_env, fake_discord, redis_aof, tmp_path):
-    worker = start_ready_worker(chaos_env, tmp_path / "w.log", redis_aof.url)
-    try:
+def test_redis_down_answers_fast_and_everything_recovers(bot, chaos_env, fake_discord, redis_aof, processes):
+    with processes.worker(chaos_env) as worker:
         redis_aof.stop()
         started = time.monotonic()
         down = command(fake_discord, prompt="while redis is down", user="820000000000000021")
@@ -216,25 +191,21 @@ def test_redis_down_answers_fast_and_everything_recovers(bot, chaos_env, fake_di
         redis_aof.start()  # same port and directory: the AOF brings the data back
         up = command(fake_discord, prompt="after the restart", seed=9, user="820000000000000022")
         assert "Queued" in answer(fake_discord, up)
-        assert one_message(fake_discord, up).files, "the worker reconnected on its own"
+        assert one_message(fake_discord, up, redis_aof.url).files, "the worker reconnected on its own"
         assert worker.alive()
-    finally:
-        worker.stop()
 
 
-def test_queued_jobs_survive_a_redis_restart(bot, chaos_env, fake_discord, redis_aof, tmp_path):
+def test_queued_jobs_survive_a_redis_restart(bot, chaos_env, fake_discord, redis_aof, processes):
     payload = command(fake_discord, prompt="survive the restart", seed=10, user="820000000000000031")
     assert "Queued" in answer(fake_discord, payload)
     redis_aof.stop()
     redis_aof.start()
     assert job_of(redis_aof.url, payload).get_status() == JobStatus.QUEUED
-    worker = start_ready_worker(chaos_env, tmp_path / "w.log", redis_aof.url)
-    try:
-        assert one_message(fake_discord, payload).files
-    finally:
-        worker.stop()
+    with processes.worker(chaos_env):
+        assert one_message(fake_discord, payload, redis_aof.url).files
 
 
+@pytest.mark.e2e
 def test_short_chaos_run_loses_and_duplicates_nothing(tmp_path):
     report = run(Config(commands=20, workers=2, rate=2.0, max_kills=2, kill_every=(3.0, 5.0), settle_s=120), tmp_path)
     print(report.line())

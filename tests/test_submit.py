@@ -12,6 +12,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from core.policy import GuildPolicy
 from core.policy_store import PolicyStore
 from core.queue import JobQueue
+from bot.services import Services
 from bot.submit import QUEUE_DOWN, submit_imagine
 from settings.config import Settings
 from core.validation import ImagineOptions
@@ -46,13 +47,13 @@ def test_a_failure_after_admission_frees_the_slot(redis_server):
     redis = Redis.from_url(redis_server.url)
     policies = PolicyStore(redis, prefix)
     redis.set(policies.policy_key(GUILD), GuildPolicy(max_active_jobs=1).model_dump_json())
-    bot = types.SimpleNamespace(jobs=JobQueue(redis, settings), policies=policies, settings=settings,
-                                catalog=settings.catalog())
+    services = Services.build(settings, JobQueue(redis, settings), policies)
+    bot = types.SimpleNamespace(services=services)
     sent: list = []
     with mock.patch.object(JobQueue, "save_record", side_effect=RedisConnectionError("blip")):
         assert asyncio.run(submit_imagine(interaction(bot, sent, 1001), ImagineOptions("a cat"))) is None
     assert sent[-1] == ("edit", f"⏳ {QUEUE_DOWN}", False)  # answered, then told it did not queue
-    assert policies.active_jobs(GUILD, USER) == [] and bot.jobs.queue("sd-v1-4").count == 0
+    assert policies.active_jobs(GUILD, USER) == [] and services.jobs.queue("sd-v1-4").count == 0
     queued = asyncio.run(submit_imagine(interaction(bot, sent, 1002), ImagineOptions("a dog")))
     assert queued is not None and "Queued" in sent[-1][1]
     assert policies.active_jobs(GUILD, USER) == [queued.job_id]

@@ -3,6 +3,7 @@ compile. Runs torch.compile on the CPU inductor backend with a tiny pipeline."""
 
 from __future__ import annotations
 
+import pytest
 from torch._dynamo.utils import counters
 
 from settings.catalog import ModelEntry
@@ -31,6 +32,7 @@ def graphs_compiled() -> int:
     return counters["stats"]["unique_graphs"]
 
 
+@pytest.mark.slow  # torch.compile on CPU: minutes
 def test_batched_jobs_after_a_compiled_warm_up_compile_nothing(tiny_model_dir):
     settings = Settings(_env_file=None, device="cpu", compile="default", max_batch_images=3, max_count=2,
                         worker_models=["tiny"],

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import io
 import logging
+import math
 import os
 import sys
 import time
@@ -24,8 +25,10 @@ from core.queue import AlreadyQueued, connect  # noqa: E402
 from settings.config import Settings, load_settings  # noqa: E402
 from core.jobs import JobRequest, JobResult  # noqa: E402
 from core.logs import configure_logging, secrets_of  # noqa: E402
+from core.texts import no_worker_text  # noqa: E402
 from core.validation import SIZE_STEP, ImagineOptions, InvalidRequest  # noqa: E402
 from web.jobs import Progress, WebJobs  # noqa: E402
+from web.policy import client_address  # noqa: E402
 
 log = logging.getLogger("web")
 
@@ -65,10 +68,40 @@ def size_choices(settings: Settings) -> list[int]:
     return list(range(first, settings.max_size + 1, SIZE_STEP))
 
 
-def run_job(jobs: WebJobs, options: ImagineOptions) -> Iterator[tuple[str, list]]:
+def _whole(name: str, value, *, optional: bool = False) -> int | None:
+    """A form number as an int: the browser can send anything (NaN, 1e999, text)."""
+    if value is None or value == "":
+        if optional:
+            return None
+        raise InvalidRequest(f"`{name}` is required.")
+    try:
+        number = float(value)
+    except (TypeError, ValueError, OverflowError):
+        raise InvalidRequest(f"`{name}` must be a number.") from None
+    if not math.isfinite(number) or abs(number) > 2**53 or not number.is_integer():
+        raise InvalidRequest(f"`{name}` must be a whole number.")
+    return int(number)
+
+
+def options_from_form(prompt, negative, model, steps, guidance, seed, count, size) -> ImagineOptions:
+    """The page's inputs → options; InvalidRequest for values no control would send."""
+    try:
+        guidance = float(guidance)
+    except (TypeError, ValueError, OverflowError):
+        raise InvalidRequest("`guidance` must be a number.") from None
+    if not math.isfinite(guidance):
+        raise InvalidRequest("`guidance` must be a number.")
+    seed = _whole("seed", seed, optional=True)
+    return ImagineOptions(prompt=str(prompt or ""), negative_prompt=str(negative) if negative else None,
+                          model=str(model) if model else None, steps=_whole("steps", steps),
+                          guidance=guidance, seed=None if seed is None or seed < 0 else seed,
+                          size=_whole("size", size, optional=True), count=_whole("count", count))
+
+
+def run_job(jobs: WebJobs, options: ImagineOptions, client: str = "unknown") -> Iterator[tuple[str, list]]:
     """Submit, then yield (status text, gallery) until the images are there."""
     try:
-        request, position, notes = jobs.submit(options)
+        request, position, notes = jobs.submit(options, client)
     except InvalidRequest as error:
         yield f"**Cannot generate:** {error}", []
         return
@@ -79,6 +112,12 @@ def run_job(jobs: WebJobs, options: ImagineOptions) -> Iterator[tuple[str, list]
     log.info("queued %s on %s at #%s", request.job_id, request.model, position,
              extra={"job_id": request.job_id})
     changed = "".join(f"\n\nℹ️ {note}" for note in notes)  # e.g. steps lowered to the server's cap
+    try:
+        if jobs.queue.workers_for(request.model) == 0:  # it can only wait, perhaps until it expires
+            minutes = max(1, round(jobs.settings.queue_ttl_s / 60))
+            changed = f"\n\n{no_worker_text(request.model, minutes)}{changed}"
+    except RedisError as error:
+        log.warning("could not count the workers of %s: %s", request.model, error)
     deadline = time.monotonic() + jobs.queue.job_lifetime_s()
     progress = Progress("queued", position, position)
     try:
@@ -115,12 +154,15 @@ def build_ui(jobs: WebJobs) -> gr.Blocks:
         size = entry.native_size if entry.native_size in size_choices(settings) else None
         return entry.default_steps, entry.default_guidance, size
 
-    def generate(prompt, negative, model, steps, guidance, seed, count, size):
-        options = ImagineOptions(prompt=prompt or "", negative_prompt=negative or None, model=model,
-                                 steps=int(steps), guidance=float(guidance),
-                                 seed=None if seed is None or seed < 0 else int(seed),
-                                 size=None if size in (None, "") else int(size), count=int(count))
-        yield from run_job(jobs, options)
+    def generate(prompt, negative, model, steps, guidance, seed, count, size, request: gr.Request):
+        client = client_address(request.client.host if request.client else None,
+                                dict(request.headers), settings)
+        try:
+            options = options_from_form(prompt, negative, model, steps, guidance, seed, count, size)
+        except InvalidRequest as error:
+            yield f"**Cannot generate:** {error}", []
+            return
+        yield from run_job(jobs, options, client)
 
     with gr.Blocks(title="Imagine", analytics_enabled=False) as ui:
         gr.Markdown("# Imagine\nText to image on the same queue and GPU workers as the Discord bot.")
@@ -158,7 +200,10 @@ def main() -> int:
                       secrets=secrets_of(settings))
     logging.getLogger("httpx").setLevel(logging.WARNING)  # Gradio's own startup probes
     ui = build_ui(WebJobs(connect(settings), settings))
-    ui.queue(default_concurrency_limit=32)  # handlers mostly wait on Redis
+    # A handler holds its slot while it watches its job (mostly waiting on Redis): as many as
+    # web jobs may be queued, and a bounded line of events behind them, never an unbounded one.
+    watchers = settings.web_max_queued or 32
+    ui.queue(default_concurrency_limit=watchers, max_size=watchers)
     log.info("web UI on http://%s:%d", settings.web_host, settings.web_port)
     ui.launch(server_name=settings.web_host, server_port=settings.web_port, ssr_mode=False,
               theme=THEME, footer_links=[], quiet=True, show_error=False)

@@ -14,7 +14,7 @@ from rq.serializers import JSONSerializer
 
 from core.admission import enqueue_moderated
 from core.policy_store import PolicyStore
-from core.queue import JobQueue
+from core.queue import JobQueue, cancel_waiting
 from settings.config import Settings
 from core.jobs import PROGRESS_META, JobRequest, JobResult
 from core.validation import ImagineOptions
@@ -50,11 +50,12 @@ class WebJobs:
         self.queue = JobQueue(redis, settings)
         self.policies = PolicyStore(redis, settings.queue_prefix)
 
-    def submit(self, options: ImagineOptions) -> tuple[JobRequest, int | None, tuple[str, ...]]:
+    def submit(self, options: ImagineOptions, client: str = "unknown",
+               ) -> tuple[JobRequest, int | None, tuple[str, ...]]:
         """Validate, apply the policy and enqueue; (request, 1-based position, what the policy
         changed). Raises ``InvalidRequest`` for the user and ``RedisError`` when the queue is down."""
         moderated, position = enqueue_moderated(
-            options, web_requester(self.settings), job_id=new_job_id(), settings=self.settings,
+            options, web_requester(self.settings, client), job_id=new_job_id(), settings=self.settings,
             catalog=self.catalog, policies=self.policies, jobs=self.queue, created_at=time.time(),
             store_images=True)
         return moderated.request, position, moderated.notes
@@ -63,13 +64,12 @@ class WebJobs:
         """Take a job nobody will watch off the queue (the page gave up or was closed); True
         when it was still waiting. A running job finishes; its images expire unseen."""
         queue = self.queue.queue(request.model)
-        if not queue.remove(request.job_id):
-            return False
         try:
-            Job.fetch(request.job_id, connection=self.redis, serializer=JSONSerializer).cancel()
+            job = Job.fetch(request.job_id, connection=self.redis, serializer=JSONSerializer)
         except NoSuchJobError:
-            pass  # expired meanwhile: off the queue either way
-        return True
+            return bool(queue.remove(request.job_id))  # expired: a dangling id at most
+        # The bot's /cancel path: whoever takes the id off the queue list owns the job.
+        return cancel_waiting(job, queue, self.policies.release_job)
 
     def progress(self, request: JobRequest) -> Progress:
         try:

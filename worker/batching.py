@@ -6,19 +6,29 @@ single-queue dequeue (LMOVE into RQ's intermediate queue, so a crash mid-batch l
 recoverable by RQ's maintenance), generates all images in the lead job's pipeline call, and then
 runs each claimed job through RQ's normal execution, which finds its images ready and posts them.
 Jobs are never reordered past an incompatible one: batching only ever shortens waits.
+
+Here: claiming the companions (for ``worker.rq_worker``), planning which of them join the lead's
+call, and running that call (:func:`images_for`), which keeps each companion's images until its
+own turn.
 """
 
 from __future__ import annotations
 
+import itertools
 import logging
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from pydantic import ValidationError
 from rq import Queue
 from rq.job import Job
 
 from core.jobs import JobRequest
-from worker.generate import Generation, batch_key
+from worker.generate import Generation, StepCallback, batch_key, generate_batch
+from worker.progress import discord_progress
+
+if TYPE_CHECKING:  # annotations only: the runtime module imports this one
+    from worker.runtime import WorkerRuntime
 
 log = logging.getLogger(__name__)
 
@@ -87,3 +97,43 @@ class BatchPlan:
     def forget(self, job_id: str) -> None:
         self.companions.pop(job_id, None)
         self.ready.pop(job_id, None)
+
+
+def images_for(runtime: WorkerRuntime, request: JobRequest, on_step: StepCallback | None) -> Generation:
+    """This job's images: made earlier in a batch, or now together with its batch companions."""
+    ready = runtime.batches.take_ready(request.job_id)
+    if ready is not None:
+        return ready
+    companions = runtime.batches.take_companions(request.job_id)
+    # The companions' users see the same step bar on their own messages while the batch runs,
+    # each with the latents of its own images (a preview must never show a stranger's image).
+    counts = [request.count, *(c.count for c in companions)]
+    offsets, images = [0, *itertools.accumulate(counts)][:-1], sum(counts)
+    reporters, steps = [], [_from_image(0, images, on_step)] if on_step is not None else []
+    for companion, offset in zip(companions, offsets[1:]):
+        if (reporter := discord_progress(runtime, companion)) is not None:
+            reporters.append(reporter)
+            steps.append(_from_image(offset, images, reporter.on_step))
+    try:
+        generations = generate_batch(runtime.pipelines.get(request.model), [request, *companions],
+                                     _each(steps) if steps else None)
+    finally:
+        for reporter in reporters:
+            reporter.close()  # nothing may land after their results
+    runtime.batches.store({c.job_id: g for c, g in zip(companions, generations[1:])})
+    return generations[0]
+
+
+def _from_image(offset: int, images: int, callback: StepCallback) -> StepCallback:
+    """``callback`` sees the batch's latents from its job's first image on; while the batch runs
+    in parts after running out of memory, only the step (no latents: no preview of the wrong
+    image)."""
+    return lambda step, total, latents: callback(
+        step, total, latents[offset:] if latents.shape[0] == images else None)
+
+
+def _each(callbacks: list[StepCallback]) -> StepCallback:
+    def report(step: int, total: int, latents) -> None:
+        for callback in callbacks:
+            callback(step, total, latents)
+    return report

@@ -58,7 +58,9 @@ def result_embed(request: JobRequest, seeds: list[int], timings: Timings,
                  record: Reproducibility | None = None, image_name: str | None = None) -> discord.Embed:
     embed = discord.Embed(description=_clip(request.prompt, 4000), colour=EMBED_COLOUR)
     if request.negative_prompt:
-        label = "Negative prompt (server policy applied)" if request.forced_negative_applied else "Negative prompt"
+        # Only when guidance > 1 did the pipeline read a negative prompt at all.
+        applied = request.forced_negative_applied and request.guidance > 1
+        label = "Negative prompt (server policy applied)" if applied else "Negative prompt"
         embed.add_field(name=label, value=_clip(request.negative_prompt), inline=False)
     embed.add_field(name="Model", value=request.model)
     embed.add_field(name="Seed" if len(seeds) == 1 else "Seeds", value=", ".join(map(str, seeds)))
@@ -133,7 +135,10 @@ def _mention_only(delivery: Delivery) -> discord.AllowedMentions:
 
 def edit_original(delivery: Delivery, session: requests.Session, content: str,
                   files: list[Upload] | None = None) -> None:
-    """Replace the text (and, given files, the attachments) of the user's message."""
+    """Replace the text (and, given files, the attachments) of the user's message; nothing
+    once the token has expired (its key is gone: ``core.tokens``)."""
+    if not delivery.interaction_token:
+        return
     extra = {} if files is None else {"attachments": _files(files)}
     _webhook(delivery, session).edit_message(ORIGINAL, content=content, allowed_mentions=_mention_only(delivery),
                                              **extra)
@@ -155,14 +160,15 @@ def _post_channel(delivery: Delivery, session: requests.Session, bot_token: str,
     return int(data["id"])
 
 
-def _expired(error: discord.HTTPException, delivery: Delivery, bot_token: str | None) -> None:
-    """Return when the channel fallback applies; re-raise otherwise."""
-    if error.status not in EXPIRED_TOKEN_STATUSES:
+def _expired(error: discord.HTTPException | None, delivery: Delivery, bot_token: str | None) -> None:
+    """Return when the channel fallback applies; re-raise otherwise. ``error`` None: the token's
+    key had expired (``core.tokens``), so the webhook was not even tried."""
+    if error is not None and error.status not in EXPIRED_TOKEN_STATUSES:
         raise error
     if bot_token is None or delivery.channel_id is None:
         raise RuntimeError("interaction token expired and no bot token/channel to fall back to") from error
     log.warning("interaction %s: webhook answered %s; posting to channel %s instead",
-                delivery.interaction_id, error.status, delivery.channel_id)
+                delivery.interaction_id, "no token" if error is None else error.status, delivery.channel_id)
 
 
 def deliver_result(delivery: Delivery, content: str, embed: discord.Embed, uploads: list[Upload],
@@ -171,10 +177,12 @@ def deliver_result(delivery: Delivery, content: str, embed: discord.Embed, uploa
     """Replace the queued/progress message with the result: images, embed and buttons (an
     edit, so a retry cannot duplicate it); a new channel message when the token has expired."""
     try:
-        message = _webhook(delivery, session).edit_message(
-            ORIGINAL, content=content, embed=embed, attachments=_files(uploads), view=view,
-            allowed_mentions=_mention_only(delivery))
-        return Posted(message.id, "webhook")
+        if delivery.interaction_token:
+            message = _webhook(delivery, session).edit_message(
+                ORIGINAL, content=content, embed=embed, attachments=_files(uploads), view=view,
+                allowed_mentions=_mention_only(delivery))
+            return Posted(message.id, "webhook")
+        _expired(None, delivery, bot_token)
     except discord.HTTPException as error:
         _expired(error, delivery, bot_token)
     return Posted(_post_channel(delivery, session, bot_token, content, embed, uploads, nonce, view), "channel")
@@ -185,9 +193,11 @@ def post_failure(delivery: Delivery, text: str, session: requests.Session,
     """A follow-up telling the user their job failed for good (mentioning them)."""
     content = f"<@{delivery.user_id}> ⚠️ {text}"
     try:
-        message = _webhook(delivery, session).send(content=content, wait=True,
-                                                   allowed_mentions=_mention_only(delivery))
-        return Posted(message.id, "webhook")
+        if delivery.interaction_token:
+            message = _webhook(delivery, session).send(content=content, wait=True,
+                                                       allowed_mentions=_mention_only(delivery))
+            return Posted(message.id, "webhook")
+        _expired(None, delivery, bot_token)
     except discord.HTTPException as error:
         _expired(error, delivery, bot_token)
     return Posted(_post_channel(delivery, session, bot_token, content, None, [], nonce), "channel")

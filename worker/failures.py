@@ -24,6 +24,7 @@ from rq.job import Job
 
 from settings.config import Settings
 from core.jobs import JobRequest
+from core.tokens import with_token
 from worker import metrics
 from worker.delivery import post_failure, use_api_base
 from worker.outcomes import Outcomes, Told
@@ -54,7 +55,7 @@ class Reporter:
 
     def tell(self, job: Job, reason: str) -> bool:
         """Post ``reason`` to the job's user unless they were already told; True when posted."""
-        request = JobRequest.model_validate(job.args[0])
+        request = with_token(self.outcomes.redis, self.outcomes.prefix, JobRequest.model_validate(job.args[0]))
         if self.outcomes.get(job.id) is not None:
             return False
         if request.delivery is None:  # a web job: its page reads the status; noted, so no sweep retries
@@ -69,10 +70,9 @@ class Reporter:
 def reporter_for(connection: Redis) -> Reporter:
     """Inside a worker, its own reporter; in any other process where RQ runs this callback
     (registry clean-up triggered by ``rq info`` or rq-dashboard), one built from the environment."""
-    from worker import tasks
+    from worker.runtime import installed_runtime  # on call: it loads diffusers, which such processes need not
 
-    if tasks._runtime is not None and tasks._runtime.outcomes is not None:
-        runtime = tasks._runtime
+    if (runtime := installed_runtime()) is not None:
         return Reporter(runtime.outcomes, runtime.session, runtime.bot_token)
     settings = Settings()
     use_api_base(settings.discord_api_base)

@@ -34,7 +34,7 @@ from worker.optimize import SpeedOptions
 from worker.outcomes import Outcomes
 from worker.pipelines import ModelLoadError, ResidentPipelines, resolve_device, resolve_dtype
 from worker.rq_worker import ImagineQueue, ImagineWorker
-from worker.tasks import WorkerRuntime, install_runtime
+from worker.runtime import WorkerRuntime, install_runtime
 
 __all__ = ["ImagineWorker", "build_worker", "main", "serve"]
 
@@ -105,8 +105,10 @@ def connect(settings: Settings) -> Redis:
 
 def build_worker(settings: Settings, models: list[str], redis: Redis, reporter: Reporter | None = None,
                  generation: int = 0) -> ImagineWorker:
-    queues = [ImagineQueue(queue_name(key, settings.queue_prefix), connection=redis,
-                           serializer=JSONSerializer) for key in models]
+    def queue(key: str) -> ImagineQueue:
+        return ImagineQueue(queue_name(key, settings.queue_prefix), connection=redis, serializer=JSONSerializer)
+
+    queues = [queue(key) for key in models]
     suffix = f"-{generation}" if generation else ""
     return ImagineWorker(queues, connection=redis, serializer=JSONSerializer,
                          name=f"imagine-{os.uname().nodename}-{os.getpid()}{suffix}",
@@ -115,44 +117,75 @@ def build_worker(settings: Settings, models: list[str], redis: Redis, reporter: 
                          maintenance_interval=settings.maintenance_interval_s,
                          # RQ blocks on the queues for worker_ttl - 15 s between maintenance runs.
                          worker_ttl=settings.idle_poll_s + 15,
-                         max_batch_images=settings.max_batch_images, starvation_s=settings.starvation_s)
+                         max_batch_images=settings.max_batch_images, starvation_s=settings.starvation_s,
+                         maintained_queues=[queue(key) for key in settings.catalog()])
 
 
-def wait_for_redis(redis: Redis, stop: threading.Event) -> None:
-    delay = 1.0
-    while not stop.is_set():
+class Backoff:
+    """Seconds to wait before each restart of the work loop: doubling from ``first`` up to
+    ``cap``, back to ``first`` once a loop has run steadily."""
+
+    def __init__(self, first: float = 0.5, cap: float = 30.0):
+        self.first, self.cap, self.delay = first, cap, first
+
+    def next(self) -> float:
+        delay, self.delay = self.delay, min(self.delay * 2, self.cap)
+        return delay
+
+    def reset(self) -> None:
+        self.delay = self.first
+
+
+STEADY_LOOP_S = 60.0  # a work loop that lasted this long resets the back-off
+
+
+def wait_until_writable(redis: Redis, stop: threading.Event, backoff: Backoff, key: str,
+                        outcomes: Outcomes | None = None) -> None:
+    """Wait the back-off, then until Redis accepts a write. A PING is not enough: at
+    ``maxmemory`` with ``noeviction`` it succeeds while every write is refused, and a loop
+    restarted on it spins. Then write what this process kept while Redis refused it."""
+    while not stop.wait(backoff.next()):
         try:
-            redis.ping()
-            return
+            redis.set(key, 1, ex=60)
         except RedisError as error:
-            log.warning("Redis unreachable (%s); retrying in %.0f s", error, delay)
-            stop.wait(delay)
-            delay = min(delay * 2, 30)
+            log.warning("Redis not writable (%s); retrying in %.1f s", error, backoff.delay)
+            continue
+        if outcomes is not None and outcomes.flush():
+            log.warning("Redis still refuses some told records; kept in memory")
+        return
 
 
 def serve(settings: Settings, models: list[str], redis: Redis, reporter: Reporter,
           burst: bool = False, max_jobs: int | None = None) -> None:
-    """Run the RQ work loop; when it ends because Redis went away for longer than the client
-    rides through, wait for Redis and start a fresh loop. SIGTERM ends it after the current job."""
+    """Run the RQ work loop; when it ends because Redis went away (or refuses writes) for longer
+    than the client rides through, back off, wait until Redis takes a write, and start a fresh
+    loop. SIGTERM ends it after the current job."""
     stop = threading.Event()
+    backoff = Backoff()
+    ready_key = f"{settings.queue_prefix}:worker-ready:{os.uname().nodename}-{os.getpid()}"
     done = 0
     for generation in itertools.count():
         worker = build_worker(settings, models, redis, reporter, generation)
         left = None if max_jobs is None else max_jobs - done
+        started = time.monotonic()
+        reason = "RQ's loop quit"
         try:
             worker.work(burst=burst, max_jobs=left, with_scheduler=True)
         except RedisError as error:
-            log.warning("worker loop ended: %s", error)
+            reason = str(error)
         done += worker.jobs_done
         if worker.stop_asked or burst or (max_jobs is not None and done >= max_jobs):
             return
         # RQ's loop quits on Redis errors it does not retry itself; come back when Redis does.
+        if time.monotonic() - started >= STEADY_LOOP_S:
+            backoff.reset()
+        log.warning("worker loop ended (%s); restarting in %.1f s or more", reason, backoff.delay)
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, lambda *_: stop.set())
-        wait_for_redis(redis, stop)
+        wait_until_writable(redis, stop, backoff, ready_key, reporter.outcomes)
         if stop.is_set():
             return
-        log.info("Redis is back; resuming work")
+        log.info("Redis takes writes; resuming work")
 
 
 def quiet_progress_bars() -> None:
@@ -184,13 +217,12 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit(f"error: {error}") from None
     redis = connect(settings)
     token = settings.discord_token.get_secret_value() if settings.discord_token else None
-    outcomes = Outcomes(redis, settings.queue_prefix, settings.failure_ttl_s)
-    runtime = WorkerRuntime(pipelines=pipelines, settings=settings, redis=redis, outcomes=outcomes,
-                            bot_token=token)
+    runtime = WorkerRuntime(pipelines=pipelines, redis=redis, settings=settings, bot_token=token,
+                            outcomes=Outcomes(redis, settings.queue_prefix, settings.failure_ttl_s))
     install_runtime(runtime)
     metrics.serve(settings.worker_metrics_port)
     log.info("ready: serving %s on %s", ", ".join(pipelines.keys()), pipelines.device)
-    serve(settings, pipelines.keys(), redis, Reporter(outcomes, runtime.session, token),
+    serve(settings, pipelines.keys(), redis, Reporter(runtime.outcomes, runtime.session, token),
           burst=args.burst, max_jobs=args.max_jobs)
     return 0
 

@@ -8,9 +8,14 @@ failed-job sweep). All of them consult this record, so a user gets one message p
 
 from __future__ import annotations
 
+import logging
+import time
 from dataclasses import dataclass
 
 from redis import Redis
+from redis.exceptions import RedisError
+
+log = logging.getLogger(__name__)
 
 # Longer than any failed job is kept (Settings.failure_ttl_s), so a sweep never re-reports.
 EXTRA_TTL_S = 24 * 3600
@@ -35,6 +40,7 @@ class Told:
 class Outcomes:
     def __init__(self, redis: Redis, prefix: str, failure_ttl_s: int):
         self.redis = redis
+        self.pending: dict[str, Told] = {}  # told, but Redis refused the record so far
         self.prefix = prefix
         self.ttl_s = failure_ttl_s + EXTRA_TTL_S
 
@@ -42,11 +48,36 @@ class Outcomes:
         return f"{self.prefix}:told:{job_id}"
 
     def get(self, job_id: str) -> Told | None:
+        if (told := self.pending.get(job_id)) is not None:
+            return told
         raw = self.redis.get(self.key(job_id))
         return None if raw is None else Told.decode(raw)
 
-    def record(self, job_id: str, told: Told) -> None:
-        self.redis.set(self.key(job_id), told.encode(), ex=self.ttl_s)
+    def record(self, job_id: str, told: Told, patience_s: float = 0.0) -> bool:
+        """Note that the user was told; True once Redis has it. While Redis refuses the write
+        (full at ``maxmemory``, or away) it is retried for ``patience_s``, then kept in this
+        process (:meth:`get` sees it; :meth:`flush` writes it later): a message that reached the
+        user is never posted again by this worker, and never lost to a failed write."""
+        self.pending[job_id] = told
+        deadline, delay = time.monotonic() + patience_s, 0.1
+        while True:
+            try:
+                self.redis.set(self.key(job_id), told.encode(), ex=self.ttl_s)
+            except RedisError as error:
+                if time.monotonic() >= deadline:
+                    log.warning("could not record that job %s was told (%s); kept to write later", job_id, error)
+                    return False
+                time.sleep(min(delay, max(0.0, deadline - time.monotonic())))
+                delay = min(delay * 2, 1.0)
+                continue
+            self.pending.pop(job_id, None)
+            return True
+
+    def flush(self) -> int:
+        """Write the records kept while Redis refused them; how many are still kept."""
+        for job_id, told in list(self.pending.items()):
+            self.record(job_id, told)
+        return len(self.pending)
 
     def untold(self, job_ids: list[str]) -> list[str]:
         """The ids among ``job_ids`` whose user has not been told anything yet."""
@@ -54,4 +85,4 @@ class Outcomes:
             for job_id in job_ids:
                 pipe.exists(self.key(job_id))
             told = pipe.execute()
-        return [job_id for job_id, seen in zip(job_ids, told) if not seen]
+        return [job_id for job_id, seen in zip(job_ids, told) if not seen and job_id not in self.pending]

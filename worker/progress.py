@@ -5,6 +5,9 @@ Every edit goes to the interaction's original response (``PATCH …/messages/@or
 are throttled per message — at most one per ``progress_interval_s`` — by a local clock in the
 reporter and by a Redis gate shared with the queue refresher, which runs in other workers too.
 The denoising loop never waits on Discord: it only hands the latest step to a sender thread.
+
+The last part wires this to a running job: its reporter, its RQ meta for the web front end, and
+the refresh of the messages queued behind it.
 """
 
 from __future__ import annotations
@@ -14,8 +17,9 @@ import logging
 import threading
 import time
 from collections.abc import Iterator
+from concurrent.futures import Future
 from contextlib import contextmanager
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import requests
 import torch
@@ -26,9 +30,14 @@ from rq.job import Job, JobStatus
 from rq.serializers import JSONSerializer
 
 from core.fleet import FleetStats, work_units
-from core.jobs import JobRequest
-from core.texts import queued_text
-from worker.delivery import edit_original
+from core.jobs import PROGRESS_META, JobRequest, queue_name
+from core.tokens import with_token
+from core.texts import generating_text, queued_text
+from worker.delivery import Upload, edit_original
+
+if TYPE_CHECKING:  # annotations only: the runtime module imports this one
+    from worker.generate import StepCallback
+    from worker.runtime import WorkerRuntime
 
 log = logging.getLogger(__name__)
 
@@ -188,9 +197,52 @@ def refresh_queued_messages(redis: Redis, queue: Queue, stats: FleetStats, gate:
             if not allowed:
                 continue
             try:
-                edit_original(request.delivery, session,
+                edit_original(with_token(redis, gate.prefix, request).delivery, session,
                               queued_text(request.model, request.prompt, request.count, position, eta))
                 edited += 1
             except Exception as error:
                 log.warning("queue position edit for %s failed: %s", request.job_id, error)
     return edited
+
+
+# -- wiring for a running job ---------------------------------------------------------------------
+def discord_progress(runtime: WorkerRuntime, request: JobRequest) -> ProgressReporter | None:
+    """Step bar (and optional preview) edited into the user's message, rate-limited."""
+    if request.delivery is None:
+        return None
+    request = with_token(runtime.redis, runtime.key_prefix, request)  # a batch companion's too
+    delivery, gate = request.delivery, runtime.gate()
+
+    def send(step: int, total: int, preview: bytes | None) -> None:
+        text = generating_text(request.model, request.prompt, request.count, step, total)
+        edit_original(delivery, runtime.session, text,
+                      None if preview is None else [Upload(preview, PREVIEW_NAME)])
+
+    xl = "XL" in runtime.pipelines.entries[request.model].pipeline
+    preview = (lambda latents: latent_preview(latents, xl)) if runtime.settings.progress_preview else None
+    return ProgressReporter(send, runtime.settings.progress_interval_s,
+                            gate=lambda: gate.acquire(request.job_id), preview=preview)
+
+
+def meta_progress(job: Job | None) -> StepCallback | None:
+    """Keep the job's progress in its RQ meta, where the web front end reads it."""
+    if job is None:
+        return None
+
+    def report(step: int, steps: int, latents) -> None:
+        job.meta[PROGRESS_META] = {"step": step, "steps": steps}
+        job.save_meta()
+    return report
+
+
+def refresh_queue_later(runtime: WorkerRuntime, model: str) -> None:
+    """The jobs behind this one moved up: update their messages, off the job's thread."""
+    queue = Queue(queue_name(model, runtime.key_prefix), connection=runtime.redis, serializer=JSONSerializer)
+    future = runtime.background.submit(refresh_queued_messages, runtime.redis, queue, runtime.stats(),
+                                       runtime.gate(), runtime.session, runtime.settings.queue_refresh_jobs)
+    future.add_done_callback(_log_refresh_failure)
+
+
+def _log_refresh_failure(future: Future) -> None:
+    if future.exception() is not None:  # a nicety: never fail a job for it, but say so
+        log.warning("queue position refresh failed: %s", future.exception())

@@ -1,6 +1,6 @@
 """Free a user's per-user job slot when their job ends (RQ callbacks, run in the worker).
 
-The bot names the slot in ``job.meta`` (``ACTIVE_KEY_META``): the worker needs no policy code.
+The front end names the slots in ``job.meta`` (``ACTIVE_KEY_META``): the worker needs no policy code.
 """
 
 from __future__ import annotations
@@ -9,14 +9,13 @@ import logging
 
 from rq.job import Job
 
-from core.jobs import ACTIVE_KEY_META
+from core.jobs import active_keys_of
 
 log = logging.getLogger(__name__)
 
 
 def release_slot(job: Job, connection) -> None:
-    key = job.meta.get(ACTIVE_KEY_META)
-    if key:
+    for key in active_keys_of(job.meta):
         try:
             connection.zrem(key, job.id)
         except Exception:  # a success callback that raises would mark the job failed

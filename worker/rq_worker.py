@@ -13,7 +13,22 @@ What this relies on in RQ 3.0 (rq/worker/base.py, rq/worker/worker_classes.py, r
 - ``maintain_heartbeats(job, execution)`` renews the worker key, the execution and its started
   registry entry (ZADD XX, so it never resurrects a finished job's entry).
 - SIGTERM → ``request_stop``: while BUSY it sets ``_stop_requested`` and the loop ends after the
-  current job (warm shutdown); while idle it stops at once.
+  current job (warm shutdown); while idle it stops at once. ``execute_job`` sets it too, to end
+  the loop after ``--max-jobs`` jobs.
+- ``execute_job`` (overridden) is SimpleWorker's ``prepare_execution`` + ``perform_job`` +
+  ``set_state(IDLE)``; ``perform_job`` runs the job, its callbacks and registries.
+- ``handle_job_failure(job, queue, started_job_registry, exc_string, execution)`` is where every
+  failure text of a running job reaches Redis (failed registry, results stream): overridden to
+  scrub tokens from ``exc_string`` first.
+- ``dequeue_job_and_maintain_ttl`` dequeues in the order of ``_ordered_queues`` (reordered here
+  before each dequeue); a dequeued job id sits in ``queue.intermediate_queue_key`` until taken out.
+- ``clean_registries`` (overridden, and run over every catalog model's queue, served here or
+  not) is BaseWorker's loop over ``acquire_maintenance_lock``,
+  ``clean_registries(queue, _exc_handlers)``, ``clean_worker_registry`` and
+  ``intermediate_queue.cleanup``, and sets ``last_cleaned_at``; the lock is
+  ``Queue.registry_cleaning_key``.
+
+The job function and this class share the per-process resources through ``worker.runtime``.
 """
 
 from __future__ import annotations
@@ -32,9 +47,11 @@ from rq.utils import now
 from rq.worker import WorkerStatus
 from rq.worker_registration import clean_worker_registry
 
+from core.logs import redact
+from core.tokens import with_token
 from worker.batching import claim_companions, request_of
 from worker.failures import Reporter, report_untold_failures
-from worker.tasks import current_runtime
+from worker.runtime import current_runtime, installed_runtime
 
 log = logging.getLogger(__name__)
 
@@ -95,8 +112,12 @@ class ImagineWorker(SimpleWorker):
 
     def __init__(self, *args, heartbeat_s: int = 5, reporter: Reporter | None = None,
                  report_window_s: float = 7 * 24 * 3600, max_batch_images: int = 1,
-                 starvation_s: float = 20.0, **kwargs):
+                 starvation_s: float = 20.0, maintained_queues: list[Queue] = (), **kwargs):
         super().__init__(*args, job_monitoring_interval=heartbeat_s, **kwargs)
+        # Every catalog model's queue, served here or not: a job whose last worker died must be
+        # retried (or failed and told) by whichever workers are still alive.
+        served = {queue.name for queue in self.queues}
+        self.maintained_queues = [*self.queues, *(q for q in maintained_queues if q.name not in served)]
         self.heartbeat_s = heartbeat_s
         self.reporter = reporter
         self.report_window_s = report_window_s
@@ -168,6 +189,31 @@ class ImagineWorker(SimpleWorker):
             current_runtime().batches.forget(job.id)
         self.jobs_done += 1
 
+    def handle_job_failure(self, job: Job, queue: Queue, started_job_registry=None, exc_string: str = "",
+                           execution: Execution | None = None):
+        # RQ keeps ``exc_string`` for failure_ttl (the failed registry, the job's results
+        # stream) and rq-dashboard shows it; a delivery's connection error carries the webhook
+        # URL with the interaction token (requests puts it in the message), a callback's error may
+        # carry anything. Scrubbed the way log lines are (core.logs) before RQ stores it.
+        return super().handle_job_failure(job, queue, started_job_registry,
+                                          redact(exc_string, self._secrets_of(job)), execution)
+
+    def _secrets_of(self, job: Job) -> list[str]:
+        """The bot token and this job's interaction token (its key, or a legacy job's arguments)."""
+        runtime = installed_runtime()
+        secrets = [runtime.bot_token] if runtime is not None and runtime.bot_token else []
+        if self.reporter is not None and self.reporter.bot_token:
+            secrets.append(self.reporter.bot_token)
+        try:
+            request = request_of(job)
+            if runtime is not None:
+                request = with_token(self.connection, runtime.key_prefix, request)
+            if request.delivery is not None and request.delivery.interaction_token:
+                secrets.append(request.delivery.interaction_token)
+        except Exception:  # malformed arguments or Redis away: the patterns still apply
+            pass
+        return secrets
+
     def dequeue_job_and_maintain_ttl(self, timeout, max_idle_time=None):
         if len(self.queues) > 1:
             self._ordered_queues = sorted(self.queues, key=self._queue_priority)
@@ -193,9 +239,10 @@ class ImagineWorker(SimpleWorker):
         super().request_stop(signum, frame)
 
     def clean_registries(self) -> None:
-        # BaseWorker.clean_registries, plus the untold-failure sweep under the same per-queue
-        # lock, so two workers never tell the same failure at once.
-        for queue in self.queues:
+        # BaseWorker.clean_registries over every model's queue (not only those served here), plus
+        # the untold-failure sweep under the same per-queue lock, so two workers never tell the
+        # same failure at once.
+        for queue in self.maintained_queues:
             if not queue.acquire_maintenance_lock():
                 continue
             try:

@@ -3,29 +3,26 @@
 from __future__ import annotations
 
 import asyncio
-from typing import TYPE_CHECKING
 
 import discord
 from discord import app_commands
 from redis.exceptions import RedisError
 
+from bot.services import services_of
 from bot.submit import submit_imagine
 from core.validation import ImagineOptions
-
-if TYPE_CHECKING:
-    from bot.app import ImagineBot
 
 
 async def model_autocomplete(interaction: discord.Interaction, current: str) -> list[app_commands.Choice[str]]:
     """The catalog models this server allows (all of them while Redis cannot say)."""
-    bot: ImagineBot = interaction.client  # type: ignore[assignment]
+    services = services_of(interaction)
     try:
-        policy = await asyncio.to_thread(bot.policies.load, interaction.guild_id)
-        allowed = set(policy.allowed_models or bot.catalog)
+        policy = await asyncio.to_thread(services.policies.load, interaction.guild_id)
+        allowed = set(policy.allowed_models or services.catalog)
     except RedisError:
-        allowed = set(bot.catalog)
+        allowed = set(services.catalog)
     return [app_commands.Choice(name=f"{key} ({entry.native_size}px)", value=key)
-            for key, entry in bot.catalog.items() if key in allowed and current.lower() in key][:25]
+            for key, entry in services.catalog.items() if key in allowed and current.lower() in key][:25]
 
 
 @app_commands.command(name="imagine", description="Generate images from a text prompt")

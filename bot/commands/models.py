@@ -3,18 +3,15 @@
 from __future__ import annotations
 
 import asyncio
-from typing import TYPE_CHECKING
 
 import discord
 from discord import app_commands
 from redis.exceptions import RedisError
 
 from bot import metrics
-from settings.catalog import ModelEntry
+from bot.services import services_of
 from core.fleet import Latency, format_duration
-
-if TYPE_CHECKING:
-    from bot.app import ImagineBot
+from settings.catalog import ModelEntry
 
 
 def speed(latency: Latency | None) -> str:
@@ -41,13 +38,13 @@ def models_embed(catalog: dict[str, ModelEntry], live: set[str], depths: dict[st
 
 @app_commands.command(name="models", description="List the models, their workers and queues")
 async def list_models(interaction: discord.Interaction) -> None:
-    bot: ImagineBot = interaction.client  # type: ignore[assignment]
-    keys = list(bot.catalog)
+    services = services_of(interaction)
+    jobs, keys = services.jobs, list(services.catalog)
     try:
         live, depths, latencies = await asyncio.to_thread(lambda: (
-            bot.jobs.live_models(), bot.jobs.depths(keys), {k: bot.jobs.stats.latency(k) for k in keys}))
-    except RedisError:
+            jobs.live_models(), jobs.depths(keys), {k: jobs.stats.latency(k) for k in keys}))
+    except RedisError:  # still worth listing: the catalog, without queue numbers
         live, depths, latencies = set(), None, None
     metrics.command("models", "listed")
-    await interaction.response.send_message(embed=models_embed(bot.catalog, live, depths, latencies),
+    await interaction.response.send_message(embed=models_embed(services.catalog, live, depths, latencies),
                                             ephemeral=True)

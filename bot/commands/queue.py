@@ -3,19 +3,14 @@
 from __future__ import annotations
 
 import asyncio
-from typing import TYPE_CHECKING
 
 import discord
 from discord import app_commands
-from redis.exceptions import RedisError
 
 from bot.buttons import CancelButton
-from core.queue import UserJob
-from bot.submit import QUEUE_DOWN
+from bot.services import services_of
 from core.fleet import format_duration
-
-if TYPE_CHECKING:
-    from bot.app import ImagineBot
+from core.queue import UserJob
 
 MAX_BUTTONS = 25  # Discord: 5 rows of 5
 
@@ -36,12 +31,7 @@ def queue_view(jobs: list[UserJob]) -> discord.ui.View:
 
 @app_commands.command(name="queue", description="Your waiting jobs: position, model, ETA — and cancel")
 async def show_queue(interaction: discord.Interaction) -> None:
-    bot: ImagineBot = interaction.client  # type: ignore[assignment]
-    try:
-        jobs = await asyncio.to_thread(bot.jobs.user_jobs, interaction.user.id)
-    except RedisError:
-        await interaction.response.send_message(f"⏳ {QUEUE_DOWN}", ephemeral=True)
-        return
+    jobs = await asyncio.to_thread(services_of(interaction).jobs.user_jobs, interaction.user.id)
     if not jobs:
         await interaction.response.send_message("You have no jobs waiting.", ephemeral=True)
         return

@@ -97,15 +97,31 @@ def stack_env(redis_url: str, api_base: str, gateway_url: str, model_dir: Path, 
     return env
 
 
-class Process:
-    """A child process with its output in a log file (shown when a test fails)."""
+_started: list["Process"] = []  # every Process of this run, for logs_during()
 
-    def __init__(self, args: list[str], env: dict[str, str], log_path: Path, new_session: bool = False):
+
+class Process:
+    """A child process with its output in a log file (its tail is added to the report of a
+    test that fails while it runs: see ``logs_during`` and conftest's report hook).
+
+    A context manager: ``with start_worker(...) as worker:`` stops it at the end of the block."""
+
+    def __init__(self, args: list[str], env: dict[str, str], log_path: Path, new_session: bool = False,
+                 stop_signal: int = signal.SIGTERM, stop_timeout: float = 20):
         self.log_path = log_path
+        self.stop_signal, self.stop_timeout = stop_signal, stop_timeout
         self._log = open(log_path, "ab")
         # new_session: the process and its children (RQ's scheduler) form one group to kill.
         self.popen = subprocess.Popen(args, env=env, cwd=ROOT, stdout=self._log, stderr=subprocess.STDOUT,
                                       start_new_session=new_session)
+        self.started_at, self.ended_at = time.monotonic(), None
+        _started.append(self)
+
+    def __enter__(self) -> "Process":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
 
     def kill_group(self) -> None:
         """SIGKILL the process and everything it started, like a crashed container."""
@@ -114,7 +130,7 @@ class Process:
         except ProcessLookupError:
             pass
         self.popen.wait()
-        self._log.close()
+        self._ended()
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")
@@ -122,15 +138,38 @@ class Process:
     def alive(self) -> bool:
         return self.popen.poll() is None
 
-    def stop(self, sig: int = signal.SIGTERM, timeout: float = 20) -> None:
+    def stop(self, sig: int | None = None, timeout: float | None = None) -> None:
+        """``sig`` (default: its stop signal), then SIGKILL if it is still running after ``timeout``."""
         if self.alive():
-            self.popen.send_signal(sig)
+            self.popen.send_signal(self.stop_signal if sig is None else sig)
             try:
-                self.popen.wait(timeout)
+                self.popen.wait(self.stop_timeout if timeout is None else timeout)
             except subprocess.TimeoutExpired:
                 self.popen.kill()
                 self.popen.wait()
+        self._ended()
+
+    def _ended(self) -> None:
         self._log.close()
+        if self.ended_at is None:
+            self.ended_at = time.monotonic()
+
+    def wait_ready(self, condition: Callable[[], object], timeout: float, what: str) -> None:
+        """Wait until ``condition()`` holds; fail at once, with the log, if the process exits first."""
+        wait_for(lambda: condition() or not self.alive(), timeout, 0.1, what)
+        if not self.alive() and not condition():
+            raise RuntimeError(f"{self.log_path.name} exited ({self.popen.returncode}) before {what}:\n"
+                               f"{self.log()[-3000:]}")
+
+
+def logs_during(since: float, chars: int = 3000) -> str:
+    """The log tails of every process that ran at some point after ``since`` (monotonic)."""
+    parts = []
+    for proc in _started:
+        if proc.ended_at is None or proc.ended_at >= since:
+            state = "running" if proc.alive() else f"exit code {proc.popen.poll()}"
+            parts.append(f"---- {proc.log_path} ({state}) ----\n{proc.log()[-chars:]}")
+    return "\n".join(parts)
 
 
 def start_worker(env: dict[str, str], log_path: Path, *args: str, new_session: bool = False) -> Process:
@@ -145,3 +184,57 @@ def live_workers(redis_url: str) -> int:
     from rq import Worker
 
     return len(Worker.all(connection=Redis.from_url(redis_url)))
+
+
+def registered(proc: Process, redis_url: str) -> bool:
+    """Whether the worker process has registered with RQ (after loading and warming its models)."""
+    from rq import Worker
+
+    return any(w.pid == proc.popen.pid for w in Worker.all(connection=Redis.from_url(redis_url)))
+
+
+class Processes:
+    """The service processes a test module runs (the ``processes`` fixture): started here and
+    waited for until ready, all stopped at the end (a test may stop one earlier, or start one in
+    a ``with`` block). The log tails of those that ran during a failing test are in its report."""
+
+    def __init__(self, logs: Path):
+        self.logs = logs
+        self.started: list[Process] = []
+        self.by_name: dict[str, Process] = {}
+
+    def __getitem__(self, name: str) -> Process:
+        """The process last started under ``name``."""
+        return self.by_name[name]
+
+    def log_path(self, name: str) -> Path:
+        """``logs/<name>.log``, numbered when the name was used before (a restarted bot)."""
+        path, n = self.logs / f"{name}.log", 1
+        while path.exists():
+            n += 1
+            path = self.logs / f"{name}-{n}.log"
+        return path
+
+    def start(self, args: list[str], env: dict[str, str], name: str, **kw) -> Process:
+        proc = Process(args, env, self.log_path(name), **kw)
+        self.started.append(proc)
+        self.by_name[name] = proc
+        return proc
+
+    def bot(self, env: dict[str, str], name: str = "bot", timeout: float = 60) -> Process:
+        """The bot, once connected to the (fake) gateway with its commands synced."""
+        proc = self.start([sys.executable, "-m", "bot.app"], env, name)
+        proc.wait_ready(lambda: "connected as" in proc.log(), timeout, f"{name} ready")
+        return proc
+
+    def worker(self, env: dict[str, str], *args: str, name: str = "worker", new_session: bool = False,
+               ready: bool = True, timeout: float = 180) -> Process:
+        """A worker, once registered with RQ (its models loaded); ``ready=False``: just started."""
+        proc = self.start([sys.executable, "-m", "worker.main", *args], env, name, new_session=new_session)
+        if ready:
+            proc.wait_ready(lambda: registered(proc, env["IMAGINE_REDIS_URL"]), timeout, f"{name} ready")
+        return proc
+
+    def stop(self) -> None:
+        for proc in reversed(self.started):
+            proc.stop()

@@ -1,18 +1,13 @@
-"""Unit tests of the pure pieces: catalog overrides, option validation, image encoding."""
+"""The model catalog and its overrides, settings, and option validation into a job request."""
 
 from __future__ import annotations
 
-import io
-
-import numpy as np
 import pytest
-from PIL import Image
 
 from settings.catalog import build_catalog
 from settings.config import Settings
 from core.jobs import JobRequest, job_id_for_interaction, queue_name
-from core.validation import ImagineOptions, InvalidRequest, build_request
-from worker.images import encode_for_upload
+from core.validation import Defaults, ImagineOptions, InvalidRequest, build_request, resolve_options
 
 
 def test_catalog_has_the_four_seed_models():
@@ -70,6 +65,15 @@ def test_user_options_win_and_seeds_count_up():
     assert request.negative_prompt == "dogs" and request.seeds() == [9, 10, 11]
 
 
+def test_resolution_records_what_the_user_set_and_layers_the_defaults():
+    settings = Settings(_env_file=None, default_model="bk-sdm-small")
+    resolved = resolve_options(ImagineOptions(prompt=" a  cat ", steps=12), settings, settings.catalog(),
+                               Defaults(model="ssd-1b", negative_prompt="lowres"))
+    assert (resolved.prompt, resolved.entry.key, resolved.steps, resolved.size) == ("a cat", "ssd-1b", 12, 1024)
+    assert resolved.negative_or_default == "lowres"
+    assert "steps" in resolved.explicit and "size" not in resolved.explicit
+
+
 @pytest.mark.parametrize("options, message", [
     ({"prompt": ""}, "empty"),
     ({"prompt": "a" * 501}, "limit is 500"),
@@ -92,49 +96,3 @@ def test_job_ids_and_queues_are_stable():
     assert queue_name("ssd-1b") == "imagine:ssd-1b"
 
 
-def noisy_image(size: int) -> Image.Image:
-    return Image.fromarray(np.random.default_rng(0).integers(0, 255, (size, size, 3), dtype=np.uint8))
-
-
-def test_small_image_stays_lossless_png_with_its_record():
-    data, ext = encode_for_upload(noisy_image(32), 10 * 1024 * 1024, {"seed": "5"})
-    image = Image.open(io.BytesIO(data))
-    assert ext == "png" and image.text["seed"] == "5"
-    assert np.array_equal(np.asarray(image), np.asarray(noisy_image(32)))
-
-
-def test_image_over_the_limit_is_reencoded_not_dropped():
-    image = noisy_image(512)  # noise: ~790 KB as PNG
-    limit = 200 * 1024
-    data, ext = encode_for_upload(image, limit)
-    assert ext == "jpg" and len(data) <= limit
-    assert Image.open(io.BytesIO(data)).size[0] >= 256
-
-
-def test_uploads_of_one_message_stay_under_discords_request_limit(monkeypatch):
-    """Four large images and their grid must fit one message (25 MiB), not only each file."""
-    from core.jobs import Reproducibility
-    from worker import tasks
-    from worker.generate import Generation
-
-    monkeypatch.setattr(tasks, "REQUEST_UPLOAD_LIMIT", 1024 * 1024)  # scaled down: 1 MiB per message
-    images = [noisy_image(512) for _ in range(4)]  # ~790 KB each as PNG
-    record = Reproducibility(model="m", source="s", pipeline="P", scheduler="S", diffusers_version="0",
-                             seeds=[1, 2, 3, 4], steps=1, guidance=1, width=512, height=512, prompt="p")
-    uploads = tasks.uploads_for(Generation(images, [1, 2, 3, 4], 1.0, 0.0), record, 10 * 1024 * 1024)
-    assert len(uploads) == 5  # four images and the grid
-    assert sum(len(u.data) for u in uploads) <= 1024 * 1024
-
-
-def test_ten_images_fit_discords_ten_attachments():
-    """The grid is left out when it would be an 11th file (Discord refuses the message)."""
-    from core.jobs import Reproducibility
-    from worker import tasks
-    from worker.generate import Generation
-
-    images = [Image.new("RGB", (64, 64), (i * 20, 0, 0)) for i in range(10)]
-    seeds = list(range(10))
-    record = Reproducibility(model="m", source="s", pipeline="P", scheduler="S", diffusers_version="0",
-                             seeds=seeds, steps=1, guidance=1, width=64, height=64, prompt="p")
-    assert len(tasks.uploads_for(Generation(images, seeds, 1.0, 0.0), record, 1 << 20)) == 10
-    assert len(tasks.uploads_for(Generation(images[:9], seeds[:9], 1.0, 0.0), record, 1 << 20)) == 10

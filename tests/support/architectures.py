@@ -3,6 +3,8 @@
 Latency does not depend on weight values, so anyone can benchmark a GPU without downloading
 ~20 GB of weights; ``tiny=True`` swaps in the tiny test pipelines for CI.
 Configs follow the models' published ``config.json`` files (UNet, VAE, CLIP text encoders).
+The GPU benchmarks in ``bench/`` build their pipelines from here; ``tests/test_bench.py`` checks
+the UNet sizes against the published ones.
 """
 
 from __future__ import annotations

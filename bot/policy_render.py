@@ -1,0 +1,75 @@
+"""A server's policy and its audit log as Discord text and embeds, for ``/imagine-admin``."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import discord
+
+from core.policy import GuildPolicy
+from core.policy_store import AuditEntry
+
+
+def show(value: Any) -> str:
+    if value is None:
+        return "default"
+    if isinstance(value, bool):
+        return "clamp" if value else "reject"
+    if isinstance(value, (list, tuple)):
+        return ", ".join(f"`{v}`" for v in value) if value else "none"
+    if isinstance(value, dict):
+        return "; ".join(f"{k}: {show(v)}" for k, v in value.items())
+    return f"`{value}`" if value != "" else "none"
+
+
+def show_change(old: Any, new: Any) -> str:
+    """old → new; for lists only what was added and removed (a 200-term list does not fit)."""
+    if isinstance(old, (list, tuple)) and isinstance(new, (list, tuple)):
+        added = [v for v in new if v not in old]
+        removed = [v for v in old if v not in new]
+        parts = ([f"+ {show(added)}"] if added else []) + ([f"− {show(removed)}"] if removed else [])
+        return f"{'; '.join(parts) or 'no change'} ({len(new)} now)"
+    if isinstance(old, dict) and isinstance(new, dict):
+        return "; ".join(f"{k}: {show_change(old.get(k), v)}" for k, v in new.items())
+    return f"{show(old)} → {show(new)}"
+
+
+def mentions(channel_ids: tuple[int, ...], limit: int) -> str:
+    """Channel mentions within ``limit`` characters; the ones left out are counted."""
+    shown: list[str] = []
+    for i, channel_id in enumerate(channel_ids):
+        rest = len(channel_ids) - i  # this one included
+        candidate = ", ".join([*shown, f"<#{channel_id}>"])
+        room = limit - (len(f" (and {rest - 1} more)") if rest > 1 else 0)
+        if len(candidate) > room:
+            return ", ".join(shown) + f" (and {rest} more)"
+        shown.append(f"<#{channel_id}>")
+    return ", ".join(shown)
+
+
+def policy_embed(policy: GuildPolicy, default_negative: str, default_model: str) -> discord.Embed:
+    embed = discord.Embed(title="Server policy for /imagine", colour=0x5865F2)
+    embed.add_field(name="Forced negative prompt", value=show(policy.forced_negative)[:1024], inline=False)
+    negative = policy.default_negative if policy.default_negative is not None else f"(global) {default_negative}"
+    embed.add_field(name="Default negative prompt", value=show(negative)[:1024], inline=False)
+    embed.add_field(name="Banned terms", value=show(policy.banned_terms)[:1024], inline=False)
+    embed.add_field(name="Models", value=show(policy.allowed_models) if policy.allowed_models else "all")
+    embed.add_field(name="Default model", value=show(policy.default_model or default_model))
+    caps = (f"steps {policy.max_steps or '—'} · images {policy.max_count or '—'} · "
+            f"size {policy.max_size or '—'} · over a cap: {show(policy.clamp)}")
+    embed.add_field(name="Caps", value=caps, inline=False)
+    embed.add_field(name="Channels", value=mentions(policy.channels, 1024) if policy.channels else "all")
+    rate = f"{policy.rate_count} per {policy.rate_window_s} s" if policy.rate_count else "none"
+    embed.add_field(name="Per user (admins exempt)",
+                    value=f"active jobs {policy.max_active_jobs or '—'} · rate {rate}")
+    return embed
+
+
+def audit_line(entry: AuditEntry) -> str:
+    who = f"<t:{int(entry.at)}:f> **{entry.actor}** ({entry.actor_id})"
+    return f"{who} {entry.action}: {show_change(entry.old, entry.new)}"
+
+
+def audit_text(entries: list[AuditEntry]) -> str:
+    """Newest first, one line each, within a message."""
+    return ("\n".join(audit_line(e)[:300] for e in entries) or "No policy changes yet.")[:2000]

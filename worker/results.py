@@ -1,0 +1,70 @@
+"""A finished job's result message: its files within Discord's limits, the embed and buttons,
+posted in place of the user's queued/progress message (``worker.delivery``) and recorded as
+told (``worker.outcomes``), so a rerun of the job never posts again."""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import TYPE_CHECKING
+
+from redis.exceptions import RedisError
+
+from core.jobs import JobRequest, JobResult, Reproducibility
+from worker.delivery import ResultComponents, Upload, deliver_result, result_embed
+from worker.generate import Generation
+from worker.images import encode_for_upload, grid
+from worker.outcomes import Told
+from worker.progress import PositionEdits, ProgressReporter
+
+if TYPE_CHECKING:
+    from worker.runtime import WorkerRuntime
+
+log = logging.getLogger(__name__)
+
+TOLD_PATIENCE_S = 30.0  # how long a result's told record is retried while Redis refuses writes
+
+# Discord caps a whole message's attachments at 25 MiB, whatever each file's own limit is.
+REQUEST_UPLOAD_LIMIT = 25 * 1024 * 1024
+MAX_ATTACHMENTS = 10
+
+
+def uploads_for(generation: Generation, record: Reproducibility, limit: int) -> list[Upload]:
+    """One file per image with its generation record; with several images, a grid too. Each
+    file gets an equal share of the per-message limit when the per-file limit would overrun it."""
+    with_grid = 1 < len(generation.images) < MAX_ATTACHMENTS  # Discord: 10 files per message
+    files = len(generation.images) + with_grid
+    limit = min(limit, REQUEST_UPLOAD_LIMIT // files)
+    uploads = []
+    for image, seed in zip(generation.images, generation.seeds):
+        data, ext = encode_for_upload(image, limit, record.png_text(seed))
+        uploads.append(Upload(data, f"imagine-{record.model}-{seed}.{ext}"))
+    if with_grid:
+        data, ext = encode_for_upload(grid(generation.images), limit)
+        uploads.append(Upload(data, f"imagine-{record.model}-grid.{ext}"))
+    return uploads
+
+
+def post_result(runtime: WorkerRuntime, request: JobRequest, generation: Generation, result: JobResult,
+                progress: ProgressReporter | None) -> None:
+    """Replace the user's queued/progress message with the images, embed and buttons."""
+    assert request.delivery is not None and result.reproducibility is not None
+    post_started = time.perf_counter()
+    uploads = uploads_for(generation, result.reproducibility, request.delivery.filesize_limit)
+    result.timings.total_ms = (time.time() - request.created_at) * 1000
+    embed = result_embed(request, generation.seeds, result.timings, result.reproducibility,
+                         uploads[-1].filename)  # the image, or the grid of several
+    if progress is not None:
+        progress.close()  # no progress edit may land after the result
+    try:
+        PositionEdits(runtime.redis, runtime.key_prefix).finalize(request.job_id)
+    except RedisError as error:  # Redis full or away: the images matter more than edit ordering
+        log.warning("job %s: could not finalize position edits: %s", request.job_id, error)
+    view = ResultComponents(request.job_id, request.model, runtime.catalog)
+    posted = deliver_result(request.delivery, f"<@{request.delivery.user_id}>", embed, uploads, view,
+                            runtime.session, runtime.bot_token, nonce=request.job_id[:25])
+    # Retried while Redis refuses it, then kept in this process: a rerun never posts again.
+    runtime.outcomes.record(request.job_id, Told("result", posted.message_id, posted.via),
+                            patience_s=TOLD_PATIENCE_S)
+    result.message_id, result.delivered_via = posted.message_id, posted.via
+    result.timings.post_ms = (time.perf_counter() - post_started) * 1000

@@ -1,0 +1,28 @@
+"""A web job's images: PNGs (with their generation record) in Redis under ``core.jobs.image_key``,
+where the web front end reads them, expiring with the job's result."""
+
+from __future__ import annotations
+
+from rq.job import Job
+
+from core.jobs import JobRequest, image_key
+from worker.generate import Generation
+from worker.images import png_bytes
+
+DEFAULT_TTL_S = 3600  # when the job names no positive result TTL (RQ: None, 0 or -1)
+
+
+def store_images(job: Job | None, request: JobRequest, generation: Generation, prefix: str) -> list[str]:
+    """The keys of the stored PNGs, one per image in order."""
+    if job is None:
+        raise RuntimeError("store_images needs the RQ job's Redis connection")
+    ttl = job.result_ttl if job.result_ttl and job.result_ttl > 0 else DEFAULT_TTL_S
+    keys = []
+    with job.connection.pipeline() as pipe:
+        for index, (image, seed) in enumerate(zip(generation.images, generation.seeds)):
+            key = image_key(request.job_id, index, prefix)
+            pipe.set(key, png_bytes(image, {"prompt": request.prompt, "model": request.model,
+                                            "seed": str(seed)}), ex=ttl)
+            keys.append(key)
+        pipe.execute()
+    return keys
