@@ -78,7 +78,10 @@ def info_embed(record: JobRecord) -> discord.Embed:
     if request.negative_prompt:
         embed.add_field(name="Negative prompt", value=request.negative_prompt[:1024], inline=False)
     seeds = info.seeds if info else request.seeds()
-    embed.add_field(name="Seeds", value=", ".join(map(str, seeds)))
+    withheld = set(info.withheld) if info else set()
+    # A withheld image's seed would let it be made again elsewhere: named by position only.
+    embed.add_field(name="Seeds", value=", ".join(f"image {i + 1} withheld" if i in withheld else str(seed)
+                                                  for i, seed in enumerate(seeds)))
     embed.add_field(name="Steps · guidance", value=f"{request.steps} · {request.guidance:g}")
     if info is None:
         embed.add_field(name="Model", value=request.model)

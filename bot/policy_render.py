@@ -62,6 +62,9 @@ def policy_embed(policy: GuildPolicy, default_negative: str, default_model: str)
     rate = f"{policy.rate_count} per {policy.rate_window_s} s" if policy.rate_count else "none"
     embed.add_field(name="Per user (admins exempt)",
                     value=f"active jobs {policy.max_active_jobs or '—'} · rate {rate}")
+    embed.add_field(name="Images flagged as NSFW",
+                    value=f"{policy.nsfw_action} · in age-restricted channels: {policy.nsfw_action_age_restricted}",
+                    inline=False)
     return embed
 
 

@@ -39,10 +39,17 @@ def delivery_for(interaction: discord.Interaction) -> Delivery:
     )
 
 
+def channel_is_nsfw(interaction: discord.Interaction) -> bool:
+    """Age-restricted: the interaction's channel says so (``channel.nsfw``; a thread follows its
+    parent). A channel of unknown kind gets the setting for ordinary channels."""
+    is_nsfw = getattr(interaction.channel, "is_nsfw", None)
+    return bool(is_nsfw()) if callable(is_nsfw) else False
+
+
 def requester_for(interaction: discord.Interaction) -> Requester:
     return Requester(user_id=interaction.user.id, guild_id=interaction.guild_id,
                      channel_id=interaction.channel_id,
-                     exempt=is_admin(interaction))
+                     exempt=is_admin(interaction), channel_nsfw=channel_is_nsfw(interaction))
 
 
 def _admit(bot: Services, interaction: discord.Interaction, options: ImagineOptions,

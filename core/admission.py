@@ -39,6 +39,9 @@ class Requester:
     exempt: bool = False
     # Limits that replace the server's per-user ones (the web: per client and in total).
     quotas: tuple[Quota, ...] | None = None
+    # The channel is age-restricted (Discord's channel.nsfw): the server's setting for such
+    # channels decides what happens to flagged images.
+    channel_nsfw: bool = False
 
     def quotas_under(self, policy: GuildPolicy) -> tuple[Quota, ...]:
         if self.quotas is not None:
@@ -76,7 +79,8 @@ def admit(
     Raises InvalidRequest (policy violations and limits included) or RedisError."""
     policy = policies.load(requester.guild_id)
     moderated = apply_policy(options, policy, job_id=job_id, settings=settings, catalog=catalog,
-                             channel_id=requester.channel_id, delivery=delivery,
+                             channel_id=requester.channel_id, channel_nsfw=requester.channel_nsfw,
+                             delivery=delivery,
                              created_at=created_at, store_images=store_images)
     keys = policies.admit_all(requester.quotas_under(policy), job_id)
     return Admitted(moderated, tuple(keys))

@@ -7,6 +7,7 @@ as the RQ job result. Both are plain JSON through RQ's JSON serializer: no code 
 from __future__ import annotations
 
 import time
+from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -22,6 +23,13 @@ def active_keys_of(meta: dict) -> list[str]:
     total), freed when it ends."""
     keys = meta.get(ACTIVE_KEY_META) or []
     return [keys] if isinstance(keys, str) else [key for key in keys if isinstance(key, str)]
+
+
+# What a server does with an image the output classifier flags (core.output_policy):
+# show it ("off"), post it as a spoiler with a content warning, or withhold it ("block").
+NsfwAction = Literal["off", "spoiler", "block"]
+# What happens to one image: shown, posted as a spoiler (blurred on the web), or withheld.
+ImageAction = Literal["show", "spoiler", "withhold"]
 
 
 class Delivery(BaseModel):
@@ -60,6 +68,11 @@ class JobRequest(BaseModel):
     # Keep the encoded images in Redis (``JobResult.image_keys``) for a front end that fetches
     # them itself (web); they expire with the job's result.
     store_images: bool = False
+    # Output moderation, resolved at admission (core.output_policy) so the worker needs no policy
+    # lookup: what happens to a flagged image, and whether the user wants every image as a
+    # spoiler. Jobs queued before these existed load with the default server setting.
+    nsfw_action: NsfwAction = "spoiler"
+    spoiler: bool = False
 
     def seeds(self) -> list[int]:
         """One seed per image: seed, seed+1, … so any single image can be reproduced alone."""
@@ -89,12 +102,24 @@ class Reproducibility(BaseModel):
     height: int
     prompt: str
     negative_prompt: str = ""
+    # Indices (into ``seeds``) of images withheld by output moderation: ℹ Info names them
+    # without their seeds.
+    withheld: list[int] = Field(default_factory=list)
 
     def png_text(self, seed: int) -> dict[str, str]:
         """The PNG text record of the image made with ``seed``."""
-        record = self.model_dump(exclude={"seeds"})
+        record = self.model_dump(exclude={"seeds", "withheld"})
         return {"seed": str(seed), **{k: "" if v is None else f"{v:g}" if isinstance(v, float) else str(v)
                                       for k, v in record.items()}}
+
+
+class ImageModeration(BaseModel):
+    """The output classifier's view of one image, kept with the job for operators (never shown
+    to users). ``score`` None: the check failed, and the image was withheld (fail closed)."""
+
+    score: float | None  # the classifier's highest concept score; flagged above the threshold
+    flagged: bool | None
+    action: ImageAction
 
 
 class JobResult(BaseModel):
@@ -112,6 +137,7 @@ class JobResult(BaseModel):
     delivered_via: str | None = None  # "webhook" | "channel" | None (not delivered)
     image_keys: list[str] = Field(default_factory=list)  # Redis keys of PNGs (store_images)
     reproducibility: Reproducibility | None = None
+    moderation: list[ImageModeration] = Field(default_factory=list)  # one per image, in order
 
 
 # The worker keeps ``job.meta[PROGRESS_META] = {"step": i, "steps": n}`` up to date while it runs.

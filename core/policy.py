@@ -10,7 +10,8 @@ into the queue (slash command, buttons, web) makes before enqueueing. In order:
   4. operator limits core.validation.check_limits on the final values
   5. text rules      check_terms on the text as queued
   6. build           policy_negative (forced part first), then the one JobRequest
-                     (core.validation.request_from)
+                     (core.validation.request_from), carrying what the worker does with an
+                     image its output classifier flags (core.output_policy.nsfw_action_for)
 
 Per-user defaults would layer over server_defaults before step 2. Per-user limits are not here:
 they need Redis (:func:`core.admission.admit`, :mod:`core.policy_store`), so this module is
@@ -23,8 +24,9 @@ from dataclasses import dataclass, replace
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from core.jobs import Delivery, JobRequest
+from core.jobs import Delivery, JobRequest, NsfwAction
 from core.matcher import find_banned
+from core.output_policy import nsfw_action_for
 from core.texts import clip
 from core.validation import (Defaults, ImagineOptions, InvalidRequest, Resolved, check_limits,
                              model_key, request_from, resolve_options)
@@ -53,6 +55,10 @@ class GuildPolicy(BaseModel):
     max_active_jobs: int | None = Field(default=None, ge=1)  # queued + running, per user
     rate_count: int | None = Field(default=None, ge=1)  # commands per rate_window_s, per user
     rate_window_s: int = Field(default=60, ge=1)
+    # Output moderation (core.output_policy): what happens to an image the worker's classifier
+    # flags, outside and inside age-restricted channels (Discord's channel.nsfw).
+    nsfw_action: NsfwAction = "spoiler"
+    nsfw_action_age_restricted: NsfwAction = "off"
 
 
 class PolicyViolation(InvalidRequest):
@@ -157,6 +163,7 @@ def apply_policy(
     settings: Settings,
     catalog: dict[str, ModelEntry],
     channel_id: int | None = None,
+    channel_nsfw: bool = False,
     delivery: Delivery | None = None,
     created_at: float | None = None,
     store_images: bool = False,
@@ -174,5 +181,6 @@ def apply_policy(
     request = request_from(
         resolved, job_id=job_id, negative_prompt=policy_negative(policy, resolved),
         forced_negative_applied=bool(policy.forced_negative), delivery=delivery,
-        created_at=created_at, store_images=store_images)
+        created_at=created_at, store_images=store_images,
+        nsfw_action=nsfw_action_for(policy, channel_nsfw))
     return Moderated(request, notes + floor_notes)

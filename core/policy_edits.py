@@ -14,6 +14,7 @@ from typing import Any
 from pydantic import ValidationError
 
 from core.matcher import clean_term
+from core.output_policy import ACTIONS
 from core.policy import GuildPolicy
 from core.texts import clip
 from core.validation import SIZE_STEP, InvalidRequest, clean_text
@@ -168,6 +169,21 @@ def set_limits(policy: GuildPolicy, *, max_active: int | None = None, rate: int 
         changes["rate_count"] = rate or None
     if window_s is not None:
         changes["rate_window_s"] = window_s
+    return _with(policy, **changes)
+
+
+# -- output moderation -------------------------------------------------------------------------
+def set_nsfw_actions(policy: GuildPolicy, *, elsewhere: str | None = None,
+                     age_restricted: str | None = None) -> GuildPolicy:
+    """What happens to images the output classifier flags ("off", "spoiler", "block"), outside
+    and inside age-restricted channels; None keeps a setting."""
+    changes: dict[str, Any] = {}
+    for field, value in (("nsfw_action", elsewhere), ("nsfw_action_age_restricted", age_restricted)):
+        if value is None:
+            continue
+        if value not in ACTIONS:
+            raise InvalidRequest(f"Choose one of: {', '.join(ACTIONS)} (got `{clip(str(value), 40)}`).")
+        changes[field] = value
     return _with(policy, **changes)
 
 

@@ -19,7 +19,7 @@ from dataclasses import dataclass, fields
 
 from settings.catalog import ModelEntry
 from settings.config import Settings
-from core.jobs import Delivery, JobRequest
+from core.jobs import Delivery, JobRequest, NsfwAction
 from core.texts import clip
 
 MAX_SEED = 2**32 - 1
@@ -40,6 +40,7 @@ class ImagineOptions:
     seed: int | None = None
     size: int | None = None
     count: int = 1
+    spoiler: bool | None = None  # the user wants every image as a spoiler (None: no)
 
 
 @dataclass(frozen=True)
@@ -66,6 +67,7 @@ class Resolved:
     count: int
     seed: int
     explicit: frozenset[str]
+    spoiler: bool = False
 
     @property
     def negative_or_default(self) -> str:
@@ -125,6 +127,7 @@ def resolve_options(options: ImagineOptions, settings: Settings, catalog: dict[s
         count=options.count,
         seed=secrets.randbelow(MAX_SEED + 1) if options.seed is None else options.seed,
         explicit=frozenset(f.name for f in fields(options) if getattr(options, f.name) is not None),
+        spoiler=bool(options.spoiler),
     )
 
 
@@ -156,15 +159,17 @@ def request_from(
     delivery: Delivery | None = None,
     created_at: float | None = None,
     store_images: bool = False,
+    nsfw_action: NsfwAction = "spoiler",
 ) -> JobRequest:
-    """The one construction of a request, from checked values and the final negative prompt."""
+    """The one construction of a request, from checked values and the final negative prompt.
+    ``nsfw_action``: what the worker does with a flagged image (the server's, for this channel)."""
     extra = {} if created_at is None else {"created_at": created_at}
     return JobRequest(
         job_id=job_id, model=resolved.entry.key, prompt=resolved.prompt,
         negative_prompt=negative_prompt, steps=resolved.steps, guidance=resolved.guidance,
         seed=resolved.seed, size=resolved.size, count=resolved.count,
         forced_negative_applied=forced_negative_applied, delivery=delivery,
-        store_images=store_images, **extra,
+        store_images=store_images, nsfw_action=nsfw_action, spoiler=resolved.spoiler, **extra,
     )
 
 

@@ -68,6 +68,16 @@ class Settings(BaseSettings):
     compile_sizes: list[int] = Field(default_factory=list)  # image sizes beyond each model's native one
     gpu_memory_budget_gb: float | None = None  # None: keep every served model on the GPU
     starvation_s: float = 20.0  # a job for a model not on the GPU waits at most this before a swap
+    # Output moderation (worker.safety): one classifier for every model, loaded at worker start
+    # like the pipelines (hub id or local folder, pinned revision). The folder holds
+    # ``safety_checker/`` (diffusers' StableDiffusionSafetyChecker) and ``feature_extractor/``
+    # (its CLIPImageProcessor), as the SD 1.x repositories ship them.
+    safety_source: str = "CompVis/stable-diffusion-v1-4"
+    safety_revision: str | None = "133a221b8aa7292a167afc5127cb63fb5005638b"
+    # An image is flagged when its highest concept score exceeds this. Scores are the checker's
+    # own (cosine similarity minus each concept's published threshold): 0.0 is the published
+    # decision; lower is stricter (-0.02 catches borderline images), higher is laxer.
+    safety_threshold: float = 0.0
 
     # Web front end (Gradio) and operations. A metrics port of 0 turns that endpoint off.
     web_host: str = "127.0.0.1"

@@ -93,3 +93,36 @@ def test_a_job_whose_user_was_already_told_is_not_run_again(redis_server):
     runtime.outcomes.record(told.job_id, Told("result", 42, "webhook"))
     assert run_imagine(told.model_dump(mode="json")) == {
         "job_id": "told", "already_told": "result", "message_id": 42, "delivered_via": "webhook"}
+
+
+def test_two_processes_reporting_one_failure_post_once(redis_server, monkeypatch):
+    """The failure callback and another worker's failed-job sweep can reach the same untold job
+    at once: only one of them posts (a webhook follow-up is not idempotent on Discord's side)."""
+    import threading
+    import time
+
+    from worker import failures
+    from worker.delivery import Posted
+    from worker.outcomes import Outcomes
+
+    redis = Redis.from_url(redis_server.url)
+    prefix = f"rt{snowflake()[-6:]}"
+    delivery = Delivery(application_id=1, interaction_id=2, interaction_token="tok", channel_id=3, user_id=4)
+    job = Job.create("worker.tasks.run_imagine", args=[request(f"{prefix}-f", delivery=delivery).model_dump(mode="json")],
+                     id=f"{prefix}-f", connection=redis, serializer=JSONSerializer)
+    posts = []
+
+    def slow_post(*args, **kwargs):
+        posts.append(1)
+        time.sleep(0.3)  # both reporters are past the told-once check by now
+        return Posted(len(posts), "webhook")
+
+    monkeypatch.setattr(failures, "post_failure", slow_post)
+    reporters = [failures.Reporter(Outcomes(redis, prefix, 60)) for _ in range(2)]
+    threads = [threading.Thread(target=r.tell, args=(job, "sorry")) for r in reporters]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert len(posts) == 1
+    assert reporters[0].outcomes.get(job.id) is not None

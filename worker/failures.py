@@ -61,8 +61,14 @@ class Reporter:
         if request.delivery is None:  # a web job: its page reads the status; noted, so no sweep retries
             self.outcomes.record(job.id, Told("failure", 0, "none"))
             return False
-        posted = post_failure(request.delivery, reason, self.session, self.bot_token,
-                              nonce=job.id[:25])
+        if not self.outcomes.claim(job.id):  # another process is telling them right now
+            return False
+        try:
+            posted = post_failure(request.delivery, reason, self.session, self.bot_token,
+                                  nonce=job.id[:25])
+        except Exception:
+            self.outcomes.unclaim(job.id)  # let the next sweep try again
+            raise
         self.outcomes.record(job.id, Told("failure", posted.message_id, posted.via))
         return True
 

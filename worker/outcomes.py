@@ -73,6 +73,22 @@ class Outcomes:
             self.pending.pop(job_id, None)
             return True
 
+    def claim(self, job_id: str, hold_s: int = 120) -> bool:
+        """Take the right to tell this job's user, for ``hold_s``: the job's failure callback and
+        another worker's failed-job sweep can both reach an untold job; only the claimant posts.
+        Best effort when Redis refuses the write (told-once records still guard the rest)."""
+        try:
+            return bool(self.redis.set(f"{self.key(job_id)}:claim", "1", nx=True, ex=hold_s))
+        except RedisError as error:
+            log.warning("could not claim the notice of job %s (%s); telling anyway", job_id, error)
+            return True
+
+    def unclaim(self, job_id: str) -> None:
+        try:
+            self.redis.delete(f"{self.key(job_id)}:claim")
+        except RedisError:
+            pass  # it expires on its own
+
     def flush(self) -> int:
         """Write the records kept while Redis refused them; how many are still kept."""
         for job_id, told in list(self.pending.items()):

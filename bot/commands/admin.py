@@ -191,6 +191,25 @@ async def limits(interaction: discord.Interaction, max_active: app_commands.Rang
                  lambda p: edits.set_limits(p, max_active=max_active, rate=rate, window_s=window))
 
 
+# -- output moderation -------------------------------------------------------------------------
+NsfwChoice = Literal["off", "spoiler", "block"]
+
+
+@admin.command(name="nsfw", description="What happens to images the content check flags as NSFW")
+@app_commands.describe(action="Outside age-restricted channels (and on the web page): show them (off), "
+                              "post them as spoilers, or withhold them (block)",
+                       age_restricted="In age-restricted channels")
+async def nsfw(interaction: discord.Interaction, action: NsfwChoice | None = None,
+               age_restricted: NsfwChoice | None = None) -> None:
+    if action is None and age_restricted is None:
+        policy = await load(interaction)
+        await answer(interaction, f"Flagged images: {policy.nsfw_action} · in age-restricted channels: "
+                                  f"{policy.nsfw_action_age_restricted}")
+        return
+    await change(interaction, "nsfw",
+                 lambda p: edits.set_nsfw_actions(p, elsewhere=action, age_restricted=age_restricted))
+
+
 # -- channels ----------------------------------------------------------------------------------
 def channel_id(interaction: discord.Interaction, channel: discord.abc.GuildChannel | None) -> int:
     """The channel named, else the one the command was used in."""

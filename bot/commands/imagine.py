@@ -35,6 +35,7 @@ async def model_autocomplete(interaction: discord.Interaction, current: str) -> 
     seed="Seed for reproducible images (random when empty)",
     size="Width and height in pixels, a multiple of 64",
     count="How many images",
+    spoiler="Post every image of this job as a spoiler (blurred until clicked)",
 )
 @app_commands.autocomplete(model=model_autocomplete)
 @app_commands.guild_only()
@@ -48,6 +49,8 @@ async def imagine(
     seed: int | None = None,
     size: int | None = None,
     count: int = 1,
+    spoiler: bool | None = None,
 ) -> None:
-    options = ImagineOptions(prompt, negative_prompt, model, steps, guidance, seed, size, count)
+    options = ImagineOptions(prompt, negative_prompt, model, steps, guidance, seed, size, count,
+                             spoiler=spoiler or None)
     await submit_imagine(interaction, options)

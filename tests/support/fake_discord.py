@@ -55,6 +55,7 @@ class FakeDiscord:
         self._sockets: list[web.WebSocketResponse] = []
         self._seq = itertools.count(1)
         self._lock = threading.Lock()
+        self._nonces: dict[tuple[str, str], dict] = {}  # (channel, nonce) → the message it made
         self.identified = threading.Event()
         self.identify_count = 0  # IDENTIFYs received: a restarted bot identifies again
         self.loop = asyncio.new_event_loop()
@@ -240,7 +241,15 @@ class FakeDiscord:
         if (bad := _limits(payload)) is not None:
             self._record(Posted("rejected", channel, payload))
             return bad
-        message = _message(payload, channel_id=channel, files=files)
+        # Discord: with enforce_nonce, a repeat of a nonce by the same author within a few minutes
+        # returns the first message and creates none (how a retried post stays single).
+        nonce = payload.get("nonce") if payload.get("enforce_nonce") else None
+        with self._lock:
+            if nonce is not None and (channel, nonce) in self._nonces:
+                return _json(self._nonces[(channel, nonce)])
+            message = _message(payload, channel_id=channel, files=files)
+            if nonce is not None:
+                self._nonces[(channel, nonce)] = message
         self._record(Posted("channel", channel, payload, files, message["id"]))
         return _json(message)
 
