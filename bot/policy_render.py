@@ -59,9 +59,9 @@ def policy_embed(policy: GuildPolicy, default_negative: str, default_model: str)
             f"size {policy.max_size or '—'} · over a cap: {show(policy.clamp)}")
     embed.add_field(name="Caps", value=caps, inline=False)
     embed.add_field(name="Channels", value=mentions(policy.channels, 1024) if policy.channels else "all")
-    rate = f"{policy.rate_count} per {policy.rate_window_s} s" if policy.rate_count else "none"
+    rate = f"{policy.rate_count} per {policy.rate_window_s} s" if policy.rate_count else "operator default"
     embed.add_field(name="Per user (admins exempt)",
-                    value=f"active jobs {policy.max_active_jobs or '—'} · rate {rate}")
+                    value=f"active jobs {policy.max_active_jobs or 'operator default'} · rate {rate}")
     embed.add_field(name="Images flagged as NSFW",
                     value=f"{policy.nsfw_action} · in age-restricted channels: {policy.nsfw_action_age_restricted}",
                     inline=False)

@@ -1,5 +1,6 @@
 """The one way a Discord command becomes a job, used by ``/imagine`` and by every result button:
-replay guard → server policy and user limits → answer with position and ETA → record → enqueue.
+replay guard → server policy, room in the queue (back-pressure: "busy, try later") and user
+limits → answer with position and ETA (in fair order) → record → enqueue.
 
 The answer goes out before the job is enqueued: a worker edits that answer (progress, then the
 result), so it must exist first. Position and ETA are read just before answering. Redis failing
@@ -59,7 +60,7 @@ def _admit(bot: Services, interaction: discord.Interaction, options: ImagineOpti
     if not bot.jobs.claim(job_id):
         return None
     return admit(options, requester_for(interaction), job_id=job_id, settings=bot.settings,
-                 catalog=bot.catalog, policies=bot.policies, delivery=delivery_for(interaction),
+                 catalog=bot.catalog, policies=bot.policies, jobs=bot.jobs, delivery=delivery_for(interaction),
                  created_at=received_at)
 
 
@@ -85,7 +86,9 @@ async def submit_imagine(interaction: discord.Interaction, options: ImagineOptio
     request = admitted.request
     answered = False
     try:
-        outlook = await asyncio.to_thread(bot.jobs.outlook_if_enqueued, request)
+        # Read by the back-pressure check a moment ago, in fair order (not the list's length).
+        outlook = admitted.outlook or await asyncio.to_thread(bot.jobs.outlook_if_enqueued, request,
+                                                              admitted.owner)
         notes = "".join(f"\nℹ️ {note}" for note in admitted.moderated.notes)
         await interaction.response.send_message(
             queued_text(request.model, request.prompt, request.count, outlook.position, outlook.eta_s,

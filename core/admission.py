@@ -5,8 +5,11 @@
   2. :func:`core.policy.apply_policy`, pure: gates, resolved options, server rules, operator
      limits, banned terms, then the one JobRequest (its docstring lists the steps; new option
      rules go there)
-  3. count the job against the requester's quotas (Redis, :meth:`PolicyStore.admit_all`): the
-     server's per-user limits, or the web's per-client and total limits
+  3. back-pressure (Redis, :meth:`JobQueue.admission_outlook`): "busy, try later" when the model's
+     queue is full, the tenant holds its maximum share, or the job could not run in time
+  4. count the job against the requester's quotas (Redis, :meth:`PolicyStore.admit_all`): the
+     server's per-user limits (the operator's defaults where the server set none), or the web's
+     per-client and total limits
 
 then :func:`enqueue_admitted`. Blocking (Redis): the async bot calls these in a thread."""
 
@@ -19,7 +22,7 @@ from redis.exceptions import RedisError
 
 from core.policy import GuildPolicy, Moderated, apply_policy
 from core.policy_store import PolicyStore, Quota
-from core.queue import AlreadyQueued, JobQueue
+from core.queue import AlreadyQueued, JobQueue, Outlook
 from settings.catalog import ModelEntry
 from settings.config import Settings
 from core.jobs import Delivery, JobRequest
@@ -42,13 +45,25 @@ class Requester:
     # The channel is age-restricted (Discord's channel.nsfw): the server's setting for such
     # channels decides what happens to flagged images.
     channel_nsfw: bool = False
+    # Who the fair queue schedules the job for (core.fair_queue): its tenant and user there.
+    # None: the Discord server (or "dm") and the user id; the web sets "web" and its client.
+    tenant: str | None = None
+    fair_user: str | None = None
 
-    def quotas_under(self, policy: GuildPolicy) -> tuple[Quota, ...]:
+    def owner(self) -> tuple[str, str]:
+        tenant = self.tenant or (str(self.guild_id) if self.guild_id is not None else "dm")
+        return tenant, self.fair_user or str(self.user_id)
+
+    def quotas_under(self, policy: GuildPolicy, settings: Settings | None = None) -> tuple[Quota, ...]:
+        """The server's per-user limits, or the operator's defaults where it set none."""
         if self.quotas is not None:
             return self.quotas
         if self.guild_id is None or self.exempt:
             return ()
-        return (Quota.for_user(policy, self.guild_id, self.user_id),)
+        if settings is None:
+            return (Quota.for_user(policy, self.guild_id, self.user_id),)
+        return (Quota.for_user(policy, self.guild_id, self.user_id, settings.default_max_active_jobs,
+                               settings.default_rate_count, settings.default_rate_window_s),)
 
 
 @dataclass(frozen=True)
@@ -57,6 +72,8 @@ class Admitted:
 
     moderated: Moderated
     active_keys: tuple[str, ...]  # the active-job sets it counts in, freed when the job ends
+    owner: tuple[str, str] | None = None  # (tenant, user) in the fair queue
+    outlook: Outlook | None = None  # position and ETA it would get (back-pressure check)
 
     @property
     def request(self) -> JobRequest:
@@ -74,16 +91,21 @@ def admit(
     delivery: Delivery | None = None,
     created_at: float | None = None,
     store_images: bool = False,
+    jobs: JobQueue | None = None,
 ) -> Admitted:
-    """Load the server's policy, apply it and count the job against the user's limits.
-    Raises InvalidRequest (policy violations and limits included) or RedisError."""
+    """Load the server's policy, apply it, check the queue has room (``jobs``: back-pressure,
+    :meth:`JobQueue.admission_outlook`) and count the job against the user's limits.
+    Raises InvalidRequest (policy violations, limits and a busy queue included) or RedisError."""
     policy = policies.load(requester.guild_id)
     moderated = apply_policy(options, policy, job_id=job_id, settings=settings, catalog=catalog,
                              channel_id=requester.channel_id, channel_nsfw=requester.channel_nsfw,
                              delivery=delivery,
                              created_at=created_at, store_images=store_images)
-    keys = policies.admit_all(requester.quotas_under(policy), job_id)
-    return Admitted(moderated, tuple(keys))
+    # Back-pressure before any quota is taken: a refused job costs the user nothing.
+    owner = requester.owner()
+    outlook = None if jobs is None else jobs.admission_outlook(moderated.request, owner)
+    keys = policies.admit_all(requester.quotas_under(policy, settings), job_id)
+    return Admitted(moderated, tuple(keys), owner, outlook)
 
 
 def release_admitted(admitted: Admitted, policies: PolicyStore) -> None:
@@ -99,7 +121,7 @@ def release_admitted(admitted: Admitted, policies: PolicyStore) -> None:
 def enqueue_admitted(admitted: Admitted, jobs: JobQueue, policies: PolicyStore) -> int | None:
     """Enqueue; the queue position (None: unknown). Frees the user's slot if enqueueing fails."""
     try:
-        return jobs.submit(admitted.request, list(admitted.active_keys))
+        return jobs.submit(admitted.request, list(admitted.active_keys), owner=admitted.owner)
     except AlreadyQueued:
         raise  # the first submission holds the slot
     except Exception:
@@ -117,5 +139,5 @@ def enqueue_moderated(
 ) -> tuple[Moderated, int | None]:
     """:func:`admit` then :func:`enqueue_admitted`, for front ends that answer afterwards (web).
     Raises InvalidRequest, AlreadyQueued or RedisError; nothing is enqueued then."""
-    admitted = admit(options, requester, policies=policies, **admit_options)
+    admitted = admit(options, requester, policies=policies, jobs=jobs, **admit_options)
     return admitted.moderated, enqueue_admitted(admitted, jobs, policies)

@@ -33,9 +33,10 @@ EXPIRED_TEXT = ("⏳ No GPU worker could start your image within {minutes} minut
                 "cancelled. Please try again.")
 NOTICE_RETRY_S = 600  # keep retrying an undelivered notice this long, then give up
 
-# Remove the job from its queue and note it as expiring, both or neither.
+# Remove the job from its queue (and its fair order) and note it as expiring, both or neither.
 _TAKE = """
 if redis.call('LREM', KEYS[1], 1, ARGV[1]) == 1 then
+    redis.call('ZREM', KEYS[3], ARGV[1])
     redis.call('ZADD', KEYS[2], ARGV[2], ARGV[1])
     return 1
 end
@@ -74,7 +75,7 @@ class ExpirySweep:
             for job_id in queue.get_job_ids():  # not in age order: retries go back to the front
                 queued_at = self._queued_at(job_id)
                 if queued_at is not None and now - queued_at >= self.ttl_s:
-                    taken += self._take(keys=[queue.key, self.key], args=[job_id, now])
+                    taken += self._take(keys=[queue.key, self.key, queue.fair_key], args=[job_id, now])
         return taken
 
     def pending(self) -> list[Expired]:

@@ -161,7 +161,7 @@ def set_caps(policy: GuildPolicy, settings: Settings, *, steps: int | None = Non
 
 def set_limits(policy: GuildPolicy, *, max_active: int | None = None, rate: int | None = None,
                window_s: int | None = None) -> GuildPolicy:
-    """None keeps a limit, 0 removes it."""
+    """None keeps a limit, 0 returns it to the operator's default (``IMAGINE_DEFAULT_*``)."""
     changes: dict[str, Any] = {}
     if max_active is not None:
         changes["max_active_jobs"] = max_active or None

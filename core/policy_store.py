@@ -81,9 +81,16 @@ class Quota:
                          "try again in {seconds} s.")
 
     @classmethod
-    def for_user(cls, policy: GuildPolicy, guild_id: int, user_id: int) -> "Quota":
-        return cls(str(guild_id), str(user_id), policy.max_active_jobs, policy.rate_count,
-                   policy.rate_window_s)
+    def for_user(cls, policy: GuildPolicy, guild_id: int, user_id: int, default_active: int | None = None,
+                 default_rate: int | None = None, default_window_s: int = 60) -> "Quota":
+        """The server's per-user limits; where its admins set none, the operator's defaults
+        (``IMAGINE_DEFAULT_MAX_ACTIVE_JOBS``, ``IMAGINE_DEFAULT_RATE_COUNT``, 0: none)."""
+        active = policy.max_active_jobs if policy.max_active_jobs is not None else default_active
+        if policy.rate_count is not None:
+            rate, window = policy.rate_count, policy.rate_window_s
+        else:
+            rate, window = default_rate, default_window_s
+        return cls(str(guild_id), str(user_id), active or None, rate or None, window)
 
 
 @dataclass(frozen=True)

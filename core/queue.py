@@ -16,9 +16,12 @@ from rq.job import Job, JobStatus
 from rq.serializers import JSONSerializer
 
 from settings.config import Settings
-from core.fleet import FleetStats, work_units
+from core.fair_queue import FAIR_META, FairQueue
+from core.fleet import FleetStats, format_duration, work_units
 from core.jobs import ACTIVE_KEY_META, JOB_FUNCTION, JobRequest, queue_name
 from core.texts import clip
+from core.tokens import TOKEN_LIFE_S
+from core.validation import InvalidRequest
 from core.records import JobRecord, RecordStore
 from core.tokens import stash_token, with_token
 
@@ -29,12 +32,27 @@ RETRIES = 2
 USER_JOBS_SCANNED = 500  # a user's most recent jobs that /cancel looks through
 
 
-def _slot_meta(active_key: str | list[str] | None) -> dict | None:
+def _job_meta(active_key: str | list[str] | None, owner: tuple[str, str]) -> dict:
     """One key is stored as a plain string, the form every worker version reads."""
     keys = [active_key] if isinstance(active_key, str) else list(active_key or ())
-    if not keys:
-        return None
-    return {ACTIVE_KEY_META: keys[0] if len(keys) == 1 else keys}
+    meta: dict = {FAIR_META: list(owner)}
+    if keys:
+        meta[ACTIVE_KEY_META] = keys[0] if len(keys) == 1 else keys
+    return meta
+
+
+def owner_of(request: JobRequest) -> tuple[str, str]:
+    """(tenant, user) the fair queue schedules a job for: its Discord server (or "dm") and user;
+    the web passes its own (tenant "web", the client's digest)."""
+    delivery = request.delivery
+    if delivery is None:
+        return ("local", "0")
+    return (str(delivery.guild_id) if delivery.guild_id is not None else "dm", str(delivery.user_id))
+
+
+class QueueBusy(InvalidRequest):
+    """Back-pressure: the job would not run in time, or its model's (or tenant's) queue is full.
+    The message is for the user, with the current wait."""
 
 
 class AlreadyQueued(Exception):
@@ -74,17 +92,20 @@ class JobQueue:
                                 settings.eta_min_samples)
         self.records = RecordStore(redis, settings.queue_prefix, settings.record_ttl_s)
 
-    def queue(self, model: str) -> Queue:
-        return Queue(queue_name(model, self.settings.queue_prefix), connection=self.redis,
-                     serializer=JSONSerializer)
+    def queue(self, model: str) -> FairQueue:
+        return FairQueue(queue_name(model, self.settings.queue_prefix), connection=self.redis,
+                         serializer=JSONSerializer)
 
     def job_lifetime_s(self) -> float:
         """Longest a job can stay queued or running: queue TTL, every try's timeout, slack."""
         return self.settings.queue_ttl_s + self.settings.job_timeout_s * (RETRIES + 1) + 60
 
-    def submit(self, request: JobRequest, active_key: str | list[str] | None = None) -> int | None:
-        """Enqueue and return the 1-based position in the model's queue (None: unknown).
-        ``active_key`` names the active-job set(s) the worker frees the job from when it ends."""
+    def submit(self, request: JobRequest, active_key: str | list[str] | None = None,
+               owner: tuple[str, str] | None = None) -> int | None:
+        """Enqueue in fair order (core.fair_queue) and return the 1-based position in the
+        model's queue (None: unknown). ``active_key`` names the active-job set(s) the worker
+        frees the job from when it ends; ``owner`` the (tenant, user) it is scheduled for
+        (default: :func:`owner_of`)."""
         queue = self.queue(request.model)
         # The interaction token goes to a key of its own, not into what RQ keeps (core.tokens).
         queued = stash_token(self.redis, self.settings.queue_prefix, request)
@@ -100,7 +121,7 @@ class JobQueue:
                 # A retried job (its worker died) already waited its turn: it goes back first.
                 retry=Retry(max=RETRIES, enqueue_at_front=True), on_failure=Callback(FAILURE_CALLBACK),
                 on_success=Callback(SUCCESS_CALLBACK), on_stopped=Callback(STOPPED_CALLBACK),
-                meta=_slot_meta(active_key),
+                meta=_job_meta(active_key, owner or owner_of(request)),
                 description=f"{request.model}: {request.prompt[:80]}",
             )
         except DuplicateJobError:
@@ -129,9 +150,41 @@ class JobQueue:
         return Outlook(position, self.stats.eta(request.model, max(position, 1), workers, work_units(request)),
                        workers)
 
-    def outlook_if_enqueued(self, request: JobRequest) -> Outlook:
-        """Position and ETA the job would get if enqueued now (for the immediate answer)."""
-        return self.outlook(request, self.queue(request.model).count + 1)
+    def outlook_if_enqueued(self, request: JobRequest, owner: tuple[str, str] | None = None) -> Outlook:
+        """Position (in fair order) and ETA the job would get if enqueued now."""
+        placement = self.queue(request.model).peek(*(owner or owner_of(request)))
+        return self.outlook(request, placement.ahead + 1)
+
+    def admission_outlook(self, request: JobRequest, owner: tuple[str, str] | None = None) -> Outlook:
+        """Back-pressure, before anything is taken: the outlook the job would get, or
+        :class:`QueueBusy` when its model's queue is full, its tenant holds its maximum share, or
+        the work ahead could not finish before the job's queue TTL and interaction token run out.
+        A model with no live worker is let through (the answer warns; the expiry sweep tells)."""
+        settings = self.settings
+        placement = self.queue(request.model).peek(*(owner or owner_of(request)))
+        outlook = self.outlook(request, placement.ahead + 1)
+        wait_s = self.wait_before_start(request.model, placement.ahead + 1, outlook.workers)
+        shown = f" (current wait: about {format_duration(wait_s)})" if wait_s else ""
+        if placement.depth >= settings.queue_max_depth:
+            raise QueueBusy(f"**{request.model}** is busy: {placement.depth} images are waiting{shown}. "
+                            f"Please try again in a few minutes.")
+        tenant_cap = max(1.0, settings.tenant_max_share * settings.queue_max_depth)
+        if placement.tenant_backlog >= tenant_cap:
+            raise QueueBusy(f"**{request.model}** is busy: this server already has about "
+                            f"{round(placement.tenant_backlog)} images waiting on it{shown}. Please try "
+                            f"again once some are done.")
+        if outlook.workers and wait_s is not None and outlook.eta_s is not None and (
+                wait_s > settings.queue_ttl_s or outlook.eta_s > TOKEN_LIFE_S - 60):
+            raise QueueBusy(f"**{request.model}** is busy{shown}: a new image could not be finished "
+                            f"before it would expire. Please try again in a few minutes.")
+        return outlook
+
+    def wait_before_start(self, model: str, position: int, workers: int | None) -> float | None:
+        """Seconds until a worker takes the job at ``position``: the jobs ahead × p50 ÷ workers."""
+        latency = self.stats.latency(model)
+        if latency is None or not workers:
+            return None
+        return (position - 1) * latency.p50_ms / workers / 1000
 
     def save_record(self, request: JobRequest, options: dict) -> None:
         delivery = request.delivery
@@ -155,10 +208,16 @@ class JobQueue:
                 index = self.queue(request.model).get_job_position(job.id)
                 position = 1 if index is None else index + 1
             jobs.append(UserJob(request, self.outlook(request, position)))
-        return sorted(jobs, key=lambda j: (j.request.model, j.outlook.position))
+        # In the order they should start: generating first, then by ETA, then fair position.
+        return sorted(jobs, key=lambda j: (j.outlook.position > 0, j.outlook.eta_s is None,
+                                           j.outlook.eta_s or 0.0, j.outlook.position, j.request.model))
 
     def depths(self, models: list[str]) -> dict[str, int]:
         return {model: self.queue(model).count for model in models}
+
+    def tenants_waiting(self, models: list[str]) -> dict[str, int]:
+        """Per model, how many tenants (servers, the web) have jobs waiting (approximate)."""
+        return {model: self.queue(model).tenants_waiting() for model in models}
 
     def live_models(self) -> set[str]:
         """Models that at least one registered worker serves right now."""

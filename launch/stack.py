@@ -66,7 +66,7 @@ def start_redis(url: str, data_dir: Path) -> subprocess.Popen:
 
 def tiny_env(settings: Settings, folder: Path) -> dict[str, str]:
     """Serve (and default to) the tiny model; other catalog entries stay listed."""
-    if not (folder / "model_index.json").exists():
+    if not (folder / "model_index.json").exists() or not (folder / "safety_checker").exists():
         say(f"writing the tiny demo model to {folder}")
         subprocess.run([sys.executable, "-m", "worker.tiny", str(folder)], check=True,
                        stdout=subprocess.DEVNULL)
@@ -74,7 +74,9 @@ def tiny_env(settings: Settings, folder: Path) -> dict[str, str]:
             "default_steps": 4, "variant": None, "description": "tiny random demo model (no download)"}
     return {"IMAGINE_MODELS": json.dumps({**settings.models, TINY_MODEL: tiny}),
             "IMAGINE_WORKER_MODELS": json.dumps([TINY_MODEL]), "IMAGINE_DEFAULT_MODEL": TINY_MODEL,
-            "IMAGINE_MIN_SIZE": str(min(settings.min_size, 64))}
+            "IMAGINE_MIN_SIZE": str(min(settings.min_size, 64)),
+            # Its random output classifier; nothing is flagged (scores stay below ~0.01).
+            "IMAGINE_SAFETY_SOURCE": str(folder.resolve()), "IMAGINE_SAFETY_THRESHOLD": "1.0"}
 
 
 class Child:

@@ -39,6 +39,17 @@ class Settings(BaseSettings):
     queue_ttl_s: int = 600
     # How often the bot cancels (and tells the users of) jobs older than queue_ttl_s.
     expiry_sweep_s: float = 30.0
+    # Back-pressure (core.queue): a command is answered "busy, try later" at once when its
+    # model's queue holds this many jobs, or when its server (the web: all web clients) already
+    # has this share of that depth waiting; besides, always, when the work ahead could not finish
+    # before the job would expire.
+    queue_max_depth: int = Field(default=300, ge=1)
+    tenant_max_share: float = Field(default=0.25, gt=0, le=1)
+    # Per-user limits in every server whose admins set none (they can tighten or loosen them
+    # with /imagine-admin limits): jobs queued or running at once, and commands per window.
+    default_max_active_jobs: int = Field(default=3, ge=0)  # 0: no limit
+    default_rate_count: int = Field(default=10, ge=0)  # 0: no limit
+    default_rate_window_s: int = Field(default=60, ge=1)
     job_timeout_s: int = 300
     result_ttl_s: int = 3600
     # Failed jobs stay visible to operators (RQ's failed registry) this long; the record that a
@@ -73,7 +84,7 @@ class Settings(BaseSettings):
     # ``safety_checker/`` (diffusers' StableDiffusionSafetyChecker) and ``feature_extractor/``
     # (its CLIPImageProcessor), as the SD 1.x repositories ship them.
     safety_source: str = "CompVis/stable-diffusion-v1-4"
-    safety_revision: str | None = "133a221b8aa7292a167afc5127cb63fb5005638b"
+    safety_revision: str | None = "133a221b8aa7292a167afc5127cb63fb5005638b"  # ignored for a folder
     # An image is flagged when its highest concept score exceeds this. Scores are the checker's
     # own (cosine similarity minus each concept's published threshold): 0.0 is the published
     # decision; lower is stricter (-0.02 catches borderline images), higher is laxer.

@@ -35,7 +35,7 @@ def interaction(bot, sent: list, interaction_id: int):
         sent.append(("edit", kwargs.get("content"), False))
 
     return types.SimpleNamespace(
-        id=interaction_id, application_id=1, token="t", channel_id=9, guild_id=GUILD, client=bot,
+        id=interaction_id, application_id=1, token="t", channel_id=9, channel=None, guild_id=GUILD, client=bot,
         user=types.SimpleNamespace(id=USER), filesize_limit=25 << 20,
         permissions=types.SimpleNamespace(manage_guild=False), response=Response(sent),
         edit_original_response=edit_original_response)

@@ -22,11 +22,17 @@ def runtime_on(redis: Redis, settings: Settings, model_dir=None):
     from worker.pipelines import ResidentPipelines
     from worker.runtime import WorkerRuntime
 
+    from worker.safety import load_safety_checker
+
     pipelines = ResidentPipelines(device=torch.device("cpu"), dtype=torch.float32)
+    safety = None
     if model_dir is not None:
         pipelines.load(ModelEntry(key="tiny", source=str(model_dir), pipeline="StableDiffusionPipeline"))
+        # The tiny folder's random classifier, at the threshold the settings give (default 0.0).
+        checker_settings = settings.model_copy(update={"safety_source": str(model_dir)})
+        safety = load_safety_checker(checker_settings, torch.device("cpu"), torch.float32)
     outcomes = Outcomes(redis, settings.queue_prefix, settings.failure_ttl_s)
-    return WorkerRuntime(pipelines=pipelines, redis=redis, outcomes=outcomes, settings=settings)
+    return WorkerRuntime(pipelines=pipelines, redis=redis, outcomes=outcomes, settings=settings, safety=safety)
 
 
 def request(job_id: str, **fields) -> JobRequest:

@@ -50,17 +50,38 @@ def progress_text(request: JobRequest, progress: Progress) -> str:
     return "Sorry: your image could not be generated. The operators have the details."
 
 
+def shown_seeds(result: JobResult) -> list[int]:
+    """The seeds of the images output moderation let out (a withheld image's seed is not shown)."""
+    actions = [verdict.action for verdict in result.moderation] or ["show"] * len(result.seeds)
+    return [seed for seed, action in zip(result.seeds, actions) if action != "withhold"]
+
+
+def moderation_text(result: JobResult) -> str:
+    actions = [verdict.action for verdict in result.moderation]
+    withheld, blurred = actions.count("withhold"), actions.count("spoiler")
+    parts = []
+    if withheld:
+        parts.append(f"🚫 {withheld} of {len(actions)} image(s) withheld: flagged as possibly NSFW "
+                     f"(or not checkable) under this site's policy.")
+    if blurred:
+        parts.append(f"⚠️ Content warning: {blurred} image(s) blurred, flagged as possibly NSFW.")
+    return "".join(f"\n\n{part}" for part in parts)
+
+
 def result_text(result: JobResult) -> str:
     t = result.timings
-    seeds = ", ".join(map(str, result.seeds))
+    seeds = ", ".join(map(str, shown_seeds(result))) or "withheld"
     return (f"Done: **{result.model}** · {result.width}×{result.height} · seed{'s' if len(result.seeds) > 1 else ''} "
             f"**{seeds}**\n\nqueue {t.queue_wait_ms:.0f} ms · inference {t.inference_ms:.0f} ms · "
-            f"store {t.post_ms:.0f} ms · total {t.total_ms:.0f} ms")
+            f"store {t.post_ms:.0f} ms · total {t.total_ms:.0f} ms" + moderation_text(result))
 
 
 def gallery_items(jobs: WebJobs, result: JobResult) -> list[tuple[Image.Image, str]]:
-    return [(Image.open(io.BytesIO(data)), f"seed {seed}")
-            for data, seed in zip(jobs.images(result), result.seeds)]
+    """The stored images in order: withheld ones were never stored and are left out; blurred
+    ones carry a content warning."""
+    actions = [verdict.action for verdict in result.moderation] or ["show"] * len(result.seeds)
+    return [(Image.open(io.BytesIO(data)), f"seed {seed}" if action == "show" else "⚠️ content warning (blurred)")
+            for data, seed, action in zip(jobs.images(result), result.seeds, actions) if data is not None]
 
 
 def size_choices(settings: Settings) -> list[int]:

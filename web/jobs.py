@@ -90,5 +90,8 @@ class WebJobs:
             return Progress("expired")
         return Progress("failed")
 
-    def images(self, result: JobResult) -> list[bytes]:
-        return [data for data in self.redis.mget(result.image_keys) if data is not None]
+    def images(self, result: JobResult) -> list[bytes | None]:
+        """One per image in order; None for a withheld image (no key) or an expired one."""
+        keys = [key for key in result.image_keys if key]
+        found = dict(zip(keys, self.redis.mget(keys))) if keys else {}
+        return [found.get(key) if key else None for key in result.image_keys]

@@ -50,5 +50,7 @@ def web_quotas(settings: Settings, address: str) -> tuple[Quota, ...]:
 
 
 def web_requester(settings: Settings, address: str = "unknown") -> Requester:
+    # One tenant of the fair queue (as one Discord server is), each client a user in it.
     return Requester(user_id=WEB_USER_ID, guild_id=settings.web_policy_guild_id, channel_id=None,
-                     quotas=web_quotas(settings, address))
+                     quotas=web_quotas(settings, address), tenant=WEB_SCOPE,
+                     fair_user=client_digest(address))

@@ -55,7 +55,10 @@ def reproducibility_footer(record: Reproducibility) -> str:
 
 
 def result_embed(request: JobRequest, seeds: list[int], timings: Timings,
-                 record: Reproducibility | None = None, image_name: str | None = None) -> discord.Embed:
+                 record: Reproducibility | None = None, image_name: str | None = None,
+                 withheld: list[int] | None = None) -> discord.Embed:
+    """``withheld``: indices of images output moderation kept back; their seeds are not shown
+    (a seed would let anyone make the image again elsewhere)."""
     embed = discord.Embed(description=_clip(request.prompt, 4000), colour=EMBED_COLOUR)
     if request.negative_prompt:
         # Only when guidance > 1 did the pipeline read a negative prompt at all.
@@ -63,7 +66,9 @@ def result_embed(request: JobRequest, seeds: list[int], timings: Timings,
         label = "Negative prompt (server policy applied)" if applied else "Negative prompt"
         embed.add_field(name=label, value=_clip(request.negative_prompt), inline=False)
     embed.add_field(name="Model", value=request.model)
-    embed.add_field(name="Seed" if len(seeds) == 1 else "Seeds", value=", ".join(map(str, seeds)))
+    hidden = set(withheld or ())
+    embed.add_field(name="Seed" if len(seeds) == 1 else "Seeds",
+                    value=", ".join("withheld" if i in hidden else str(seed) for i, seed in enumerate(seeds)))
     embed.add_field(name="Steps", value=str(request.steps))
     embed.add_field(name="Guidance", value=f"{request.guidance:g}")
     embed.add_field(name="Size", value=f"{request.size}×{request.size}")

@@ -15,7 +15,7 @@ from diffusers import DiffusionPipeline
 from PIL.Image import Image
 
 from settings.catalog import ModelEntry
-from core.jobs import JobRequest, Reproducibility
+from core.jobs import ImageAction, ImageModeration, JobRequest, Reproducibility
 
 log = logging.getLogger(__name__)
 # (steps done, total steps, current latents or None) — called from inside the denoising loop.
@@ -29,6 +29,19 @@ class Generation:
     inference_ms: float
     started_at: float  # epoch seconds when the pipeline call began
     batch_images: int = 1  # images made in that pipeline call (this request's and others')
+    # One verdict per image from the output classifier (worker.safety.moderate); None until
+    # checked. Every path that lets an image out follows ``actions``.
+    moderation: tuple[ImageModeration, ...] | None = None
+
+    @property
+    def actions(self) -> list[ImageAction]:
+        if self.moderation is None:
+            raise RuntimeError("images not checked by the output classifier: they may not leave the worker")
+        return [verdict.action for verdict in self.moderation]
+
+    @property
+    def withheld(self) -> list[int]:
+        return [i for i, action in enumerate(self.actions) if action == "withhold"]
 
 
 @dataclass(frozen=True)
@@ -148,4 +161,5 @@ def reproducibility(entry: ModelEntry, pipe: DiffusionPipeline, request: JobRequ
         diffusers_version=diffusers.__version__, seeds=generation.seeds, steps=request.steps,
         guidance=request.guidance, width=width, height=height, prompt=request.prompt,
         negative_prompt=request.negative_prompt,
+        withheld=generation.withheld if generation.moderation is not None else [],
     )

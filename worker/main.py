@@ -35,6 +35,7 @@ from worker.outcomes import Outcomes
 from worker.pipelines import ModelLoadError, ResidentPipelines, resolve_device, resolve_dtype
 from worker.rq_worker import ImagineQueue, ImagineWorker
 from worker.runtime import WorkerRuntime, install_runtime
+from worker.safety import SafetyChecker, classify, load_safety_checker
 
 __all__ = ["ImagineWorker", "build_worker", "main", "serve"]
 
@@ -61,14 +62,17 @@ def warm_up_shapes(settings: Settings, entry: ModelEntry) -> list[tuple[int, int
     return [(size, count) for size in sizes for count in counts]
 
 
-def warm_up(pipelines: ResidentPipelines, settings: Settings) -> None:
-    """Short generations per model and shape; the worker only registers as ready after this."""
+def warm_up(pipelines: ResidentPipelines, settings: Settings, safety: SafetyChecker | None = None) -> None:
+    """Short generations per model and shape, each checked by the output classifier; the worker
+    only registers as ready after this."""
     for key, entry in pipelines.entries.items():
         for size, count in warm_up_shapes(settings, entry):
             started = time.perf_counter()
-            generate(pipelines.get(key), JobRequest(
+            generation = generate(pipelines.get(key), JobRequest(
                 job_id="warmup", model=key, prompt="warm up", steps=2,
                 guidance=entry.default_guidance, seed=0, size=size, count=count))
+            if safety is not None:
+                classify(safety, generation.images)
             log.info("warmed %s at %d px × %d image(s) in %.1f s", key, size, count,
                      time.perf_counter() - started)
 
@@ -78,7 +82,7 @@ def speed_options(settings: Settings) -> SpeedOptions:
                         compile=settings.compile)
 
 
-def load_pipelines(settings: Settings) -> ResidentPipelines:
+def load_pipelines(settings: Settings, safety: SafetyChecker | None = None) -> ResidentPipelines:
     device = resolve_device(settings.device)
     budget = settings.gpu_memory_budget_gb
     pipelines = ResidentPipelines(device=device, dtype=resolve_dtype(settings.dtype, device),
@@ -90,7 +94,7 @@ def load_pipelines(settings: Settings) -> ResidentPipelines:
         log.warning("compiled models swapped onto the GPU again re-capture their CUDA graphs "
                     "(not measured); prefer one compiled model per GPU")
     if settings.warmup:
-        warm_up(pipelines, settings)
+        warm_up(pipelines, settings, safety)
     return pipelines
 
 
@@ -212,12 +216,15 @@ def main(argv: list[str] | None = None) -> int:
     quiet_progress_bars()
     use_api_base(settings.discord_api_base)
     try:
-        pipelines = load_pipelines(settings)
+        device = resolve_device(settings.device)
+        # First: a classifier that cannot load stops the worker before minutes of pipeline loading.
+        safety = load_safety_checker(settings, device, resolve_dtype(settings.dtype, device))
+        pipelines = load_pipelines(settings, safety)
     except ModelLoadError as error:
         raise SystemExit(f"error: {error}") from None
     redis = connect(settings)
     token = settings.discord_token.get_secret_value() if settings.discord_token else None
-    runtime = WorkerRuntime(pipelines=pipelines, redis=redis, settings=settings, bot_token=token,
+    runtime = WorkerRuntime(pipelines=pipelines, redis=redis, settings=settings, bot_token=token, safety=safety,
                             outcomes=Outcomes(redis, settings.queue_prefix, settings.failure_ttl_s))
     install_runtime(runtime)
     metrics.serve(settings.worker_metrics_port)

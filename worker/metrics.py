@@ -24,6 +24,19 @@ STAGE_SECONDS = Histogram("imagine_job_stage_seconds",
                           ["model", "stage"], buckets=BUCKETS)
 
 
+FLAGGED = Counter("imagine_output_flagged", "Images the output classifier flagged, by model and "
+                  "the server's action (off, spoiler, block)", ["model", "action"])
+CHECK_FAILURES = Counter("imagine_output_check_failures",
+                         "Jobs whose output check failed (their images withheld), by model", ["model"])
+
+
+def record_moderation(model: str, action: str, flags: list[bool] | None) -> None:
+    if flags is None:
+        CHECK_FAILURES.labels(model).inc()
+    elif any(flags):
+        FLAGGED.labels(model, action).inc(sum(flags))
+
+
 def record_result(result: JobResult) -> None:
     JOBS.labels(result.model, "finished").inc()
     timings = result.timings

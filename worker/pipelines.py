@@ -67,6 +67,10 @@ def _from_pretrained(entry: ModelEntry, kwargs: dict, use_variant: bool) -> Diff
 def load_pipeline(entry: ModelEntry, device: torch.device, dtype: torch.dtype) -> DiffusionPipeline:
     """``from_pretrained`` on a hub id or a local directory, moved to ``device``."""
     kwargs: dict = {"dtype": dtype, "revision": entry.revision}
+    if entry.pipeline == "StableDiffusionPipeline":
+        # Not the SD 1.x repositories' own checker (it blacks out images silently, and only on
+        # SD 1.x): every model's images go through the one output classifier (worker.safety).
+        kwargs.update(safety_checker=None, feature_extractor=None, requires_safety_checker=False)
     log.info("loading %s from %s (%s on %s)", entry.key, entry.source, dtype, device)
     try:
         if entry.vae_source:

@@ -51,6 +51,16 @@ SDXL_FACTORS = ((0.3651, 0.4232, 0.4341), (-0.2533, -0.0042, 0.1068),
 SDXL_BIAS = (0.1084, -0.0175, -0.0011)
 PREVIEW_PX = 128
 PREVIEW_NAME = "preview.png"
+SPOILER_PREVIEW_NAME = "SPOILER_preview.png"
+
+
+def preview_name(request: JobRequest) -> str | None:
+    """How a job's latent preview may go out, if at all. The final image cannot be checked
+    before it exists and late previews resemble it: none where the server withholds flagged
+    images, a spoiler where it spoilers them (or the user asked for spoilers)."""
+    if request.nsfw_action == "block":
+        return None
+    return SPOILER_PREVIEW_NAME if request.nsfw_action == "spoiler" or request.spoiler else PREVIEW_NAME
 
 
 def latent_preview(latents: torch.Tensor, xl: bool, size: int = PREVIEW_PX) -> bytes:
@@ -212,14 +222,16 @@ def discord_progress(runtime: WorkerRuntime, request: JobRequest) -> ProgressRep
         return None
     request = with_token(runtime.redis, runtime.key_prefix, request)  # a batch companion's too
     delivery, gate = request.delivery, runtime.gate()
+    name = preview_name(request)
 
     def send(step: int, total: int, preview: bytes | None) -> None:
         text = generating_text(request.model, request.prompt, request.count, step, total)
         edit_original(delivery, runtime.session, text,
-                      None if preview is None else [Upload(preview, PREVIEW_NAME)])
+                      None if preview is None or name is None else [Upload(preview, name)])
 
     xl = "XL" in runtime.pipelines.entries[request.model].pipeline
-    preview = (lambda latents: latent_preview(latents, xl)) if runtime.settings.progress_preview else None
+    preview = (lambda latents: latent_preview(latents, xl)) \
+        if runtime.settings.progress_preview and name is not None else None
     return ProgressReporter(send, runtime.settings.progress_interval_s,
                             gate=lambda: gate.acquire(request.job_id), preview=preview)
 

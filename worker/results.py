@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING
 from redis.exceptions import RedisError
 
 from core.jobs import JobRequest, JobResult, Reproducibility
+from core.output_policy import notice
 from worker.delivery import ResultComponents, Upload, deliver_result, result_embed
 from worker.generate import Generation
 from worker.images import encode_for_upload, grid
@@ -27,22 +28,39 @@ TOLD_PATIENCE_S = 30.0  # how long a result's told record is retried while Redis
 # Discord caps a whole message's attachments at 25 MiB, whatever each file's own limit is.
 REQUEST_UPLOAD_LIMIT = 25 * 1024 * 1024
 MAX_ATTACHMENTS = 10
+SPOILER_PREFIX = "SPOILER_"  # Discord shows such a file blurred until clicked
 
 
 def uploads_for(generation: Generation, record: Reproducibility, limit: int) -> list[Upload]:
-    """One file per image with its generation record; with several images, a grid too. Each
-    file gets an equal share of the per-message limit when the per-file limit would overrun it."""
-    with_grid = 1 < len(generation.images) < MAX_ATTACHMENTS  # Discord: 10 files per message
-    files = len(generation.images) + with_grid
+    """One file per image the output check lets out, with its generation record; with several,
+    a grid of them too. Withheld images are not encoded at all; spoilered ones (and a grid
+    holding any) get Discord's ``SPOILER_`` name. Each file gets an equal share of the
+    per-message limit when the per-file limit would overrun it."""
+    shown = [(image, seed, action) for image, seed, action
+             in zip(generation.images, generation.seeds, generation.actions) if action != "withhold"]
+    if not shown:
+        return []
+    with_grid = 1 < len(shown) < MAX_ATTACHMENTS  # Discord: 10 files per message
+    files = len(shown) + with_grid
     limit = min(limit, REQUEST_UPLOAD_LIMIT // files)
     uploads = []
-    for image, seed in zip(generation.images, generation.seeds):
+    for image, seed, action in shown:
         data, ext = encode_for_upload(image, limit, record.png_text(seed))
-        uploads.append(Upload(data, f"imagine-{record.model}-{seed}.{ext}"))
+        prefix = SPOILER_PREFIX if action == "spoiler" else ""
+        uploads.append(Upload(data, f"{prefix}imagine-{record.model}-{seed}.{ext}"))
     if with_grid:
-        data, ext = encode_for_upload(grid(generation.images), limit)
-        uploads.append(Upload(data, f"imagine-{record.model}-grid.{ext}"))
+        data, ext = encode_for_upload(grid([image for image, _, _ in shown]), limit)
+        prefix = SPOILER_PREFIX if any(action == "spoiler" for _, _, action in shown) else ""
+        uploads.append(Upload(data, f"{prefix}imagine-{record.model}-grid.{ext}"))
     return uploads
+
+
+def embed_image(uploads: list[Upload]) -> str | None:
+    """The file the embed shows (the image, or the grid of several). Never a spoiler: Discord
+    does not blur an embed's image, so a spoilered file is shown only as its blurred attachment."""
+    if not uploads or uploads[-1].filename.startswith(SPOILER_PREFIX):
+        return None
+    return uploads[-1].filename
 
 
 def post_result(runtime: WorkerRuntime, request: JobRequest, generation: Generation, result: JobResult,
@@ -53,7 +71,7 @@ def post_result(runtime: WorkerRuntime, request: JobRequest, generation: Generat
     uploads = uploads_for(generation, result.reproducibility, request.delivery.filesize_limit)
     result.timings.total_ms = (time.time() - request.created_at) * 1000
     embed = result_embed(request, generation.seeds, result.timings, result.reproducibility,
-                         uploads[-1].filename)  # the image, or the grid of several
+                         embed_image(uploads), withheld=generation.withheld)
     if progress is not None:
         progress.close()  # no progress edit may land after the result
     try:
@@ -61,7 +79,11 @@ def post_result(runtime: WorkerRuntime, request: JobRequest, generation: Generat
     except RedisError as error:  # Redis full or away: the images matter more than edit ordering
         log.warning("job %s: could not finalize position edits: %s", request.job_id, error)
     view = ResultComponents(request.job_id, request.model, runtime.catalog)
-    posted = deliver_result(request.delivery, f"<@{request.delivery.user_id}>", embed, uploads, view,
+    flags = None if any(v.flagged is None for v in generation.moderation or ()) else \
+        [bool(v.flagged) for v in generation.moderation or ()]
+    told = notice(generation.actions, flags)
+    content = f"<@{request.delivery.user_id}>" + (f"\n{told}" if told else "")
+    posted = deliver_result(request.delivery, content, embed, uploads, view,
                             runtime.session, runtime.bot_token, nonce=request.job_id[:25])
     # Retried while Redis refuses it, then kept in this process: a rerun never posts again.
     runtime.outcomes.record(request.job_id, Told("result", posted.message_id, posted.via),

@@ -47,6 +47,7 @@ from rq.utils import now
 from rq.worker import WorkerStatus
 from rq.worker_registration import clean_worker_registry
 
+from core.fair_queue import FairQueue
 from core.logs import redact
 from core.tokens import with_token
 from worker.batching import claim_companions, request_of
@@ -59,7 +60,9 @@ LEASE_HEARTBEATS = 4  # a job's lease survives this many missed heartbeats
 MAINTENANCE_LOCK_S = 60
 
 
-class ImagineQueue(Queue):
+class ImagineQueue(FairQueue):
+    """The model's queue in fair order (core.fair_queue); RQ's dequeue takes its head."""
+
     def acquire_maintenance_lock(self) -> bool:
         # RQ's lock lives 899 s (rq/queue.py): a worker killed while holding it would stop all
         # clean-up of this queue, and so every retry of an abandoned job, for 15 minutes.
@@ -162,6 +165,8 @@ class ImagineWorker(SimpleWorker):
             # Out of RQ's intermediate list: its clean-up must not recover a job we hold, or
             # recover it a second time after the started registry's own retry.
             pipe.lrem(queue.intermediate_queue_key, 1, job.id)
+            if isinstance(queue, FairQueue):  # out of the fair order; virtual time moves on
+                queue.taken([job.id], pipe)
             pipe.execute()
         return execution
 
@@ -249,6 +254,8 @@ class ImagineWorker(SimpleWorker):
                 clean_registries(queue, self._exc_handlers)
                 clean_worker_registry(queue)
                 queue.intermediate_queue.cleanup(self, queue)
+                if isinstance(queue, FairQueue):
+                    queue.reconcile()
                 if self.reporter is not None:
                     report_untold_failures(queue, self.reporter, self.report_window_s)
             finally:

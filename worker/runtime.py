@@ -23,6 +23,7 @@ from worker.batching import BatchPlan
 from worker.outcomes import Outcomes
 from worker.pipelines import ResidentPipelines
 from worker.progress import EditGate
+from worker.safety import SafetyChecker
 
 
 @dataclass
@@ -34,6 +35,8 @@ class WorkerRuntime:
     session: requests.Session = field(default_factory=requests.Session)
     batches: BatchPlan = field(default_factory=BatchPlan)
     bot_token: str | None = field(default=None, repr=False)  # channel fallback for expired tokens
+    # The output classifier, loaded once at start; None fails every check closed (images withheld).
+    safety: SafetyChecker | None = None
     # One background thread refreshes queue positions, so a job never waits on those edits.
     background: ThreadPoolExecutor = field(default_factory=lambda: ThreadPoolExecutor(1, "queue-refresh"))
 

@@ -19,6 +19,7 @@ import dataclasses
 import logging
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from diffusers.pipelines.stable_diffusion.safety_checker import StableDiffusionSafetyChecker, cosine_distance
@@ -66,7 +67,8 @@ class SafetyChecker:
 
 def load_safety_checker(settings: Settings, device: torch.device, dtype: torch.dtype) -> SafetyChecker:
     """From the hub (pinned revision) or a local folder; ModelLoadError (one line) otherwise."""
-    source, revision = settings.safety_source, settings.safety_revision
+    source = settings.safety_source
+    revision = None if Path(source).is_dir() else settings.safety_revision  # a hub revision
     log.info("loading the output classifier from %s @ %s", source, revision or "default revision")
     try:
         model = StableDiffusionSafetyChecker.from_pretrained(source, subfolder="safety_checker",

@@ -24,6 +24,7 @@ from worker.outcomes import Told
 from worker.progress import ProgressReporter, discord_progress, meta_progress, refresh_queue_later
 from worker.results import post_result
 from worker.runtime import WorkerRuntime, current_runtime
+from worker.safety import moderate
 from worker.web_store import store_images
 
 log = logging.getLogger(__name__)
@@ -40,6 +41,8 @@ def run_imagine(payload: dict) -> dict:
     job = get_current_job()
     started = time.perf_counter()
     generation, progress = make_images(runtime, request, job)
+    # Before anything about the images leaves this process (Discord, web store, records).
+    generation = moderate(runtime.safety, request, generation)
     pipelines = runtime.pipelines
     record = reproducibility(pipelines.entries[request.model], pipelines.get(request.model), request, generation)
     result = job_result(request, generation, record)
@@ -102,6 +105,7 @@ def job_result(request: JobRequest, generation: Generation, record: Reproducibil
         job_id=request.job_id, model=request.model, seeds=generation.seeds, width=record.width,
         height=record.height, batch_images=generation.batch_images, prompt=request.prompt,
         negative_prompt=request.negative_prompt, reproducibility=record,
+        moderation=list(generation.moderation or ()),
         timings=Timings(queue_wait_ms=(generation.started_at - request.created_at) * 1000,
                         inference_ms=generation.inference_ms,
                         total_ms=(time.time() - request.created_at) * 1000),

@@ -2,7 +2,9 @@
 
 Lets anyone (and the tests) run the whole system offline on a CPU: the shapes follow the tiny
 configs of diffusers' own tests (``get_dummy_components``); the tokenizer is a byte-level CLIP
-tokenizer written from a minimal vocabulary.
+tokenizer written from a minimal vocabulary. The folder also gets a tiny random output
+classifier in ``safety_checker/`` + ``feature_extractor/``, laid out as the SD 1.x
+repositories ship theirs (``IMAGINE_SAFETY_SOURCE`` can point at the folder).
 
     python -m worker.tiny models/tiny-sd            # StableDiffusionPipeline, 64 px
     python -m worker.tiny models/tiny-sdxl --xl     # StableDiffusionXLPipeline, 64 px
@@ -24,7 +26,9 @@ from diffusers import (
     StableDiffusionXLPipeline,
     UNet2DConditionModel,
 )
-from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+from diffusers.pipelines.stable_diffusion.safety_checker import StableDiffusionSafetyChecker
+from transformers import (CLIPConfig, CLIPImageProcessor, CLIPTextConfig, CLIPTextModel,
+                          CLIPTextModelWithProjection, CLIPTokenizer)
 
 TINY_SIZE = 64  # pixels: UNet sample_size 32 × VAE scale factor 2
 TEXT_DIM = 8
@@ -110,12 +114,41 @@ def tiny_sdxl() -> StableDiffusionXLPipeline:
     )
 
 
+SAFETY_IMAGE_SIZE = 32
+
+
+def tiny_safety_checker() -> tuple[StableDiffusionSafetyChecker, CLIPImageProcessor]:
+    """The output classifier's architecture (CLIP vision tower + concept embeddings) at toy size,
+    with random weights: its scores mean nothing, so tests pick the threshold that decides."""
+    tower = dict(hidden_size=TEXT_DIM, intermediate_size=16, num_attention_heads=2, num_hidden_layers=1)
+    config = CLIPConfig(text_config={**tower, "vocab_size": 1000},
+                        vision_config={**tower, "image_size": SAFETY_IMAGE_SIZE, "patch_size": 8},
+                        projection_dim=TEXT_DIM)
+    checker = StableDiffusionSafetyChecker(config)
+    with torch.no_grad():  # random concepts, so images score differently (ones would tie them)
+        checker.concept_embeds.normal_()
+        checker.special_care_embeds.normal_()
+    processor = CLIPImageProcessor(size={"shortest_edge": SAFETY_IMAGE_SIZE},
+                                   crop_size={"height": SAFETY_IMAGE_SIZE, "width": SAFETY_IMAGE_SIZE})
+    return checker, processor
+
+
+def write_tiny_safety_checker(folder: Path, seed: int = 0) -> Path:
+    torch.manual_seed(seed)
+    checker, processor = tiny_safety_checker()
+    checker.save_pretrained(Path(folder) / "safety_checker")
+    processor.save_pretrained(Path(folder) / "feature_extractor")
+    return Path(folder)
+
+
 def write_tiny_pipeline(folder: Path, xl: bool = False, seed: int = 0) -> Path:
-    """Build a random tiny pipeline and ``save_pretrained`` it into ``folder``."""
+    """Build a random tiny pipeline and ``save_pretrained`` it into ``folder``, with a tiny
+    output classifier beside it."""
     torch.manual_seed(seed)
     folder = Path(folder)
     pipe = tiny_sdxl() if xl else tiny_sd()
     pipe.save_pretrained(folder)
+    write_tiny_safety_checker(folder, seed)
     return folder
 
 

@@ -181,7 +181,7 @@ async def caps(interaction: discord.Interaction, steps: int | None = None, count
                  lambda p: edits.set_caps(p, settings, steps=steps, count=count, size=size, clamp=clamp))
 
 
-@admin.command(name="limits", description="Per-user limits; admins are exempt (0 removes a limit)")
+@admin.command(name="limits", description="Per-user limits; admins are exempt (0: back to the operator's default)")
 @app_commands.describe(max_active="Max queued or running jobs per user",
                        rate="Max commands per user per window", window="Rate window in seconds")
 async def limits(interaction: discord.Interaction, max_active: app_commands.Range[int, 0, 100] | None = None,

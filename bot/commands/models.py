@@ -1,4 +1,5 @@
-"""``/models``: the catalog, which models a live worker holds, and how many jobs wait."""
+"""``/models``: the catalog, which models a live worker holds, how many jobs wait and for how
+many tenants (servers, the web; the queue is fair between them)."""
 
 from __future__ import annotations
 
@@ -21,17 +22,22 @@ def speed(latency: Latency | None) -> str:
             f" per job ({latency.samples} recent)")
 
 
-def model_line(entry: ModelEntry, live: bool, waiting: int | None, latency: Latency | None = None) -> str:
+def model_line(entry: ModelEntry, live: bool, waiting: int | None, latency: Latency | None = None,
+               tenants: int | None = None) -> str:
     status = "🟢 loaded" if live else "⚪ no worker"
     queue = "queue unknown" if waiting is None else f"{waiting} waiting"
+    if waiting and tenants:
+        queue += f" from {tenants} server{'s' if tenants != 1 else ''}"
     return (f"**{entry.key}** — {entry.native_size}px, {entry.default_steps} steps · "
             f"{status} · {queue}{speed(latency)}\n`{entry.source}`")
 
 
 def models_embed(catalog: dict[str, ModelEntry], live: set[str], depths: dict[str, int] | None,
-                 latencies: dict[str, Latency | None] | None = None) -> discord.Embed:
-    latencies = latencies or {}
-    lines = [model_line(e, e.key in live, None if depths is None else depths.get(e.key, 0), latencies.get(e.key))
+                 latencies: dict[str, Latency | None] | None = None,
+                 tenants: dict[str, int] | None = None) -> discord.Embed:
+    latencies, tenants = latencies or {}, tenants or {}
+    lines = [model_line(e, e.key in live, None if depths is None else depths.get(e.key, 0), latencies.get(e.key),
+                        tenants.get(e.key))
              for e in catalog.values()]
     return discord.Embed(title="Models", description="\n".join(lines), colour=0x5865F2)
 
@@ -41,10 +47,11 @@ async def list_models(interaction: discord.Interaction) -> None:
     services = services_of(interaction)
     jobs, keys = services.jobs, list(services.catalog)
     try:
-        live, depths, latencies = await asyncio.to_thread(lambda: (
-            jobs.live_models(), jobs.depths(keys), {k: jobs.stats.latency(k) for k in keys}))
+        live, depths, latencies, tenants = await asyncio.to_thread(lambda: (
+            jobs.live_models(), jobs.depths(keys), {k: jobs.stats.latency(k) for k in keys},
+            jobs.tenants_waiting(keys)))
     except RedisError:  # still worth listing: the catalog, without queue numbers
-        live, depths, latencies = set(), None, None
+        live, depths, latencies, tenants = set(), None, None, None
     metrics.command("models", "listed")
-    await interaction.response.send_message(embed=models_embed(services.catalog, live, depths, latencies),
-                                            ephemeral=True)
+    await interaction.response.send_message(
+        embed=models_embed(services.catalog, live, depths, latencies, tenants), ephemeral=True)

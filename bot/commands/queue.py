@@ -1,4 +1,5 @@
-"""``/queue``: the user's own waiting jobs with position, model and ETA, and cancel buttons."""
+"""``/queue``: the user's own waiting jobs with position, model and ETA, and cancel buttons, in
+the order they should start (the fair order, :meth:`core.queue.JobQueue.user_jobs`)."""
 
 from __future__ import annotations
 

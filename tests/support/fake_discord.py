@@ -334,13 +334,15 @@ def _message(payload: dict, channel_id: str, files: list[tuple[str, bytes]] = ()
 def slash_command(name: str, options: dict[str, Any], *, guild_id: str = "800000000000000001",
                   channel_id: str = "810000000000000001", user_id: str = "820000000000000001",
                   application_id: str = "1", permissions: str = "2147483647",
-                  size_limit: int = 10 * 1024 * 1024) -> dict:
-    """An INTERACTION_CREATE payload for a chat-input command, as Discord documents it."""
+                  size_limit: int = 10 * 1024 * 1024, nsfw: bool = False) -> dict:
+    """An INTERACTION_CREATE payload for a chat-input command, as Discord documents it.
+    ``nsfw``: the channel is age-restricted (``channel.nsfw``)."""
     type_of = {str: 3, int: 4, bool: 5, float: 10}
     data = {"id": snowflake(), "name": name, "type": 1,
             "options": [{"name": k, "type": type_of[type(v)], "value": v} for k, v in options.items()]}
     return _interaction(2, data, guild_id=guild_id, channel_id=channel_id, user_id=user_id,
-                        application_id=application_id, permissions=permissions, size_limit=size_limit)
+                        application_id=application_id, permissions=permissions, size_limit=size_limit,
+                        nsfw=nsfw)
 
 
 # Permission bits (https://discord.com/developers/docs/topics/permissions)
@@ -365,14 +367,14 @@ def component_interaction(custom_id: str, message: dict[str, Any], *, values: li
 def _interaction(kind: int, data: dict[str, Any], *, guild_id: str = "800000000000000001",
                  channel_id: str = "810000000000000001", user_id: str = "820000000000000001",
                  application_id: str = "1", permissions: str = "2147483647",
-                 size_limit: int = 10 * 1024 * 1024) -> dict:
+                 size_limit: int = 10 * 1024 * 1024, nsfw: bool = False) -> dict:
     user = {"id": user_id, "username": f"user{user_id[-4:]}", "discriminator": "0",
             "global_name": None, "avatar": None}
     return {
         "id": snowflake(), "application_id": application_id, "type": kind, "token": f"tok-{snowflake()}",
         "version": 1, "guild_id": guild_id, "channel_id": channel_id,
         "channel": {"id": channel_id, "type": 0, "guild_id": guild_id, "name": "general",
-                    "position": 0, "permission_overwrites": [], "nsfw": False, "parent_id": None},
+                    "position": 0, "permission_overwrites": [], "nsfw": nsfw, "parent_id": None},
         "member": {"user": user, "roles": [], "joined_at": now_iso(), "deaf": False, "mute": False,
                    "flags": 0, "pending": False, "nick": None, "avatar": None, "permissions": permissions},
         "data": data,

@@ -90,6 +90,10 @@ def stack_env(redis_url: str, api_base: str, gateway_url: str, model_dir: Path, 
             "default_steps": 2, "variant": None}}),
         "IMAGINE_DEFAULT_MODEL": TINY_MODEL, "IMAGINE_WORKER_MODELS": json.dumps([TINY_MODEL]),
         "IMAGINE_MIN_SIZE": "64", "IMAGINE_DEVICE": "cpu",
+        # The tiny folder's random output classifier; a threshold no score reaches (scores are
+        # at most ~0.01), so nothing is flagged unless a test sets its own.
+        "IMAGINE_SAFETY_SOURCE": str(model_dir),
+        "IMAGINE_SAFETY_THRESHOLD": "1.0",
         # Many processes per test run: no fixed metrics ports (tests that scrape set their own).
         "IMAGINE_BOT_METRICS_PORT": "0", "IMAGINE_WORKER_METRICS_PORT": "0",
     })
