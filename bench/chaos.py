@@ -40,6 +40,8 @@ def main(argv: list[str] | None = None) -> int:
         args.logs.mkdir(parents=True, exist_ok=True)
     report = run(cfg, args.logs)
     print(report.line())
+    if report.lost_jobs:
+        print("lost:", " ".join(report.lost_jobs))
     return 1 if report.lost or report.duplicated else 0
 
 

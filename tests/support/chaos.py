@@ -23,6 +23,7 @@ from redis import Redis
 from redis.exceptions import RedisError
 from rq import Queue
 
+from core.jobs import job_id_for_interaction
 from tests.support.fake_discord import FakeDiscord, slash_command
 from tests.support.stack import (TINY_MODEL, Process, RedisServer, live_workers, stack_env, start_bot,
                                  start_worker, wait_for)
@@ -59,6 +60,7 @@ class Report:
     injected: Counter = field(default_factory=Counter)
     via_channel: int = 0
     seconds: float = 0.0
+    lost_jobs: list[str] = field(default_factory=list)  # job ids, to look up in the logs
 
     def line(self) -> str:
         faults = ", ".join(f"{k}={v}" for k, v in sorted(self.injected.items()))
@@ -183,6 +185,7 @@ def tally(fake: FakeDiscord, payloads: list[dict], report: Report) -> list[dict]
         else:
             report.failures += 1
     report.lost = len(waiting)
+    report.lost_jobs = [job_id_for_interaction(int(p["id"])) for p in waiting]
     return waiting
 
 
