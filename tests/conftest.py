@@ -15,7 +15,7 @@ from hypothesis import HealthCheck, settings as hypothesis_settings  # noqa: E40
 
 hypothesis_settings.register_profile("default", max_examples=60, deadline=None,
                                      suppress_health_check=[HealthCheck.function_scoped_fixture])
-hypothesis_settings.register_profile("long", max_examples=5000, deadline=None,
+hypothesis_settings.register_profile("long", max_examples=1000, deadline=None,
                                      suppress_health_check=[HealthCheck.function_scoped_fixture])
 hypothesis_settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "default"))
 

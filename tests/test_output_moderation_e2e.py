@@ -125,6 +125,7 @@ def test_users_can_ask_for_spoilers(stack, guild):
     assert names(post) and all(name.startswith("SPOILER_") for name in names(post))
 
 
+@pytest.mark.e2e
 def test_a_worker_whose_classifier_cannot_load_stops_with_one_line(env, tmp_path):
     bad = {**env, "IMAGINE_SAFETY_SOURCE": str(tmp_path / "missing"), "IMAGINE_QUEUE_PREFIX": "outmod-bad"}
     done = subprocess.run([sys.executable, "-m", "worker.main", "--burst"], env=bad, cwd=ROOT,
