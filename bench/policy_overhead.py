@@ -57,7 +57,9 @@ def main() -> None:
     server = RedisServer().start()
     try:
         redis = Redis.from_url(server.url)
-        settings = Settings(_env_file=None, redis_url=server.url, default_model="bk-sdm-small")
+        # Deep queues on purpose: this measures the path, not the back-pressure that would refuse.
+        settings = Settings(_env_file=None, redis_url=server.url, default_model="bk-sdm-small",
+                            queue_max_depth=10**6, tenant_max_share=1.0)
         catalog = settings.catalog()
         jobs = JobQueue(redis, settings)
         store = PolicyStore(redis, settings.queue_prefix, jobs.job_lifetime_s())
