@@ -20,6 +20,7 @@ from redis.exceptions import RedisError
 from bot import metrics
 from bot.buttons import DYNAMIC_ITEMS
 from bot.commands import admin, cancel, imagine, models, queue
+from bot.commands import settings as settings_command
 from bot.errors import ImagineTree
 from bot.notify import mentioning, notify
 from bot.services import Services
@@ -52,7 +53,8 @@ class ImagineBot(discord.Client):
         self.tree = ImagineTree(self)
 
     async def setup_hook(self) -> None:
-        for command in (imagine.imagine, models.list_models, queue.show_queue, cancel.cancel, admin.admin):
+        for command in (imagine.imagine, models.list_models, queue.show_queue, cancel.cancel, admin.admin,
+                        settings_command.settings_group):
             self.tree.add_command(command)
         # Result and cancel buttons are matched by custom id, so they outlive restarts.
         self.add_dynamic_items(*DYNAMIC_ITEMS)

@@ -92,6 +92,8 @@ def info_embed(record: JobRecord) -> discord.Embed:
                     inline=False)
     embed.add_field(name="Pipeline", value=info.pipeline)
     embed.add_field(name="Scheduler", value=info.scheduler)
+    embed.add_field(name="Quality", value=info.quality if not info.adapter else
+                    f"{info.quality}\nLoRA `{info.adapter}` @ {info.adapter_revision or 'default revision'}")
     embed.add_field(name="diffusers", value=info.diffusers_version)
     return embed
 

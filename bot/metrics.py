@@ -18,7 +18,7 @@ COMMANDS = Counter("imagine_commands", "Commands by name and outcome", ["command
 
 
 def command(name: str, outcome: str) -> None:
-    """outcome: queued, invalid, replayed, queue_down, listed, error."""
+    """outcome: queued, invalid, replayed, queue_down, listed, error; shown, saved, reset (settings)."""
     COMMANDS.labels(name, outcome).inc()
 
 

@@ -9,6 +9,7 @@ import discord
 
 from core.policy_store import PolicyStore
 from core.queue import JobQueue
+from core.user_settings import UserSettingsStore
 from settings.catalog import ModelEntry
 from settings.config import Settings
 
@@ -19,11 +20,13 @@ class Services:
     catalog: dict[str, ModelEntry]
     jobs: JobQueue
     policies: PolicyStore
+    user_settings: UserSettingsStore  # each user's own defaults (/settings)
 
     @classmethod
     def build(cls, settings: Settings, jobs: JobQueue, policies: PolicyStore | None = None) -> Services:
         return cls(settings=settings, catalog=settings.catalog(), jobs=jobs,
-                   policies=policies or PolicyStore(jobs.redis, settings.queue_prefix, jobs.job_lifetime_s()))
+                   policies=policies or PolicyStore(jobs.redis, settings.queue_prefix, jobs.job_lifetime_s()),
+                   user_settings=UserSettingsStore(jobs.redis, settings.queue_prefix))
 
 
 def services_of(interaction: discord.Interaction) -> Services:

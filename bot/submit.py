@@ -61,7 +61,7 @@ def _admit(bot: Services, interaction: discord.Interaction, options: ImagineOpti
         return None
     return admit(options, requester_for(interaction), job_id=job_id, settings=bot.settings,
                  catalog=bot.catalog, policies=bot.policies, jobs=bot.jobs, delivery=delivery_for(interaction),
-                 created_at=received_at)
+                 created_at=received_at, user_settings=bot.user_settings)
 
 
 async def submit_imagine(interaction: discord.Interaction, options: ImagineOptions) -> JobRequest | None:

@@ -16,13 +16,14 @@ then :func:`enqueue_admitted`. Blocking (Redis): the async bot calls these in a 
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from redis.exceptions import RedisError
 
 from core.policy import GuildPolicy, Moderated, apply_policy
 from core.policy_store import PolicyStore, Quota
 from core.queue import AlreadyQueued, JobQueue, Outlook
+from core.user_settings import UserSettingsStore
 from settings.catalog import ModelEntry
 from settings.config import Settings
 from core.jobs import Delivery, JobRequest
@@ -92,15 +93,23 @@ def admit(
     created_at: float | None = None,
     store_images: bool = False,
     jobs: JobQueue | None = None,
+    user_settings: UserSettingsStore | None = None,
 ) -> Admitted:
     """Load the server's policy, apply it, check the queue has room (``jobs``: back-pressure,
     :meth:`JobQueue.admission_outlook`) and count the job against the user's limits.
+    ``user_settings``: where the requester's saved settings (``/settings``) live; None where the
+    front end does not know the user (the web has no user identity).
     Raises InvalidRequest (policy violations, limits and a busy queue included) or RedisError."""
     policy = policies.load(requester.guild_id)
+    saved = None if user_settings is None else user_settings.load(requester.user_id)
     moderated = apply_policy(options, policy, job_id=job_id, settings=settings, catalog=catalog,
                              channel_id=requester.channel_id, channel_nsfw=requester.channel_nsfw,
                              delivery=delivery,
-                             created_at=created_at, store_images=store_images)
+                             created_at=created_at, store_images=store_images, user=saved)
+    if moderated.user_notes and user_settings is not None:
+        told = tuple(note for rule, note in moderated.user_notes
+                     if user_settings.first_time(requester.user_id, requester.guild_id, rule))
+        moderated = replace(moderated, notes=moderated.notes + told)
     # Back-pressure before any quota is taken: a refused job costs the user nothing.
     owner = requester.owner()
     outlook = None if jobs is None else jobs.admission_outlook(moderated.request, owner)

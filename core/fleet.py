@@ -31,8 +31,11 @@ def percentile(values: list[float], q: float) -> float:
 
 
 def work_units(request: JobRequest) -> float:
-    """A job's work in 512²-pixel denoising steps (time grows with steps, images and pixels)."""
-    return request.steps * request.count * (request.size / 512) ** 2
+    """A job's work in 512²-pixel denoising steps (time grows with steps, images and pixels).
+    At guidance <= 1 (fast mode's LCM) a step is one UNet pass instead of classifier-free
+    guidance's two: half the work. Fast mode's fewer steps are in ``steps`` already."""
+    cfg = 1.0 if request.guidance > 1 else 0.5
+    return request.steps * request.count * (request.size / 512) ** 2 * cfg
 
 
 def eta_seconds(position: int, p50_ms: float, workers: int, own_ms: float | None = None) -> float:

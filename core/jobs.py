@@ -11,6 +11,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from settings.catalog import Quality
+
 # The function workers run, named by path so front ends never import worker code (or torch).
 JOB_FUNCTION = "worker.tasks.run_imagine"
 # job.meta field naming the Redis sorted set of the user's active jobs; the worker removes the
@@ -73,6 +75,9 @@ class JobRequest(BaseModel):
     # spoiler. Jobs queued before these existed load with the default server setting.
     nsfw_action: NsfwAction = "spoiler"
     spoiler: bool = False
+    # Fast mode (the model's catalog ``fast`` entry: an LCM-LoRA with LCMScheduler, or a
+    # multistep solver); ``steps`` and ``guidance`` above are already the ones it runs with.
+    quality: Quality = "standard"
 
     def seeds(self) -> list[int]:
         """One seed per image: seed, seed+1, … so any single image can be reproduced alone."""
@@ -95,6 +100,9 @@ class Reproducibility(BaseModel):
     pipeline: str  # pipeline class
     scheduler: str  # scheduler class
     diffusers_version: str
+    quality: Quality = "standard"
+    adapter: str | None = None  # the step-distillation LoRA fast mode ran with (hub id or folder)
+    adapter_revision: str | None = None
     seeds: list[int]
     steps: int
     guidance: float

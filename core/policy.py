@@ -13,7 +13,8 @@ into the queue (slash command, buttons, web) makes before enqueueing. In order:
                      (core.validation.request_from), carrying what the worker does with an
                      image its output classifier flags (core.output_policy.nsfw_action_for)
 
-Per-user defaults would layer over server_defaults before step 2. Per-user limits are not here:
+The user's saved settings (core.user_settings) layer over server_defaults before step 1's model
+gate (user_layer drops the ones the server forbids, to be told once). Per-user limits are not here:
 they need Redis (:func:`core.admission.admit`, :mod:`core.policy_store`), so this module is
 unit-testable and cheap (see bench/policy_overhead.py).
 """
@@ -28,6 +29,7 @@ from core.jobs import Delivery, JobRequest, NsfwAction
 from core.matcher import find_banned
 from core.output_policy import nsfw_action_for
 from core.texts import clip
+from core.user_settings import UserSettings, layered
 from core.validation import (Defaults, ImagineOptions, InvalidRequest, Resolved, check_limits,
                              model_key, request_from, resolve_options)
 from settings.catalog import ModelEntry
@@ -69,10 +71,17 @@ class PolicyViolation(InvalidRequest):
         self.rule = rule
 
 
+class FastModeRefused(PolicyViolation):
+    """Fast mode cannot honour one of the server's rules."""
+
+
 @dataclass(frozen=True)
 class Moderated:
     request: JobRequest
     notes: tuple[str, ...] = ()  # what the policy changed, told to the user (e.g. clamped steps)
+    # (rule, note) where the server replaced one of the user's saved defaults: told once per
+    # server and rule (core.admission filters them through the user's "told" marks).
+    user_notes: tuple[tuple[str, str], ...] = ()
 
 
 def server_defaults(policy: GuildPolicy) -> Defaults:
@@ -123,18 +132,35 @@ def apply_guidance_floor(policy: GuildPolicy, resolved: Resolved, settings: Sett
     """A forced negative prompt must be read: diffusers skips classifier-free guidance (and
     never encodes the negative prompt) at guidance <= 1, and weighs it by (guidance - 1) above.
     Below the floor a defaulted guidance is raised silently; one the user set is raised with a
-    note or refused, as the server chose for its caps. Every front end and button comes here."""
+    note or refused, as the server chose for its caps. Every front end and button comes here.
+
+    Fast mode too: an LCM-LoRA runs at guidance 1 (no negative prompt at all), so here it runs
+    at the floor instead, and the user is told (classifier-free guidance costs a second UNet
+    pass per step). Where the floor is above what the model's fast configuration takes
+    (``fast.max_guidance``), fast mode is refused (:class:`FastModeRefused`; apply_policy falls
+    back to standard mode, with a note, when fast mode came from the user's saved settings)."""
     floor = settings.forced_negative_min_guidance
     if not policy.forced_negative or resolved.guidance >= floor:
         return resolved, ()
     shown = f"{floor:g}"
+    fast = resolved.fast
+    if fast is not None and fast.max_guidance is not None and floor > fast.max_guidance:
+        raise FastModeRefused(
+            "forced negative prompt",
+            f"This server adds a negative prompt to every image, which needs `guidance` of at "
+            f"least {shown}; fast mode on `{resolved.entry.key}` works only up to "
+            f"{fast.max_guidance:g}. Use `quality: standard`.")
     if "guidance" in resolved.explicit and not policy.clamp:
         raise PolicyViolation(
             "forced negative prompt",
             f"This server adds a negative prompt to every image, which needs `guidance` of at "
             f"least {shown} to take effect (got {resolved.guidance:g}).")
-    notes = (f"`guidance` raised to {shown} so the server's negative prompt applies",) \
-        if "guidance" in resolved.explicit else ()
+    if "guidance" in resolved.explicit or "guidance" in resolved.from_user:
+        notes = (f"`guidance` raised to {shown} so the server's negative prompt applies",)
+    elif fast is not None:
+        notes = (f"fast mode runs at `guidance` {shown} on this server so its negative prompt applies",)
+    else:
+        notes = ()
     return replace(resolved, guidance=floor), notes
 
 
@@ -155,6 +181,34 @@ def policy_negative(policy: GuildPolicy, resolved: Resolved) -> str:
     return NEGATIVE_SEPARATOR.join(part for part in parts if part)
 
 
+def user_layer(policy: GuildPolicy, options: ImagineOptions, user: UserSettings | None,
+               settings: Settings, catalog: dict[str, ModelEntry],
+               ) -> tuple[Defaults, tuple[tuple[str, str], ...]]:
+    """The server's defaults with the user's saved settings over them, less the ones this
+    server forbids (each replaced by the server's, with a (rule, note) to tell the user once)."""
+    server = server_defaults(policy)
+    if user is None:
+        return server, ()
+    notes: list[tuple[str, str]] = []
+    changes: dict = {}
+    if user.model and options.model is None and (user.model not in catalog or (
+            policy.allowed_models and user.model not in policy.allowed_models)):
+        changes["model"] = None
+        notes.append(("model", f"your default model `{clip(user.model, 80)}` is not allowed on this "
+                               f"server; its default is used"))
+    if user.negative_prompt and options.negative_prompt is None and find_banned(
+            user.negative_prompt, policy.banned_terms) is not None:
+        changes["negative_prompt"] = None
+        notes.append(("negative_prompt", "your default negative prompt contains a term this server "
+                                         "bans; the server's default is used"))
+    if user.quality == "fast" and options.quality is None:
+        key = model_key(options.model, layered(server, user.model_copy(update=changes)), settings)
+        if key in catalog and catalog[key].fast is None:
+            changes["quality"] = None
+            notes.append((f"quality:{key}", f"fast mode is not available for `{key}`; standard used"))
+    return layered(server, user.model_copy(update=changes)), tuple(notes)
+
+
 def apply_policy(
     options: ImagineOptions,
     policy: GuildPolicy,
@@ -167,15 +221,31 @@ def apply_policy(
     delivery: Delivery | None = None,
     created_at: float | None = None,
     store_images: bool = False,
+    user: UserSettings | None = None,
 ) -> Moderated:
     """Options → the moderated :class:`JobRequest`, or :class:`InvalidRequest` (a
-    :class:`PolicyViolation` when a server rule refused it). The steps of the module docstring."""
-    defaults = server_defaults(policy)
+    :class:`PolicyViolation` when a server rule refused it). The steps of the module docstring.
+    ``user``: the requester's saved settings (core.user_settings), layered over the server's."""
     check_channel(policy, channel_id)
+    defaults, user_notes = user_layer(policy, options, user, settings, catalog)
     check_model(policy, model_key(options.model, defaults, settings))
     resolved = resolve_options(options, settings, catalog, defaults)
     resolved, notes = apply_caps(policy, resolved)
-    resolved, floor_notes = apply_guidance_floor(policy, resolved, settings)
+    if "steps" in resolved.from_user and policy.max_steps is not None and defaults.steps > policy.max_steps:
+        user_notes += (("steps", f"your default `steps` is above this server's cap of {policy.max_steps}; "
+                                 f"the cap is used"),)
+    try:
+        resolved, floor_notes = apply_guidance_floor(policy, resolved, settings)
+    except FastModeRefused:
+        if "quality" not in resolved.from_user:
+            raise
+        # Fast mode came from the user's settings: standard mode honours the server's rule.
+        defaults = replace(defaults, quality=None)
+        user_notes += (("quality:forced_negative", "standard quality used: this server's negative "
+                                                   "prompt needs more guidance than fast mode takes"),)
+        resolved = replace(resolve_options(options, settings, catalog, defaults), seed=resolved.seed)
+        resolved, notes = apply_caps(policy, resolved)
+        resolved, floor_notes = apply_guidance_floor(policy, resolved, settings)
     check_limits(resolved, settings)
     check_terms(policy, resolved.prompt, resolved.negative_prompt)
     request = request_from(
@@ -183,4 +253,4 @@ def apply_policy(
         forced_negative_applied=bool(policy.forced_negative), delivery=delivery,
         created_at=created_at, store_images=store_images,
         nsfw_action=nsfw_action_for(policy, channel_nsfw))
-    return Moderated(request, notes + floor_notes)
+    return Moderated(request, notes + floor_notes, user_notes)

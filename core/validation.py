@@ -17,7 +17,7 @@ import secrets
 import unicodedata
 from dataclasses import dataclass, fields
 
-from settings.catalog import ModelEntry
+from settings.catalog import QUALITIES, FastMode, ModelEntry
 from settings.config import Settings
 from core.jobs import Delivery, JobRequest, NsfwAction
 from core.texts import clip
@@ -41,15 +41,22 @@ class ImagineOptions:
     size: int | None = None
     count: int = 1
     spoiler: bool | None = None  # the user wants every image as a spoiler (None: no)
+    quality: str | None = None  # "fast" | "standard" (None: the user's default, else standard)
 
 
 @dataclass(frozen=True)
 class Defaults:
-    """Defaults between the user's options and the operator's: a server's today. A user's own
-    saved defaults would be one more layer, merged over these before resolving."""
+    """Defaults between the user's options and the operator's: the server's, with the user's
+    own saved settings merged over them (core.user_settings.layered). ``from_user`` names the
+    fields the user's settings supplied, so a server rule that replaces one can say so."""
 
     model: str | None = None  # None: the operator's default model
     negative_prompt: str | None = None  # None: the operator's; "": none
+    steps: int | None = None  # None: the model's (standard mode only: fast mode has its own)
+    guidance: float | None = None
+    quality: str | None = None  # None: standard
+    spoiler: bool | None = None
+    from_user: frozenset[str] = frozenset()
 
 
 @dataclass(frozen=True)
@@ -68,6 +75,13 @@ class Resolved:
     seed: int
     explicit: frozenset[str]
     spoiler: bool = False
+    quality: str = "standard"
+    from_user: frozenset[str] = frozenset()  # options taken from the user's saved settings
+
+    @property
+    def fast(self) -> FastMode | None:
+        """The model's fast-mode configuration when this job runs in fast mode."""
+        return self.entry.fast if self.quality == "fast" else None
 
     @property
     def negative_or_default(self) -> str:
@@ -114,20 +128,44 @@ def _catalog_entry(key: str, catalog: dict[str, ModelEntry]) -> ModelEntry:
 
 def resolve_options(options: ImagineOptions, settings: Settings, catalog: dict[str, ModelEntry],
                     defaults: Defaults = Defaults()) -> Resolved:
-    """Raises InvalidRequest only for an unknown model (its entry holds the other defaults)."""
+    """Raises InvalidRequest for an unknown model (its entry holds the other defaults), an
+    unknown quality, or fast mode on a model that has none. In fast mode, steps and guidance
+    not given in the command come from the model's ``fast`` entry (saved defaults are for
+    standard mode)."""
     entry = _catalog_entry(model_key(options.model, defaults, settings), catalog)
     default_negative = (settings.default_negative_prompt if defaults.negative_prompt is None
                         else defaults.negative_prompt)
+    quality = clean_text(options.quality or defaults.quality or "standard").lower()
+    if quality not in QUALITIES:
+        raise InvalidRequest(f"`quality` must be one of: {', '.join(QUALITIES)} (got `{clip(quality, 40)}`).")
+    fast = entry.fast if quality == "fast" else None
+    if quality == "fast" and fast is None:
+        raise InvalidRequest(f"Fast mode is not available for `{entry.key}`: use `quality: standard`"
+                             f" or another model.")
+    if fast is not None:
+        steps, guidance = fast.steps, entry.default_guidance if fast.guidance is None else fast.guidance
+    else:
+        steps = entry.default_steps if defaults.steps is None else defaults.steps
+        guidance = entry.default_guidance if defaults.guidance is None else defaults.guidance
+    explicit = frozenset(f.name for f in fields(options) if getattr(options, f.name) is not None)
+    used = {"model": options.model is None and defaults.model is not None,
+            "negative_prompt": not options.negative_prompt and defaults.negative_prompt is not None,
+            "steps": options.steps is None and fast is None and defaults.steps is not None,
+            "guidance": options.guidance is None and fast is None and defaults.guidance is not None,
+            "quality": options.quality is None and defaults.quality is not None,
+            "spoiler": options.spoiler is None and defaults.spoiler is not None}
     return Resolved(
         prompt=clean_text(options.prompt), negative_prompt=clean_text(options.negative_prompt),
         default_negative=default_negative, entry=entry,
-        steps=entry.default_steps if options.steps is None else options.steps,
-        guidance=entry.default_guidance if options.guidance is None else options.guidance,
+        steps=steps if options.steps is None else options.steps,
+        guidance=guidance if options.guidance is None else options.guidance,
         size=entry.native_size if options.size is None else options.size,
         count=options.count,
         seed=secrets.randbelow(MAX_SEED + 1) if options.seed is None else options.seed,
-        explicit=frozenset(f.name for f in fields(options) if getattr(options, f.name) is not None),
-        spoiler=bool(options.spoiler),
+        explicit=explicit,
+        spoiler=bool(defaults.spoiler if options.spoiler is None else options.spoiler),
+        quality=quality,
+        from_user=frozenset(name for name, taken in used.items() if taken and name in defaults.from_user),
     )
 
 
@@ -148,6 +186,11 @@ def check_limits(resolved: Resolved, settings: Settings) -> None:
     if resolved.size % SIZE_STEP:
         raise InvalidRequest(f"`size` must be a multiple of {SIZE_STEP} (got {resolved.size}).")
     _check_range("seed", resolved.seed, 0, MAX_SEED)
+    fast = resolved.fast
+    if fast is not None and fast.max_guidance is not None and resolved.guidance > fast.max_guidance:
+        raise InvalidRequest(f"Fast mode on `{resolved.entry.key}` works with `guidance` up to "
+                             f"{fast.max_guidance:g} (got {resolved.guidance:g}); use `quality: standard` "
+                             f"for more.")
 
 
 def request_from(
@@ -169,7 +212,8 @@ def request_from(
         negative_prompt=negative_prompt, steps=resolved.steps, guidance=resolved.guidance,
         seed=resolved.seed, size=resolved.size, count=resolved.count,
         forced_negative_applied=forced_negative_applied, delivery=delivery,
-        store_images=store_images, nsfw_action=nsfw_action, spoiler=resolved.spoiler, **extra,
+        store_images=store_images, nsfw_action=nsfw_action, spoiler=resolved.spoiler,
+        quality=resolved.quality, **extra,
     )
 
 

@@ -2,16 +2,55 @@
 
 Operators add or override entries without code through ``IMAGINE_MODELS`` (JSON), e.g.
 ``{"my-model": {"source": "/models/my-model", "pipeline": "StableDiffusionPipeline"}}`` or
-``{"sd-v1-4": {"source": "/mnt/weights/sd-v1-4"}}`` to load a local copy.
+``{"sd-v1-4": {"source": "/mnt/weights/sd-v1-4"}}`` to load a local copy. A nested ``fast``
+object is merged field by field: ``{"sd-v1-4": {"fast": {"adapter": "/models/lcm-lora-sdv1-5"}}}``
+changes only where the adapter comes from; ``{"ssd-1b": {"fast": null}}`` turns fast mode off.
 """
 
 from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 PipelineName = Literal["StableDiffusionPipeline", "StableDiffusionXLPipeline"]
+# Schedulers fast mode may run (diffusers class names): LCM for a latent-consistency adapter,
+# the multistep solvers for a model with no adapter that fits.
+FastScheduler = Literal["LCMScheduler", "DPMSolverMultistepScheduler", "UniPCMultistepScheduler"]
+Quality = Literal["standard", "fast"]
+QUALITIES: tuple[str, ...] = ("standard", "fast")
+
+
+class FastMode(BaseModel):
+    """How ``quality: fast`` runs one model (docs/operations.md, "Fast mode").
+
+    With ``adapter``: a step-distillation LoRA (Latent Consistency LoRA), loaded once at worker
+    start as a peft adapter that is switched on only for fast jobs, with ``LCMScheduler``.
+    Without: the model's own weights with a multistep solver at fewer steps."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    adapter: str | None = None  # hub id or local directory holding pytorch_lora_weights.safetensors
+    adapter_revision: str | None = None  # a hub commit (pin it) or branch; None: the default branch
+    adapter_weight_name: str | None = None  # file name inside ``adapter`` when not the default
+    scheduler: FastScheduler = "LCMScheduler"
+    steps: int = Field(default=4, ge=1, le=150)
+    guidance: float | None = Field(default=1.0, ge=0)  # None: the model's default guidance
+    # The highest guidance the configuration gives usable images at (LCM: 1–2). A server whose
+    # forced negative prompt needs more (IMAGINE_FORCED_NEGATIVE_MIN_GUIDANCE) refuses fast mode.
+    max_guidance: float | None = Field(default=2.0, ge=0)
+
+    @model_validator(mode="after")
+    def _lcm_needs_adapter(self) -> "FastMode":
+        if self.scheduler == "LCMScheduler" and not self.adapter:
+            raise ValueError("fast mode with LCMScheduler needs a latent-consistency `adapter`")
+        return self
+
+    @property
+    def label(self) -> str:
+        """What results and ℹ Info name: the adapter, else the solver."""
+        return f"LCM-LoRA {self.adapter}" if self.adapter else f"{self.scheduler} (no adapter)"
+
 
 
 class ModelEntry(BaseModel):
@@ -29,6 +68,7 @@ class ModelEntry(BaseModel):
     # decodes in half precision instead of upcasting to fp32.
     vae_source: str | None = None
     description: str = ""
+    fast: FastMode | None = None  # None: no fast mode for this model (``quality: fast`` refused)
 
 
 BUILTIN_MODELS: tuple[ModelEntry, ...] = (
@@ -39,6 +79,10 @@ BUILTIN_MODELS: tuple[ModelEntry, ...] = (
         native_size=512,
         variant=None,  # the repo ships no fp16 variant; weights are cast at load
         description="BK-SDM small: SD v1.4 distilled, blocks removed",
+        # No LCM-LoRA fits: the SD 1.5 one is shaped for the full UNet, and loading it into this
+        # one fails on the layers whose shapes changed (docs/operations.md, "Fast mode"). A
+        # multistep solver at fewer steps instead; CFG kept, so negatives work as usual.
+        fast=FastMode(scheduler="DPMSolverMultistepScheduler", steps=12, guidance=None, max_guidance=None),
     ),
     ModelEntry(
         key="sd-v1-4",
@@ -46,6 +90,8 @@ BUILTIN_MODELS: tuple[ModelEntry, ...] = (
         pipeline="StableDiffusionPipeline",
         native_size=512,
         description="Stable Diffusion v1.4 (teacher of bk-sdm-small)",
+        # Trained on SD 1.5, which shares v1.4's architecture and its v1-2 ancestor.
+        fast=FastMode(adapter="latent-consistency/lcm-lora-sdv1-5"),
     ),
     ModelEntry(
         key="ssd-1b",
@@ -53,6 +99,7 @@ BUILTIN_MODELS: tuple[ModelEntry, ...] = (
         pipeline="StableDiffusionXLPipeline",
         native_size=1024,
         description="Segmind SSD-1B: SDXL distilled",
+        fast=FastMode(adapter="latent-consistency/lcm-lora-ssd-1b"),
     ),
     ModelEntry(
         key="sdxl-base",
@@ -60,6 +107,7 @@ BUILTIN_MODELS: tuple[ModelEntry, ...] = (
         pipeline="StableDiffusionXLPipeline",
         native_size=1024,
         description="Stable Diffusion XL base 1.0 (teacher of ssd-1b)",
+        fast=FastMode(adapter="latent-consistency/lcm-lora-sdxl"),
     ),
 )
 
@@ -69,5 +117,8 @@ def build_catalog(overrides: dict[str, dict] | None = None) -> dict[str, ModelEn
     catalog = {entry.key: entry for entry in BUILTIN_MODELS}
     for key, fields in (overrides or {}).items():
         base = catalog[key].model_dump() if key in catalog else {}
+        fields = dict(fields)
+        if isinstance(fields.get("fast"), dict) and isinstance(base.get("fast"), dict):
+            fields["fast"] = {**base["fast"], **fields["fast"]}  # change one field, keep the rest
         catalog[key] = ModelEntry.model_validate({**base, **fields, "key": key})
     return catalog

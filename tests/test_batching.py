@@ -64,7 +64,7 @@ def test_batch_of_different_prompts_matches_each_run_alone(pipe):
 
 
 def test_incompatible_requests_are_refused_in_one_batch(pipe):
-    with pytest.raises(ValueError, match="share model, size, steps and guidance"):
+    with pytest.raises(ValueError, match="share model, size, steps, guidance and quality"):
         generate_batch(pipe, [request("a"), request("b", steps=3)])
 
 

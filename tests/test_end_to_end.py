@@ -125,3 +125,38 @@ def test_models_lists_catalog_with_live_worker(stack):
     description = answer.payload["data"]["embeds"][0]["description"]
     assert "**tiny** — 64px, 2 steps · 🟢 loaded · 0 waiting" in description
     assert "**sdxl-base** — 1024px" in description and "⚪ no worker" in description
+
+
+def test_imagine_quality_fast_runs_the_lcm_lora_and_info_names_it(stack):
+    payload = command(stack, "imagine", prompt="a lighthouse at dusk", seed=42, quality="fast")
+    post = result(stack, payload)
+    embed = post.payload["embeds"][0]
+    assert fields(post)["Steps"] == "2 (fast)" and fields(post)["Guidance"] == "1"
+    assert "LCMScheduler" in embed["footer"]["text"] and "fast-lora" in embed["footer"]["text"]
+    standard = command(stack, "imagine", prompt="a lighthouse at dusk", seed=42)
+    assert not np.array_equal(decode(post)[0], decode(result(stack, standard))[0])
+    again = command(stack, "imagine", prompt="a lighthouse at dusk", seed=42, quality="fast")
+    assert np.array_equal(decode(post)[0], decode(result(stack, again))[0]), "fast seeds reproduce"
+
+
+def settings_command(fake, sub: str, user_id: str, **options):
+    payload = slash_command("settings", {}, user_id=user_id)
+    type_of = {str: 3, int: 4, bool: 5, float: 10}
+    payload["data"]["options"] = [{"name": sub, "type": 1, "options": [
+        {"name": k, "type": type_of[type(v)], "value": v} for k, v in options.items()]}]
+    fake.dispatch("INTERACTION_CREATE", payload)
+    return reply(fake, payload).payload["data"]
+
+
+def test_settings_set_show_reset_and_apply_to_imagine(stack):
+    user = "820000000000000077"
+    saved = settings_command(stack, "set", user, quality="fast", spoiler=True)
+    assert "Saved" in saved["content"] and "**quality**: fast" in saved["content"] and saved["flags"] & 64
+    assert "**spoiler**: yes" in settings_command(stack, "show", user)["content"]
+    payload = slash_command("imagine", {"prompt": "a red fox", "seed": 7}, user_id=user)
+    stack.dispatch("INTERACTION_CREATE", payload)
+    post = result(stack, payload)
+    assert fields(post)["Steps"] == "2 (fast)"
+    assert all(name.startswith("SPOILER_") for name, _ in post.files)
+    assert "cleared" in settings_command(stack, "reset", user)["content"]
+    assert "no saved defaults" in settings_command(stack, "show", user)["content"]

@@ -21,9 +21,10 @@ class OutOfMemoryAbove:
     def __init__(self, pipe, limit: int):
         self.pipe, self.limit, self.calls = pipe, limit, []
 
-    @property
-    def device(self):
-        return self.pipe.device
+    def __getattr__(self, name):  # scheduler, components, device…: the real pipeline's
+        if "pipe" not in self.__dict__:  # copy.copy probes a bare instance first
+            raise AttributeError(name)
+        return getattr(self.__dict__["pipe"], name)
 
     def __call__(self, **kwargs):
         images = len(kwargs["prompt"]) * kwargs["num_images_per_prompt"]

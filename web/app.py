@@ -104,8 +104,11 @@ def _whole(name: str, value, *, optional: bool = False) -> int | None:
     return int(number)
 
 
-def options_from_form(prompt, negative, model, steps, guidance, seed, count, size) -> ImagineOptions:
-    """The page's inputs → options; InvalidRequest for values no control would send."""
+def options_from_form(prompt, negative, model, steps, guidance, seed, count, size,
+                      quality="standard") -> ImagineOptions:
+    """The page's inputs → options; InvalidRequest for values no control would send. In fast
+    mode the steps and guidance sliders are not sent: the model's fast configuration sets them.
+    (The web knows no user, so ``/settings`` defaults do not apply here.)"""
     try:
         guidance = float(guidance)
     except (TypeError, ValueError, OverflowError):
@@ -113,10 +116,13 @@ def options_from_form(prompt, negative, model, steps, guidance, seed, count, siz
     if not math.isfinite(guidance):
         raise InvalidRequest("`guidance` must be a number.")
     seed = _whole("seed", seed, optional=True)
+    fast = str(quality or "standard") == "fast"
     return ImagineOptions(prompt=str(prompt or ""), negative_prompt=str(negative) if negative else None,
-                          model=str(model) if model else None, steps=_whole("steps", steps),
-                          guidance=guidance, seed=None if seed is None or seed < 0 else seed,
-                          size=_whole("size", size, optional=True), count=_whole("count", count))
+                          model=str(model) if model else None,
+                          steps=None if fast else _whole("steps", steps),
+                          guidance=None if fast else guidance, seed=None if seed is None or seed < 0 else seed,
+                          size=_whole("size", size, optional=True), count=_whole("count", count),
+                          quality=str(quality) if quality else None)
 
 
 def run_job(jobs: WebJobs, options: ImagineOptions, client: str = "unknown") -> Iterator[tuple[str, list]]:
@@ -175,11 +181,11 @@ def build_ui(jobs: WebJobs) -> gr.Blocks:
         size = entry.native_size if entry.native_size in size_choices(settings) else None
         return entry.default_steps, entry.default_guidance, size
 
-    def generate(prompt, negative, model, steps, guidance, seed, count, size, request: gr.Request):
+    def generate(prompt, negative, model, steps, guidance, seed, count, size, quality, request: gr.Request):
         client = client_address(request.client.host if request.client else None,
                                 dict(request.headers), settings)
         try:
-            options = options_from_form(prompt, negative, model, steps, guidance, seed, count, size)
+            options = options_from_form(prompt, negative, model, steps, guidance, seed, count, size, quality)
         except InvalidRequest as error:
             yield f"**Cannot generate:** {error}", []
             return
@@ -204,12 +210,14 @@ def build_ui(jobs: WebJobs) -> gr.Blocks:
                 with gr.Row():
                     seed = gr.Number(label="Seed (-1: random)", value=-1, precision=0, elem_id="seed")
                     count = gr.Slider(1, settings.max_count, step=1, value=1, label="Images")
+                    quality = gr.Radio(["standard", "fast"], value="standard", label="Quality",
+                                       info="fast: the model's fast configuration sets steps and guidance")
                 button = gr.Button("Generate", variant="primary", elem_id="generate")
             with gr.Column(scale=3):
                 status = gr.Markdown(elem_id="status")
                 gallery = gr.Gallery(label="Images", columns=2, elem_id="results", format="png")
         model.change(defaults_for, model, [steps, guidance, size])
-        inputs = [prompt, negative, model, steps, guidance, seed, count, size]
+        inputs = [prompt, negative, model, steps, guidance, seed, count, size, quality]
         button.click(generate, inputs, [status, gallery])
         prompt.submit(generate, inputs, [status, gallery])
     return ui

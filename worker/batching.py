@@ -115,8 +115,9 @@ def images_for(runtime: WorkerRuntime, request: JobRequest, on_step: StepCallbac
             reporters.append(reporter)
             steps.append(_from_image(offset, images, reporter.on_step))
     try:
-        generations = generate_batch(runtime.pipelines.get(request.model), [request, *companions],
-                                     _each(steps) if steps else None)
+        pipelines = runtime.pipelines
+        generations = generate_batch(pipelines.get(request.model), [request, *companions],
+                                     _each(steps) if steps else None, pipelines.entries[request.model].fast)
     finally:
         for reporter in reporters:
             reporter.close()  # nothing may land after their results

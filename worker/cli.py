@@ -24,6 +24,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--seed", type=int)
     parser.add_argument("--size", type=int)
     parser.add_argument("--count", type=int, default=1)
+    parser.add_argument("--quality", choices=["standard", "fast"], help="fast: the model's fast-mode configuration")
     parser.add_argument("--out", type=Path, default=Path("imagine.png"),
                         help="output file; with --count N, -1…-N are added before the suffix")
     parser.error = lambda message: parser.exit(2, f"error: {message} (see --help)\n")  # one line
@@ -55,7 +56,7 @@ def main(argv: list[str] | None = None) -> int:
     catalog = settings.catalog()
     options = ImagineOptions(prompt=args.prompt, negative_prompt=args.negative_prompt,
                              model=args.model, steps=args.steps, guidance=args.guidance,
-                             seed=args.seed, size=args.size, count=args.count)
+                             seed=args.seed, size=args.size, count=args.count, quality=args.quality)
     try:
         request = build_request(options, job_id="cli", settings=settings, catalog=catalog)
     except InvalidRequest as error:
@@ -75,7 +76,7 @@ def main(argv: list[str] | None = None) -> int:
     except ModelLoadError as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
-    generation = generate(pipe, request)
+    generation = generate(pipe, request, fast=catalog[request.model].fast)
     for path, image, seed in zip(output_paths(args.out, request.count), generation.images, generation.seeds):
         try:
             image.save(path)

@@ -50,7 +50,9 @@ def _clip(text: str, limit: int = FIELD_LIMIT) -> str:
 
 def reproducibility_footer(record: Reproducibility) -> str:
     revision = record.revision or "default revision"
-    return (f"{record.pipeline} · {record.scheduler} · diffusers {record.diffusers_version} · "
+    fast = (f"fast: {record.adapter} @ {record.adapter_revision or 'default revision'} · " if record.adapter
+            else "fast · " if record.quality == "fast" else "")
+    return (f"{record.pipeline} · {record.scheduler} · {fast}diffusers {record.diffusers_version} · "
             f"{record.source} @ {revision}")
 
 
@@ -69,7 +71,8 @@ def result_embed(request: JobRequest, seeds: list[int], timings: Timings,
     hidden = set(withheld or ())
     embed.add_field(name="Seed" if len(seeds) == 1 else "Seeds",
                     value=", ".join("withheld" if i in hidden else str(seed) for i, seed in enumerate(seeds)))
-    embed.add_field(name="Steps", value=str(request.steps))
+    embed.add_field(name="Steps", value=str(request.steps) if request.quality == "standard"
+                    else f"{request.steps} (fast)")
     embed.add_field(name="Guidance", value=f"{request.guidance:g}")
     embed.add_field(name="Size", value=f"{request.size}×{request.size}")
     embed.add_field(

@@ -3,6 +3,7 @@ benchmarkable on its own; progress goes out through an optional plain callback."
 
 from __future__ import annotations
 
+import copy
 import gc
 import logging
 import time
@@ -14,7 +15,7 @@ import torch
 from diffusers import DiffusionPipeline
 from PIL.Image import Image
 
-from settings.catalog import ModelEntry
+from settings.catalog import FastMode, ModelEntry
 from core.jobs import ImageAction, ImageModeration, JobRequest, Reproducibility
 
 log = logging.getLogger(__name__)
@@ -32,6 +33,9 @@ class Generation:
     # One verdict per image from the output classifier (worker.safety.moderate); None until
     # checked. Every path that lets an image out follows ``actions``.
     moderation: tuple[ImageModeration, ...] | None = None
+    # What actually ran: the scheduler class and the step-distillation adapter (fast mode).
+    scheduler: str = ""
+    adapter: str | None = None
 
     @property
     def actions(self) -> list[ImageAction]:
@@ -59,8 +63,58 @@ class _Batch:
 
 
 def batch_key(request: JobRequest) -> tuple:
-    """Requests with equal keys can share one pipeline call."""
-    return (request.model, request.size, request.steps, request.guidance)
+    """Requests with equal keys can share one pipeline call: fast and standard jobs never do
+    (another scheduler, and the fast adapter switched on)."""
+    return (request.model, request.size, request.steps, request.guidance, request.quality)
+
+
+# The peft adapter name fast mode's LoRA is loaded under (worker.pipelines.load_fast_adapter).
+FAST_ADAPTER = "fast"
+
+
+@dataclass(frozen=True)
+class Mode:
+    """How one pipeline call runs: its own scheduler instance and whether the fast adapter is on."""
+
+    scheduler: object  # a fresh diffusers scheduler, used by this call only
+    fast: FastMode | None = None
+
+    @property
+    def adapter(self) -> str | None:
+        return self.fast.adapter if self.fast is not None else None
+
+
+def mode_for(pipe: DiffusionPipeline, request: JobRequest, fast: FastMode | None) -> Mode:
+    """A fresh scheduler per call (a scheduler holds per-call state; the pipeline's own is never
+    touched): the pipeline's class for standard jobs, the catalog's for fast ones."""
+    if request.quality != "fast":
+        return Mode(type(pipe.scheduler).from_config(pipe.scheduler.config))
+    if fast is None:
+        raise ValueError(f"fast mode requested, but model {request.model!r} has no fast configuration")
+    if fast.adapter and not has_fast_adapter(pipe):
+        raise ValueError(f"fast mode needs the adapter {fast.adapter!r}, which is not loaded on this worker")
+    return Mode(getattr(diffusers, fast.scheduler).from_config(pipe.scheduler.config), fast)
+
+
+def _tuner_layers(pipe: DiffusionPipeline) -> list:
+    """The peft LoRA layers in the pipeline's modules (found through torch.compile wrappers)."""
+    try:
+        from peft.tuners.tuners_utils import BaseTunerLayer
+    except ImportError:
+        return []
+    modules = [m for m in pipe.components.values() if isinstance(m, torch.nn.Module)]
+    return [layer for m in modules for layer in m.modules() if isinstance(layer, BaseTunerLayer)]
+
+
+def has_fast_adapter(pipe: DiffusionPipeline) -> bool:
+    return any(FAST_ADAPTER in getattr(layer, "lora_A", {}) for layer in _tuner_layers(pipe))
+
+
+def set_fast_adapter(pipe: DiffusionPipeline, enabled: bool) -> None:
+    """Switch the fast adapter's layers on or off, in place: no weights move or merge, so a
+    standard job after a fast one computes exactly what it did before it."""
+    for layer in _tuner_layers(pipe):
+        layer.enable_adapters(enabled)
 
 
 def seeded_generators(seeds: list[int]) -> list[torch.Generator]:
@@ -118,12 +172,33 @@ def _run_splitting(pipe: DiffusionPipeline, batch: _Batch, first: JobRequest,
 
 
 def generate_batch(pipe: DiffusionPipeline, requests: list[JobRequest],
-                   on_step: StepCallback | None = None) -> list[Generation]:
+                   on_step: StepCallback | None = None, fast: FastMode | None = None) -> list[Generation]:
     """One pipeline call for several compatible requests; one Generation per request.
-    ``on_step(done, total, latents)`` is called after each denoising step (progress)."""
+    ``on_step(done, total, latents)`` is called after each denoising step (progress).
+    ``fast``: the model's fast-mode configuration (its catalog entry's), needed by fast jobs.
+
+    The call runs on a shallow view of ``pipe`` holding its own fresh scheduler, so the shared
+    pipeline's scheduler and call state never change; the fast adapter (if any) is switched on
+    for a fast call only and always off again afterwards. The worker runs one call per pipeline
+    at a time."""
     first = requests[0]
     if any(batch_key(r) != batch_key(first) for r in requests):
-        raise ValueError("requests in one batch must share model, size, steps and guidance")
+        raise ValueError("requests in one batch must share model, size, steps, guidance and quality")
+    mode = mode_for(pipe, first, fast)
+    view = copy.copy(pipe)  # same modules (no weights copied), own attributes
+    view.scheduler = mode.scheduler
+    if mode.adapter:
+        set_fast_adapter(pipe, True)
+    try:
+        return _generate_batch(view, requests, on_step, mode)
+    finally:
+        if mode.adapter:
+            set_fast_adapter(pipe, False)
+
+
+def _generate_batch(pipe: DiffusionPipeline, requests: list[JobRequest], on_step: StepCallback | None,
+                    mode: Mode) -> list[Generation]:
+    first = requests[0]
     batch = _Batch(prompts=[r.prompt for r in requests for _ in r.seeds()],
                    negatives=[r.negative_prompt for r in requests for _ in r.seeds()],
                    seeds=[seed for r in requests for seed in r.seeds()])
@@ -139,7 +214,8 @@ def generate_batch(pipe: DiffusionPipeline, requests: list[JobRequest],
         generations, offset = [], 0
         for request in requests:
             generations.append(Generation(images[offset:offset + request.count], request.seeds(),
-                                          inference_ms, started_at, len(batch.seeds)))
+                                          inference_ms, started_at, len(batch.seeds),
+                                          scheduler=type(mode.scheduler).__name__, adapter=mode.adapter))
             offset += request.count
         return generations
     # Free only once the traceback (which pins the failed call's tensors) is gone, so the
@@ -148,8 +224,9 @@ def generate_batch(pipe: DiffusionPipeline, requests: list[JobRequest],
     raise torch.cuda.OutOfMemoryError(message)
 
 
-def generate(pipe: DiffusionPipeline, request: JobRequest, on_step: StepCallback | None = None) -> Generation:
-    return generate_batch(pipe, [request], on_step)[0]
+def generate(pipe: DiffusionPipeline, request: JobRequest, on_step: StepCallback | None = None,
+             fast: FastMode | None = None) -> Generation:
+    return generate_batch(pipe, [request], on_step, fast)[0]
 
 
 def reproducibility(entry: ModelEntry, pipe: DiffusionPipeline, request: JobRequest,
@@ -157,8 +234,10 @@ def reproducibility(entry: ModelEntry, pipe: DiffusionPipeline, request: JobRequ
     width, height = generation.images[0].size
     return Reproducibility(
         model=entry.key, source=entry.source, revision=entry.revision,
-        pipeline=type(pipe).__name__, scheduler=type(pipe.scheduler).__name__,
-        diffusers_version=diffusers.__version__, seeds=generation.seeds, steps=request.steps,
+        pipeline=type(pipe).__name__, scheduler=generation.scheduler or type(pipe.scheduler).__name__,
+        diffusers_version=diffusers.__version__, quality=request.quality, adapter=generation.adapter,
+        adapter_revision=entry.fast.adapter_revision if generation.adapter and entry.fast else None,
+        seeds=generation.seeds, steps=request.steps,
         guidance=request.guidance, width=width, height=height, prompt=request.prompt,
         negative_prompt=request.negative_prompt,
         withheld=generation.withheld if generation.moderation is not None else [],

@@ -66,14 +66,19 @@ def warm_up(pipelines: ResidentPipelines, settings: Settings, safety: SafetyChec
     """Short generations per model and shape, each checked by the output classifier; the worker
     only registers as ready after this."""
     for key, entry in pipelines.entries.items():
-        for size, count in warm_up_shapes(settings, entry):
+        # Fast mode too where the model has it: its adapter and scheduler run at start, not
+        # first in front of a user (and a compiled UNet gets both graphs now).
+        modes = [("standard", entry.default_guidance)] + (
+            [("fast", entry.default_guidance if entry.fast.guidance is None else entry.fast.guidance)]
+            if entry.fast is not None else [])
+        for (size, count), (quality, guidance) in itertools.product(warm_up_shapes(settings, entry), modes):
             started = time.perf_counter()
             generation = generate(pipelines.get(key), JobRequest(
-                job_id="warmup", model=key, prompt="warm up", steps=2,
-                guidance=entry.default_guidance, seed=0, size=size, count=count))
+                job_id="warmup", model=key, prompt="warm up", steps=2, guidance=guidance, seed=0,
+                size=size, count=count, quality=quality), fast=entry.fast)
             if safety is not None:
                 classify(safety, generation.images)
-            log.info("warmed %s at %d px × %d image(s) in %.1f s", key, size, count,
+            log.info("warmed %s (%s) at %d px × %d image(s) in %.1f s", key, quality, size, count,
                      time.perf_counter() - started)
 
 

@@ -80,7 +80,31 @@ def load_pipeline(entry: ModelEntry, device: torch.device, dtype: torch.dtype) -
         first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise ModelLoadError(f"cannot load model {entry.key!r} from {entry.source}: {first_line}") from error
     pipe.set_progress_bar_config(disable=True)
+    load_fast_adapter(pipe, entry)
     return pipe.to(device)
+
+
+def load_fast_adapter(pipe: DiffusionPipeline, entry: ModelEntry) -> None:
+    """Fast mode's step-distillation LoRA (catalog ``fast.adapter``: hub id + revision, or a
+    local folder), once, as a peft adapter kept switched off: fast calls switch it on for their
+    own duration (worker.generate). Not fused: standard jobs then run the base weights exactly,
+    with one copy of them (a fused LoRA would need an unfuse per switch, drifting numerically)."""
+    fast = entry.fast
+    if fast is None or not fast.adapter:
+        return
+    from worker.generate import FAST_ADAPTER, set_fast_adapter
+
+    kwargs = {"adapter_name": FAST_ADAPTER, "revision": fast.adapter_revision}
+    if fast.adapter_weight_name:
+        kwargs["weight_name"] = fast.adapter_weight_name
+    log.info("loading fast-mode adapter %s for %s", fast.adapter, entry.key)
+    try:
+        pipe.load_lora_weights(fast.adapter, **kwargs)
+    except (OSError, ValueError, RuntimeError) as error:  # missing files, no peft, shapes that do not fit
+        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise ModelLoadError(f"cannot load the fast-mode adapter of {entry.key!r} from {fast.adapter}: "
+                             f"{first_line}") from error
+    set_fast_adapter(pipe, False)
 
 
 def weight_bytes(pipe: DiffusionPipeline) -> int:
@@ -113,7 +137,13 @@ class ResidentPipelines:
     def _optimize(self, key: str) -> None:
         """Once, on the device: compiled graphs and memory layouts belong to the device."""
         if key not in self.optimized:
-            speed = SpeedOptions(**{**self.speed.__dict__, "fp16_vae": self.entries[key].vae_source is not None})
+            entry = self.entries[key]
+            speed = SpeedOptions(**{**self.speed.__dict__, "fp16_vae": entry.vae_source is not None})
+            if speed.fuse_qkv and entry.fast is not None and entry.fast.adapter:
+                # A fused to_qkv is built from the base weights and bypasses the LoRA layers on
+                # to_q/to_k/to_v: fast mode would silently lose its adapter there.
+                log.info("%s: QKV projections not fused (the fast-mode adapter sits on them)", key)
+                speed = SpeedOptions(**{**speed.__dict__, "fuse_qkv": False})
             self.pipes[key] = optimize(self.pipes[key], speed)
             self.optimized.add(key)
 

@@ -8,6 +8,9 @@ repositories ship theirs (``IMAGINE_SAFETY_SOURCE`` can point at the folder).
 
     python -m worker.tiny models/tiny-sd            # StableDiffusionPipeline, 64 px
     python -m worker.tiny models/tiny-sdxl --xl     # StableDiffusionXLPipeline, 64 px
+
+Each folder also holds ``fast-lora/``: a tiny random LoRA in the published LCM-LoRAs' layout,
+for fast mode offline (catalog ``"fast": {"adapter": "models/tiny-sd/fast-lora"}``).
 """
 
 from __future__ import annotations
@@ -141,14 +144,43 @@ def write_tiny_safety_checker(folder: Path, seed: int = 0) -> Path:
     return Path(folder)
 
 
+# The modules a published LCM-LoRA adapts (diffusers' train_lcm_distill_lora_* scripts).
+LCM_LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj",
+                    "ff.net.2", "conv1", "conv2", "conv_shortcut", "downsamplers.0.conv",
+                    "upsamplers.0.conv", "time_emb_proj"]
+TINY_LORA = "fast-lora"  # the tiny LoRA's folder inside a tiny pipeline's folder
+
+
+def write_tiny_lora(folder: Path, pipe: StableDiffusionPipeline | StableDiffusionXLPipeline,
+                    seed: int = 0, rank: int = 2) -> Path:
+    """A random LoRA on ``pipe``'s UNet, saved with the pipeline class's own
+    ``save_lora_weights`` (``pytorch_lora_weights.safetensors``), laid out as the published
+    LCM-LoRAs are: what ``catalog fast.adapter`` points at in offline tests. Both LoRA matrices
+    are random (peft starts B at zero, which would change nothing). The UNet is left as it was."""
+    from peft import LoraConfig, get_peft_model_state_dict
+
+    torch.manual_seed(seed)
+    unet = pipe.unet
+    unet.add_adapter(LoraConfig(r=rank, lora_alpha=rank, target_modules=LCM_LORA_TARGETS), adapter_name="tiny")
+    with torch.no_grad():
+        for name, param in unet.named_parameters():
+            if ".lora_" in name:
+                param.normal_(std=0.5)
+    layers = get_peft_model_state_dict(unet, adapter_name="tiny")
+    unet.delete_adapters("tiny")
+    type(pipe).save_lora_weights(Path(folder), unet_lora_layers=layers)
+    return Path(folder)
+
+
 def write_tiny_pipeline(folder: Path, xl: bool = False, seed: int = 0) -> Path:
     """Build a random tiny pipeline and ``save_pretrained`` it into ``folder``, with a tiny
-    output classifier beside it."""
+    output classifier beside it and a tiny random fast-mode LoRA in ``folder/fast-lora``."""
     torch.manual_seed(seed)
     folder = Path(folder)
     pipe = tiny_sdxl() if xl else tiny_sd()
     pipe.save_pretrained(folder)
     write_tiny_safety_checker(folder, seed)
+    write_tiny_lora(folder / TINY_LORA, pipe, seed)
     return folder
 
 

@@ -36,7 +36,10 @@ async def model_autocomplete(interaction: discord.Interaction, current: str) -> 
     size="Width and height in pixels, a multiple of 64",
     count="How many images",
     spoiler="Post every image of this job as a spoiler (blurred until clicked)",
+    quality="fast: a few steps with the model's fast configuration; standard: full steps",
 )
+@app_commands.choices(quality=[app_commands.Choice(name="fast", value="fast"),
+                               app_commands.Choice(name="standard", value="standard")])
 @app_commands.autocomplete(model=model_autocomplete)
 @app_commands.guild_only()
 async def imagine(
@@ -50,7 +53,9 @@ async def imagine(
     size: int | None = None,
     count: int = 1,
     spoiler: bool | None = None,
+    quality: app_commands.Choice[str] | None = None,
 ) -> None:
+    # spoiler: False stays False (it overrides a saved "always spoiler" default).
     options = ImagineOptions(prompt, negative_prompt, model, steps, guidance, seed, size, count,
-                             spoiler=spoiler or None)
+                             spoiler=spoiler, quality=quality.value if quality else None)
     await submit_imagine(interaction, options)

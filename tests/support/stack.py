@@ -87,7 +87,9 @@ def stack_env(redis_url: str, api_base: str, gateway_url: str, model_dir: Path, 
         "IMAGINE_DISCORD_TOKEN": "test-bot-token", "IMAGINE_APPLICATION_ID": "1",
         "IMAGINE_MODELS": json.dumps({TINY_MODEL: {
             "source": str(model_dir), "pipeline": "StableDiffusionPipeline", "native_size": 64,
-            "default_steps": 2, "variant": None}}),
+            "default_steps": 2, "variant": None,
+            # Fast mode offline: the tiny random LoRA written next to the tiny pipeline.
+            "fast": {"adapter": str(Path(model_dir) / "fast-lora"), "steps": 2}}}),
         "IMAGINE_DEFAULT_MODEL": TINY_MODEL, "IMAGINE_WORKER_MODELS": json.dumps([TINY_MODEL]),
         "IMAGINE_MIN_SIZE": "64", "IMAGINE_DEVICE": "cpu",
         # The tiny folder's random output classifier; a threshold no score reaches (scores are
