@@ -29,6 +29,11 @@ overtaken by at most ``(its tag - V) / DRIFT`` newcomers: nobody starves.
 
 Costs: insert O(log n) in the sorted sets plus LINSERT's walk to its pivot (O(position));
 take O(log n). Keys: five per model plus two per tenant that has waited recently (they expire).
+
+RQ internals this relies on (rq 3.0; pinned <4, and tests/test_fair_queue.py fails if they move):
+``Queue._enqueue_async_job`` (the one place a new job is saved and pushed; with ``unique=True``
+RQ never reaches ``push_job_id``), ``Queue._prepare_for_queue``, ``rq.scripts._build_hset_args``
+(the job hash fields RQ's own enqueue script writes), and ``Queue.push_job_id`` for retries.
 """
 
 from __future__ import annotations
