@@ -87,6 +87,8 @@ class ImagineBot(discord.Client):
     async def _finish_expired(self, sweep: ExpirySweep, expired: Expired) -> None:
         """Cancel, tell, then forget one job; any fault leaves it for the next sweep."""
         extra = {"job_id": expired.job_id}
+        if not await asyncio.to_thread(sweep.claim, expired):
+            return  # another bot process is finishing it right now
         try:
             await asyncio.to_thread(sweep.cancel, expired)
             if expired.request is not None:
@@ -99,6 +101,7 @@ class ImagineBot(discord.Client):
             if not refused and not sweep.gave_up(expired):
                 log.warning("expired job %s not finished; retrying next sweep", expired.job_id,
                             exc_info=True, extra=extra)
+                await asyncio.to_thread(sweep.unclaim, expired)
                 return
             log.exception("giving up telling the user of expired job %s", expired.job_id, extra=extra)
         await asyncio.to_thread(sweep.done, expired)

@@ -106,14 +106,20 @@ def admit(
                              channel_id=requester.channel_id, channel_nsfw=requester.channel_nsfw,
                              delivery=delivery,
                              created_at=created_at, store_images=store_images, user=saved)
-    if moderated.user_notes and user_settings is not None:
-        told = tuple(note for rule, note in moderated.user_notes
-                     if user_settings.first_time(requester.user_id, requester.guild_id, rule))
-        moderated = replace(moderated, notes=moderated.notes + told)
     # Back-pressure before any quota is taken: a refused job costs the user nothing.
     owner = requester.owner()
     outlook = None if jobs is None else jobs.admission_outlook(moderated.request, owner)
     keys = policies.admit_all(requester.quotas_under(policy, settings), job_id)
+    if moderated.user_notes and user_settings is not None:
+        # Only once admitted: a refused command shows only its refusal, so the "told once"
+        # mark must not be spent on it.
+        try:
+            told = tuple(note for rule, note in moderated.user_notes
+                         if user_settings.first_time(requester.user_id, requester.guild_id, rule))
+        except Exception:
+            release_admitted(Admitted(moderated, tuple(keys), owner, outlook), policies)
+            raise
+        moderated = replace(moderated, notes=moderated.notes + told)
     return Admitted(moderated, tuple(keys), owner, outlook)
 
 

@@ -5,7 +5,8 @@ leave a user waiting forever. Instead the bot sweeps every model's queue. A job 
 ``queue_ttl_s`` since it was (re)queued — a retry after a worker died goes back to the front and
 waits afresh — is moved, in one atomic step, from its queue to the *expiring* set (only the
 process whose move succeeds owns it, so several bots can sweep at once). Each job in that set is
-then finished on its own: cancelled, its user's job slot freed, its user told, and only then
+then finished on its own, by the one process that claims it (every bot lists the whole set):
+cancelled, its user's job slot freed, its user told, and only then
 dropped from the set. A Redis error, a malformed job or an undeliverable notice affects that one
 job, which stays in the set and is finished by a later sweep; a notice that still cannot be
 delivered after ``NOTICE_RETRY_S`` is given up (logged). RQ's ``ttl`` stays as a backstop.
@@ -32,12 +33,22 @@ log = logging.getLogger(__name__)
 EXPIRED_TEXT = ("⏳ No GPU worker could start your image within {minutes} minutes, so it was "
                 "cancelled. Please try again.")
 NOTICE_RETRY_S = 600  # keep retrying an undelivered notice this long, then give up
+FINISH_CLAIM_S = 120  # one process finishes an expiring job at a time (its claim's life)
 
 # Remove the job from its queue (and its fair order) and note it as expiring, both or neither.
 _TAKE = """
 if redis.call('LREM', KEYS[1], 1, ARGV[1]) == 1 then
     redis.call('ZREM', KEYS[3], ARGV[1])
     redis.call('ZADD', KEYS[2], ARGV[2], ARGV[1])
+    return 1
+end
+return 0
+"""
+
+# Claim the right to finish an expiring job, only while it is still in the expiring set (another
+# process may have finished it since this one listed the set).
+_CLAIM = """
+if redis.call('ZSCORE', KEYS[1], ARGV[1]) and redis.call('SET', KEYS[2], 1, 'NX', 'EX', ARGV[2]) then
     return 1
 end
 return 0
@@ -65,6 +76,7 @@ class ExpirySweep:
         self.redis: Redis = jobs.redis
         self.key = f"{jobs.settings.queue_prefix}:expiring"
         self._take = self.redis.register_script(_TAKE)
+        self._claim = self.redis.register_script(_CLAIM)
 
     def take_stale(self, models: list[str], now: float | None = None) -> int:
         """Move every stale job of ``models`` into the expiring set; how many this process took."""
@@ -94,8 +106,23 @@ class ExpirySweep:
             job.cancel()
         self.policies.release_job(job)
 
+    def claim(self, expired: Expired) -> bool:
+        """True for the one process that finishes ``expired`` now: every bot's sweep lists the
+        whole expiring set, and a user must not be told by two of them at once."""
+        return bool(self._claim(keys=[self.key, self._claim_key(expired)], args=[expired.job_id, FINISH_CLAIM_S]))
+
+    def unclaim(self, expired: Expired) -> None:
+        """Let the next sweep (any process's) retry it."""
+        self.redis.delete(self._claim_key(expired))
+
     def done(self, expired: Expired) -> None:
-        self.redis.zrem(self.key, expired.job_id)
+        with self.redis.pipeline() as pipe:
+            pipe.zrem(self.key, expired.job_id)
+            pipe.delete(self._claim_key(expired))
+            pipe.execute()
+
+    def _claim_key(self, expired: Expired) -> str:
+        return f"{self.key}:claim:{expired.job_id}"
 
     def gave_up(self, expired: Expired, now: float | None = None) -> bool:
         return (time.time() if now is None else now) - expired.since > NOTICE_RETRY_S

@@ -23,6 +23,7 @@ squared and parenthesized letters.
 
 from __future__ import annotations
 
+import html
 import re
 import unicodedata
 from functools import lru_cache
@@ -72,6 +73,8 @@ def _ascii_lookalike(char: str) -> str:
 
 def fold(text: str) -> str:
     """The form both text and terms are compared in (see the module docstring)."""
+    if "&" in text:  # CLIP's slow tokenizer (with ftfy) unescapes HTML twice: "&#110;ude"
+        text = html.unescape(html.unescape(text))
     if text.isascii():  # the common case: nothing to normalise but case
         return text.lower()
     text = unicodedata.normalize("NFKD", unicodedata.normalize("NFKC", text))

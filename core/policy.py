@@ -31,7 +31,7 @@ from core.output_policy import nsfw_action_for
 from core.texts import clip
 from core.user_settings import UserSettings, layered
 from core.validation import (Defaults, ImagineOptions, InvalidRequest, Resolved, check_limits,
-                             model_key, request_from, resolve_options)
+                             clean_text, model_key, request_from, resolve_options)
 from settings.catalog import ModelEntry
 from settings.config import Settings
 
@@ -196,7 +196,7 @@ def user_layer(policy: GuildPolicy, options: ImagineOptions, user: UserSettings 
         changes["model"] = None
         notes.append(("model", f"your default model `{clip(user.model, 80)}` is not allowed on this "
                                f"server; its default is used"))
-    if user.negative_prompt and options.negative_prompt is None and find_banned(
+    if user.negative_prompt and not clean_text(options.negative_prompt) and find_banned(
             user.negative_prompt, policy.banned_terms) is not None:
         changes["negative_prompt"] = None
         notes.append(("negative_prompt", "your default negative prompt contains a term this server "

@@ -326,3 +326,26 @@ def test_previews_pause_while_a_batch_runs_in_parts_after_running_out_of_memory(
     callback(1, 10, torch.arange(4).view(4, 1))  # the whole batch: this job's images start at 2
     callback(2, 10, torch.arange(2).view(2, 1))  # one half after a split: not this job's layout
     assert seen[0].flatten().tolist() == [2, 3] and seen[1] is None
+
+
+def test_a_job_failed_without_its_callback_frees_its_users_slot(redis_server):
+    """RQ fails a job stuck in a queue's intermediate list (its worker died between dequeue and
+    lease, retries spent) without running ``on_failure``: the failed-job sweep that tells its
+    user must free its slot too, or it counts against the user until it times out."""
+    from rq import Queue
+
+    from core.jobs import ACTIVE_KEY_META
+    from worker.failures import Reporter, report_untold_failures
+    from worker.outcomes import Outcomes
+
+    prefix = f"slot{snowflake()[-6:]}"
+    redis = Redis.from_url(redis_server.url)
+    active = f"{prefix}:active:web:client"
+    queue = Queue(queue_name("tiny", prefix), connection=redis, serializer=JSONSerializer)
+    job = queue.enqueue("worker.tasks.run_imagine", request(f"{prefix}-w").model_dump(mode="json"),
+                        meta={ACTIVE_KEY_META: active})
+    redis.zadd(active, {job.id: time.time() + 3600})
+    job.set_status("failed")
+    queue.failed_job_registry.add(job, ttl=600, exc_string="Job was stuck in intermediate queue.")
+    report_untold_failures(queue, Reporter(Outcomes(redis, prefix, 600)), 600)
+    assert redis.zscore(active, job.id) is None

@@ -220,3 +220,33 @@ def test_the_bot_sweep_survives_any_exception_and_retries_a_failed_notice(redis_
     asyncio.run(scenario())
     assert sorted(told) == [f"{prefix}-a", f"{prefix}-b"]
     assert "expiry sweep failed" in caplog.text
+
+
+def test_two_bots_sweeping_at_once_tell_each_user_once(redis_server):
+    """Several bot processes sweep: the expiring set holds every process's jobs, so one bot
+    must not tell a user whom another bot is telling at that moment (after the token's life the
+    notice is a new channel message: it would be posted twice)."""
+    import asyncio
+
+    from bot.app import ImagineBot
+    from bot.services import Services
+
+    prefix = f"exp{snowflake()[-6:]}"
+    redis, jobs, policies, now = stale_pair(redis_server, prefix)
+    settings = Settings(redis_url=redis_server.url, queue_prefix=prefix, queue_ttl_s=60, _env_file=None,
+                        models={"tiny": {"source": "x", "pipeline": "StableDiffusionPipeline", "native_size": 64}})
+    told = []
+
+    def bot():
+        one = ImagineBot(Services.build(settings, JobQueue(redis, settings), policies), sync_commands=False)
+
+        async def tell(request, text):
+            await asyncio.sleep(0.3)  # Discord answering
+            told.append(request.job_id)
+        one.tell = tell
+        return one
+
+    async def scenario():
+        await asyncio.gather(bot()._sweep_once(), bot()._sweep_once())
+    asyncio.run(scenario())
+    assert sorted(told) == [f"{prefix}-a", f"{prefix}-b"]

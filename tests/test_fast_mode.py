@@ -226,3 +226,35 @@ def test_an_sd15_shaped_lora_does_not_fit_a_bk_sdm_unet(tmp_path, tiny_model_dir
                        variant=None, fast=FastMode(adapter=str(tmp_path / "teacher-lora")))
     with pytest.raises(ModelLoadError, match="fast-mode adapter"):
         load_pipeline(entry, CPU, torch.float32)
+
+
+def test_a_note_is_not_spent_on_a_refused_command(redis_server):
+    """A command refused by the user's limits (or back-pressure) never shows its notes: the
+    "told once" mark must not be taken then, or the user is never told."""
+    redis = Redis.from_url(redis_server.url)
+    store, policies = UserSettingsStore(redis, "un"), PolicyStore(redis, "un")
+    store.save(42, UserSettings(model="sd-v1-4"))
+    redis.set(policies.policy_key(7), GuildPolicy(allowed_models=("bk-sdm-small",),
+                                                  max_active_jobs=1).model_dump_json())
+    requester = Requester(user_id=42, guild_id=7, channel_id=None)
+
+    def submit(job_id):
+        return admit(ImagineOptions("a cat"), requester, job_id=job_id, settings=SETTINGS, catalog=CATALOG,
+                     policies=policies, user_settings=store)
+    first = submit("a")
+    assert any("not allowed" in n for n in first.moderated.notes)
+    store.redis.delete(store._key(42) + ":told")  # as if the first job had no note to tell
+    with pytest.raises(PolicyViolation, match="max active jobs"):
+        submit("b")  # refused: the user sees only the refusal
+    policies.release(first.active_keys[0], "a")
+    assert any("not allowed" in n for n in submit("c").moderated.notes)  # told now
+
+
+@pytest.mark.parametrize("blank", [" ", "\t", "\x00"])
+def test_a_blank_negative_prompt_does_not_bring_back_a_banned_saved_one(blank):
+    """A negative prompt that cleans to nothing is no negative prompt: the saved one it falls
+    back to is checked against the server's banned terms all the same."""
+    policy = GuildPolicy(banned_terms=("gore",))
+    result = moderated(policy, user=UserSettings(negative_prompt="gore, blood"), negative_prompt=blank)
+    assert "gore" not in result.request.negative_prompt
+    assert [rule for rule, _ in result.user_notes] == ["negative_prompt"]

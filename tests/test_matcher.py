@@ -95,6 +95,8 @@ EVASIONS = [
     ("𝚋𝚊𝚗𝚗𝚎𝚍", "banned"),  # mathematical monospace
     ("ᵇᵃⁿⁿᵉᵈ", "banned"),  # modifier letters
     ("b‮a‭nned", "banned"),  # bidi overrides
+    ("&#98;anned", "banned"),  # HTML entities, which CLIP's tokenizer unescapes with ftfy
+    ("b&amp;#97;nned", "banned"),  # … twice
 ]
 
 # Text that must NOT be flagged.
@@ -128,7 +130,7 @@ def test_innocent_text_passes(text):
 
 def test_evasion_case_count():
     # Reported in the closing note; keep this in step with the lists above.
-    assert len(EVASIONS) == 81
+    assert len(EVASIONS) == 83
     assert len(INNOCENT) == 14
 
 

@@ -104,6 +104,17 @@ def test_an_abandoned_web_job_frees_its_slots(web_with):
     assert position == 1
 
 
+def test_a_web_slot_lasts_as_long_as_a_web_job_can(web_with):
+    """A web job holds its client's slot (and the web's total) until it ends, however long the
+    operator lets jobs run: the slot's bound is the queue's job lifetime, as for the bot."""
+    import time
+
+    web = web_with(job_timeout_s=1800, web_max_active_per_client=1)
+    request, _, _ = web.submit(ImagineOptions(prompt="a lake"), "a")
+    expires = web.redis.zscore(web.policies.active_key("web", client_digest("a")), request.job_id)
+    assert expires - time.time() >= web.queue.job_lifetime_s() - 5
+
+
 @pytest.mark.parametrize("address", ["", "::1", "a" * 5000, "x:y:z", "\x00\n*", "\udcff",
                                      "web:all", "all", "1:2:3:4"])
 def test_client_keys_stay_in_their_namespace(web, address):

@@ -48,7 +48,7 @@ class WebJobs:
         self.settings = settings
         self.catalog = settings.catalog()
         self.queue = JobQueue(redis, settings)
-        self.policies = PolicyStore(redis, settings.queue_prefix)
+        self.policies = PolicyStore(redis, settings.queue_prefix, self.queue.job_lifetime_s())
 
     def submit(self, options: ImagineOptions, client: str = "unknown",
                ) -> tuple[JobRequest, int | None, tuple[str, ...]]:

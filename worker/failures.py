@@ -104,6 +104,9 @@ def report_untold_failures(queue: Queue, reporter: Reporter, window_s: float) ->
         job = queue.fetch_job(job_id)
         if job is None or (job.ended_at and time.time() - job.ended_at.timestamp() > window_s):
             continue
+        # Failed without its on_failure callback (stuck in RQ's intermediate list): nothing
+        # freed its user's slot either.
+        release_slot(job, queue.connection)
         try:
             posted = reporter.tell(job, friendly_reason(job.exc_info))
         except Exception:
