@@ -15,8 +15,8 @@ import json
 
 import torch
 
-from tests.support.architectures import SIZES, build_random_pipeline
 from bench.seed_table import free, log, requests_for, timed_ms, worker_progress
+from tests.support.architectures import SIZES, build_random_pipeline
 from worker.generate import generate
 from worker.optimize import SpeedOptions, optimize
 

@@ -17,15 +17,14 @@ import time
 from pathlib import Path
 
 import torch
+from diffusers import PNDMScheduler
 
 from core.jobs import JobRequest
 from settings.catalog import build_catalog
+from tests.support.architectures import XL_MODELS, build_random_pipeline
 from worker.generate import generate
 from worker.pipelines import load_fast_adapter
 from worker.tiny import write_tiny_lora
-from diffusers import PNDMScheduler
-
-from tests.support.architectures import XL_MODELS, build_random_pipeline
 
 
 def per_image_ms(pipe, request: JobRequest, fast, runs: int) -> float:

@@ -22,7 +22,14 @@ from rq.serializers import JSONSerializer
 
 from core.jobs import job_id_for_interaction
 from tests.support.fake_discord import FakeDiscord, slash_command
-from tests.support.stack import RedisServer, live_workers, stack_env, start_bot, start_worker, wait_for
+from tests.support.stack import (
+    RedisServer,
+    live_workers,
+    stack_env,
+    start_bot,
+    start_worker,
+    wait_for,
+)
 from worker.tiny import write_tiny_pipeline
 
 

@@ -25,8 +25,8 @@ from core.admission import Requester, enqueue_moderated
 from core.policy import GuildPolicy, apply_policy
 from core.policy_store import Actor, PolicyStore
 from core.queue import JobQueue
-from settings.config import Settings
 from core.validation import ImagineOptions, build_request
+from settings.config import Settings
 from tests.support.stack import RedisServer
 
 GUILD, USER, CHANNEL = 1, 2, 3

@@ -16,8 +16,8 @@ from pathlib import Path
 
 import torch
 
-from settings.catalog import ModelEntry
 from core.jobs import JobRequest
+from settings.catalog import ModelEntry
 from worker.generate import generate
 from worker.pipelines import load_pipeline
 from worker.progress import ProgressReporter, latent_preview

@@ -22,9 +22,16 @@ from rq.registry import FinishedJobRegistry
 from rq.serializers import JSONSerializer
 
 from core.queue import JobQueue
-from settings.config import Settings
 from core.validation import ImagineOptions, build_request
-from tests.support.stack import ROOT, RedisServer, live_workers, stack_env, start_worker, wait_for
+from settings.config import Settings
+from tests.support.stack import (
+    ROOT,
+    RedisServer,
+    live_workers,
+    stack_env,
+    start_worker,
+    wait_for,
+)
 from worker.tiny import write_tiny_pipeline
 
 

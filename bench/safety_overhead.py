@@ -30,7 +30,9 @@ from worker.tiny import write_tiny_pipeline
 def vit_l_checker(device: torch.device, dtype: torch.dtype) -> SafetyChecker:
     """The published checker's shapes (CompVis safety_checker/config.json: ViT-L/14 vision
     tower, projection 768) with random weights."""
-    from diffusers.pipelines.stable_diffusion.safety_checker import StableDiffusionSafetyChecker
+    from diffusers.pipelines.stable_diffusion.safety_checker import (
+        StableDiffusionSafetyChecker,
+    )
 
     config = CLIPConfig(vision_config=dict(hidden_size=1024, intermediate_size=4096, num_attention_heads=16,
                                            num_hidden_layers=24, patch_size=14, image_size=224),

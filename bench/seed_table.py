@@ -23,9 +23,9 @@ import numpy as np
 import torch
 import transformers
 
-from tests.support.architectures import SIZES, UNETS, build_random_pipeline
-from settings.config import Settings
 from core.jobs import JobRequest
+from settings.config import Settings
+from tests.support.architectures import SIZES, UNETS, build_random_pipeline
 from worker.generate import generate, generate_batch
 from worker.optimize import SpeedOptions, optimize
 from worker.progress import ProgressReporter

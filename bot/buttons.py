@@ -26,8 +26,14 @@ from bot.services import Services, services_of
 from bot.submit import submit_imagine
 from core.jobs import Reproducibility
 from core.records import JobRecord
-from core.texts import (CANCEL_TEMPLATE, MODEL_TEMPLATE, RESULT_TEMPLATE, cancel_custom_id,
-                        model_custom_id, result_custom_id)
+from core.texts import (
+    CANCEL_TEMPLATE,
+    MODEL_TEMPLATE,
+    RESULT_TEMPLATE,
+    cancel_custom_id,
+    model_custom_id,
+    result_custom_id,
+)
 from core.validation import MAX_SEED, ImagineOptions
 
 log = logging.getLogger(__name__)

@@ -22,9 +22,15 @@ from bot import metrics
 from bot.errors import QUEUE_DOWN
 from bot.permissions import is_admin
 from bot.services import Services, services_of
-from core.admission import Admitted, Requester, admit, enqueue_admitted, release_admitted
-from core.queue import AlreadyQueued
+from core.admission import (
+    Admitted,
+    Requester,
+    admit,
+    enqueue_admitted,
+    release_admitted,
+)
 from core.jobs import Delivery, JobRequest, job_id_for_interaction
+from core.queue import AlreadyQueued
 from core.texts import MAX_CONTENT, clip, queued_text
 from core.validation import ImagineOptions, InvalidRequest
 

@@ -20,14 +20,14 @@ from dataclasses import dataclass, replace
 
 from redis.exceptions import RedisError
 
+from core.jobs import Delivery, JobRequest
 from core.policy import GuildPolicy, Moderated, apply_policy
 from core.policy_store import PolicyStore, Quota
 from core.queue import AlreadyQueued, JobQueue, Outlook
 from core.user_settings import UserSettingsStore
+from core.validation import ImagineOptions
 from settings.catalog import ModelEntry
 from settings.config import Settings
-from core.jobs import Delivery, JobRequest
-from core.validation import ImagineOptions
 
 log = logging.getLogger(__name__)
 

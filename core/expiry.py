@@ -25,6 +25,7 @@ from rq.serializers import JSONSerializer
 
 from core.jobs import JobRequest
 from core.policy_store import PolicyStore
+from core.position_edits import PositionEdits
 from core.queue import JobQueue
 from core.tokens import with_token
 
@@ -105,6 +106,8 @@ class ExpirySweep:
         if job.get_status(refresh=False) != JobStatus.CANCELED:
             job.cancel()
         self.policies.release_job(job)
+        # The expiry notice is the final text: no position edit may land over it.
+        PositionEdits(self.redis, self.jobs.settings.queue_prefix).finalize(expired.job_id)
 
     def claim(self, expired: Expired) -> bool:
         """True for the one process that finishes ``expired`` now: every bot's sweep lists the

@@ -30,8 +30,17 @@ from core.matcher import find_banned
 from core.output_policy import nsfw_action_for
 from core.texts import clip
 from core.user_settings import UserSettings, layered
-from core.validation import (Defaults, ImagineOptions, InvalidRequest, Resolved, check_limits,
-                             clean_text, model_key, request_from, resolve_options)
+from core.validation import (
+    Defaults,
+    ImagineOptions,
+    InvalidRequest,
+    Resolved,
+    check_limits,
+    clean_text,
+    model_key,
+    request_from,
+    resolve_options,
+)
 from settings.catalog import ModelEntry
 from settings.config import Settings
 

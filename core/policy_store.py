@@ -26,8 +26,8 @@ from redis.client import Pipeline
 from redis.exceptions import WatchError
 from rq.job import Job
 
-from core.policy import GuildPolicy, PolicyViolation
 from core.jobs import active_keys_of
+from core.policy import GuildPolicy, PolicyViolation
 
 AUDIT_KEEP = 500
 

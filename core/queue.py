@@ -15,15 +15,15 @@ from rq.exceptions import DuplicateJobError, InvalidJobOperation, NoSuchJobError
 from rq.job import Job, JobStatus
 from rq.serializers import JSONSerializer
 
-from settings.config import Settings
 from core.fair_queue import FAIR_META, FairQueue
 from core.fleet import FleetStats, format_duration, work_units
 from core.jobs import ACTIVE_KEY_META, JOB_FUNCTION, JobRequest, queue_name
-from core.texts import clip
-from core.tokens import TOKEN_LIFE_S
-from core.validation import InvalidRequest
+from core.position_edits import PositionEdits
 from core.records import JobRecord, RecordStore
-from core.tokens import stash_token, with_token
+from core.texts import clip
+from core.tokens import TOKEN_LIFE_S, stash_token, with_token
+from core.validation import InvalidRequest
+from settings.config import Settings
 
 FAILURE_CALLBACK = "worker.failures.report_failure"
 SUCCESS_CALLBACK = "worker.release.on_success"
@@ -284,6 +284,8 @@ class Cancelling:
             if status in (JobStatus.STARTED, JobStatus.FINISHED):
                 raise CannotCancel(f"Job `{job_id}` has already started; its images are on their way.")
             raise CannotCancel(f"Job `{job_id}` is not waiting any more ({status}).")
+        # The "Cancelled" notice is the final text: no position edit may land over it.
+        PositionEdits(self.jobs.redis, self.jobs.settings.queue_prefix).finalize(job_id)
         # With its token, for telling the owner (bot.notify) through their command's message.
         return with_token(self.jobs.redis, self.jobs.settings.queue_prefix, request)
 

@@ -17,10 +17,10 @@ import secrets
 import unicodedata
 from dataclasses import dataclass, fields
 
-from settings.catalog import QUALITIES, FastMode, ModelEntry
-from settings.config import Settings
 from core.jobs import Delivery, JobRequest, NsfwAction
 from core.texts import clip
+from settings.catalog import QUALITIES, FastMode, ModelEntry
+from settings.config import Settings
 
 MAX_SEED = 2**32 - 1
 SIZE_STEP = 64

@@ -11,7 +11,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 # Property-based tests: a fast profile in the default suite; the long one by hand with
 # `HYPOTHESIS_PROFILE=long pytest tests/test_fuzz*.py tests/test_matcher.py`.
-from hypothesis import HealthCheck, settings as hypothesis_settings  # noqa: E402
+from hypothesis import HealthCheck  # noqa: E402
+from hypothesis import settings as hypothesis_settings  # noqa: E402
 
 hypothesis_settings.register_profile("default", max_examples=60, deadline=None,
                                      suppress_health_check=[HealthCheck.function_scoped_fixture])

@@ -14,14 +14,14 @@ from redis import Redis
 from rq.job import Job
 from rq.serializers import JSONSerializer
 
+from core.jobs import Delivery, JobRequest, queue_name
 from core.queue import JobQueue
 from settings.catalog import ModelEntry
 from settings.config import Settings
-from core.jobs import Delivery, JobRequest, queue_name
-from worker.generate import generate, generate_batch
-from worker.pipelines import ResidentPipelines, load_pipeline, weight_bytes
 from tests.support.fake_discord import snowflake
 from tests.support.stack import start_worker, wait_for
+from worker.generate import generate, generate_batch
+from worker.pipelines import ResidentPipelines, load_pipeline, weight_bytes
 
 CPU = torch.device("cpu")
 

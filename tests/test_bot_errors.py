@@ -11,7 +11,14 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 
 from bot.commands.admin import admin, banned_add
 from bot.commands.queue import show_queue
-from bot.errors import QUEUE_DOWN, SORRY, STORE_DOWN, ImagineTree, answer_error, answers_errors
+from bot.errors import (
+    QUEUE_DOWN,
+    SORRY,
+    STORE_DOWN,
+    ImagineTree,
+    answer_error,
+    answers_errors,
+)
 from core.validation import InvalidRequest
 
 

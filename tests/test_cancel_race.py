@@ -123,3 +123,27 @@ def test_a_job_taken_by_a_canceller_is_never_dequeued_or_claimed(redis_server):
     assert worker_take(redis, key, "claim") is None and worker_take(redis, key, "dequeue") is None
     with pytest.raises(CannotCancel, match="already cancelled"):
         Cancelling(jobs, PolicyStore(redis, prefix).release_job).cancel(f"{prefix}-a", USER, 9, False)
+
+
+def test_a_cancelled_or_expired_job_takes_no_more_position_edits(redis_server):
+    """The "Cancelled" and expiry notices are the final text of the user's message: a worker's
+    queue-position refresh (any worker, any time) must not put "Queued #N" back over them."""
+    from core.expiry import ExpirySweep
+    from core.position_edits import PositionEdits
+
+    redis = Redis.from_url(redis_server.url)
+    settings = Settings(_env_file=None, redis_url=redis_server.url, queue_prefix=f"fin{snowflake()[-6:]}")
+    jobs, policies = JobQueue(redis, settings), PolicyStore(redis, settings.queue_prefix)
+    edits = PositionEdits(redis, settings.queue_prefix, lease_s=1)
+    for job_id in ("c", "e"):
+        jobs.submit(request(f"{settings.queue_prefix}-{job_id}"))
+        with edits.position_edit(f"{settings.queue_prefix}-{job_id}") as may:
+            assert may  # while it waits, position edits go out
+    Cancelling(jobs, policies.release_job).cancel(f"{settings.queue_prefix}-c", USER, 9, False)
+    sweep = ExpirySweep(jobs, policies, ttl_s=0)
+    sweep.take_stale(["tiny"], now=time.time() + 1)
+    for expired in sweep.pending():
+        sweep.cancel(expired)
+    for job_id in ("c", "e"):
+        with edits.position_edit(f"{settings.queue_prefix}-{job_id}") as may:
+            assert not may, job_id

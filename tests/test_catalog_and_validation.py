@@ -4,10 +4,16 @@ from __future__ import annotations
 
 import pytest
 
+from core.jobs import JobRequest, job_id_for_interaction, queue_name
+from core.validation import (
+    Defaults,
+    ImagineOptions,
+    InvalidRequest,
+    build_request,
+    resolve_options,
+)
 from settings.catalog import build_catalog
 from settings.config import Settings
-from core.jobs import JobRequest, job_id_for_interaction, queue_name
-from core.validation import Defaults, ImagineOptions, InvalidRequest, build_request, resolve_options
 
 
 def test_catalog_has_the_four_seed_models():

@@ -16,7 +16,11 @@ from rq.serializers import JSONSerializer
 
 from core.fleet import FleetStats
 from core.jobs import job_id_for_interaction
-from tests.support.fake_discord import MANAGE_GUILD, component_interaction, slash_command
+from tests.support.fake_discord import (
+    MANAGE_GUILD,
+    component_interaction,
+    slash_command,
+)
 from tests.support.stack import wait_for
 
 PREFIX = "ux"  # this module's own Redis keys: fleet numbers start empty

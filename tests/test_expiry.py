@@ -13,10 +13,10 @@ from rq.serializers import JSONSerializer
 from rq.utils import utcformat
 
 from core.expiry import expire_stale_jobs
+from core.jobs import Delivery, JobRequest, job_id_for_interaction
 from core.policy_store import PolicyStore
 from core.queue import JobQueue
 from settings.config import Settings
-from core.jobs import Delivery, JobRequest, job_id_for_interaction
 from tests.support.fake_discord import slash_command, snowflake
 from tests.support.stack import wait_for
 

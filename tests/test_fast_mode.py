@@ -19,7 +19,12 @@ from core.validation import ImagineOptions, InvalidRequest, resolve_options
 from settings.catalog import FastMode, ModelEntry, build_catalog
 from settings.config import Settings
 from worker.generate import batch_key, generate, generate_batch, reproducibility
-from worker.pipelines import ModelLoadError, ResidentPipelines, load_pipeline, weight_bytes
+from worker.pipelines import (
+    ModelLoadError,
+    ResidentPipelines,
+    load_pipeline,
+    weight_bytes,
+)
 
 CPU = torch.device("cpu")
 SETTINGS = Settings(_env_file=None)

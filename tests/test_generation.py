@@ -10,11 +10,11 @@ import numpy as np
 import pytest
 import torch
 
-from settings.catalog import ModelEntry
 from core.jobs import JobRequest
+from settings.catalog import ModelEntry
+from tests.support.stack import ROOT
 from worker.generate import generate
 from worker.pipelines import ResidentPipelines, load_pipeline
-from tests.support.stack import ROOT
 
 CPU = torch.device("cpu")
 

@@ -24,9 +24,9 @@ from redis import Redis
 from rq.job import Job
 from rq.serializers import JSONSerializer
 
-from settings.config import Settings
 from core.jobs import PROGRESS_META
 from core.validation import ImagineOptions
+from settings.config import Settings
 from tests.support.stack import ROOT, Process, Processes, free_port, wait_for
 
 CHROMIUM, CHROMEDRIVER = shutil.which("chromium"), shutil.which("chromedriver")

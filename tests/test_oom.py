@@ -9,10 +9,10 @@ import pytest
 import torch
 
 from core.jobs import JobRequest
+from settings.catalog import ModelEntry
 from worker.failures import friendly_reason
 from worker.generate import generate
 from worker.pipelines import load_pipeline
-from settings.catalog import ModelEntry
 
 
 class OutOfMemoryAbove:

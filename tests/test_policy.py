@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 
 from core.policy import GuildPolicy, PolicyViolation, apply_policy
-from settings.config import Settings
 from core.validation import ImagineOptions, InvalidRequest
+from settings.config import Settings
 
 SETTINGS = Settings(_env_file=None, default_model="bk-sdm-small")
 CATALOG = SETTINGS.catalog()

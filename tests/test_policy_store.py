@@ -10,9 +10,9 @@ from redis import Redis
 from rq import Queue
 from rq.serializers import JSONSerializer
 
+from core.jobs import ACTIVE_KEY_META, JobRequest
 from core.policy import GuildPolicy, PolicyViolation
 from core.policy_store import AUDIT_KEEP, Actor, PolicyStore
-from core.jobs import ACTIVE_KEY_META, JobRequest
 from worker.failures import report_failure
 from worker.release import on_success
 

@@ -16,8 +16,13 @@ from redis import Redis
 from bot.buttons import CancelButton, ModelSwitch, ResultButton
 from core.fleet import FleetStats, eta_seconds, format_duration, percentile, work_units
 from core.jobs import JobRequest
-from core.texts import (cancel_custom_id, model_custom_id, progress_bar, queued_text,
-                               result_custom_id)
+from core.texts import (
+    cancel_custom_id,
+    model_custom_id,
+    progress_bar,
+    queued_text,
+    result_custom_id,
+)
 from worker.progress import SD_FACTORS, ProgressReporter, latent_preview
 
 
@@ -101,7 +106,7 @@ def test_progress_reporter_sends_latest_step_at_most_once_per_interval():
 
 
 def test_a_position_edit_in_flight_holds_the_result_back_and_a_final_job_gets_none(redis_server):
-    from worker.progress import PositionEdits
+    from core.position_edits import PositionEdits
 
     edits = PositionEdits(Redis.from_url(redis_server.url), f"pos{time.time_ns()}", lease_s=5)
     events: list[str] = []

@@ -9,13 +9,13 @@ from unittest import mock
 from redis import Redis
 from redis.exceptions import ConnectionError as RedisConnectionError
 
+from bot.services import Services
+from bot.submit import QUEUE_DOWN, submit_imagine
 from core.policy import GuildPolicy
 from core.policy_store import PolicyStore
 from core.queue import JobQueue
-from bot.services import Services
-from bot.submit import QUEUE_DOWN, submit_imagine
-from settings.config import Settings
 from core.validation import ImagineOptions
+from settings.config import Settings
 from tests.support.fake_discord import snowflake
 
 GUILD, USER = 5, 7

@@ -152,6 +152,7 @@ def test_a_delivery_that_cannot_connect_leaves_no_token_in_the_stored_failure(wo
     failure text for a week (failed registry, results stream) and rq-dashboard shows it."""
     from rq.job import Job, JobStatus
     from rq.serializers import JSONSerializer
+
     from worker.main import build_worker
 
     prefix = f"tok{snowflake()[-6:]}"
@@ -171,6 +172,7 @@ def test_a_delivery_that_cannot_connect_leaves_no_token_in_the_stored_failure(wo
 def test_the_bot_token_is_scrubbed_from_stored_failures_too(worker_on, monkeypatch):
     from rq.job import Job
     from rq.serializers import JSONSerializer
+
     from worker import results
     from worker.main import build_worker
 

@@ -6,9 +6,9 @@ from __future__ import annotations
 import pytest
 from torch._dynamo.utils import counters
 
+from core.jobs import JobRequest
 from settings.catalog import ModelEntry
 from settings.config import Settings
-from core.jobs import JobRequest
 from worker.generate import generate_batch
 from worker.main import load_pipelines, warm_up_shapes
 

@@ -9,8 +9,8 @@ from redis import Redis
 
 from core.policy import PolicyViolation
 from core.policy_store import Actor, PolicyStore
-from settings.config import Settings
 from core.validation import ImagineOptions
+from settings.config import Settings
 from tests.support.fake_discord import snowflake
 from web.jobs import WebJobs
 from web.policy import client_address, client_digest

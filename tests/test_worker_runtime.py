@@ -21,7 +21,6 @@ def runtime_on(redis: Redis, settings: Settings, model_dir=None):
     from worker.outcomes import Outcomes
     from worker.pipelines import ResidentPipelines
     from worker.runtime import WorkerRuntime
-
     from worker.safety import load_safety_checker
 
     pipelines = ResidentPipelines(device=torch.device("cpu"), dtype=torch.float32)

@@ -21,12 +21,12 @@ import gradio as gr  # noqa: E402
 from PIL import Image  # noqa: E402
 from redis.exceptions import RedisError  # noqa: E402
 
-from core.queue import AlreadyQueued, connect  # noqa: E402
-from settings.config import Settings, load_settings  # noqa: E402
 from core.jobs import JobRequest, JobResult  # noqa: E402
 from core.logs import configure_logging, secrets_of  # noqa: E402
+from core.queue import AlreadyQueued, connect  # noqa: E402
 from core.texts import no_worker_text  # noqa: E402
 from core.validation import SIZE_STEP, ImagineOptions, InvalidRequest  # noqa: E402
+from settings.config import Settings, load_settings  # noqa: E402
 from web.jobs import Progress, WebJobs  # noqa: E402
 from web.policy import client_address  # noqa: E402
 

@@ -13,11 +13,11 @@ from rq.job import Job, JobStatus
 from rq.serializers import JSONSerializer
 
 from core.admission import enqueue_moderated
+from core.jobs import PROGRESS_META, JobRequest, JobResult
 from core.policy_store import PolicyStore
 from core.queue import JobQueue, cancel_waiting
-from settings.config import Settings
-from core.jobs import PROGRESS_META, JobRequest, JobResult
 from core.validation import ImagineOptions
+from settings.config import Settings
 from web.policy import web_requester
 
 WAITING = {JobStatus.CREATED, JobStatus.QUEUED, JobStatus.DEFERRED, JobStatus.SCHEDULED,

@@ -10,8 +10,8 @@ import logging
 import sys
 from pathlib import Path
 
-from settings.config import load_settings
 from core.validation import ImagineOptions, InvalidRequest, build_request
+from settings.config import load_settings
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -68,7 +68,12 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING)
     # Imported here so that option errors answer instantly, before torch loads.
     from worker.generate import generate
-    from worker.pipelines import ModelLoadError, load_pipeline, resolve_device, resolve_dtype
+    from worker.pipelines import (
+        ModelLoadError,
+        load_pipeline,
+        resolve_device,
+        resolve_dtype,
+    )
 
     try:
         device = resolve_device(settings.device)

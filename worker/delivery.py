@@ -21,9 +21,9 @@ import requests
 from discord.http import Route, handle_message_parameters
 from discord.webhook.sync import _get_webhook_adapter
 
-from settings.catalog import ModelEntry
 from core.jobs import Delivery, JobRequest, Reproducibility, Timings
 from core.texts import model_custom_id, result_custom_id
+from settings.catalog import ModelEntry
 
 log = logging.getLogger(__name__)
 

@@ -22,9 +22,9 @@ from redis import Redis
 from rq import Queue
 from rq.job import Job
 
-from settings.config import Settings
 from core.jobs import JobRequest
 from core.tokens import with_token
+from settings.config import Settings
 from worker import metrics
 from worker.delivery import post_failure, use_api_base
 from worker.outcomes import Outcomes, Told
@@ -76,7 +76,9 @@ class Reporter:
 def reporter_for(connection: Redis) -> Reporter:
     """Inside a worker, its own reporter; in any other process where RQ runs this callback
     (registry clean-up triggered by ``rq info`` or rq-dashboard), one built from the environment."""
-    from worker.runtime import installed_runtime  # on call: it loads diffusers, which such processes need not
+    from worker.runtime import (
+        installed_runtime,  # on call: it loads diffusers, which such processes need not
+    )
 
     if (runtime := installed_runtime()) is not None:
         return Reporter(runtime.outcomes, runtime.session, runtime.bot_token)

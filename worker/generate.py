@@ -15,8 +15,8 @@ import torch
 from diffusers import DiffusionPipeline
 from PIL.Image import Image
 
-from settings.catalog import FastMode, ModelEntry
 from core.jobs import ImageAction, ImageModeration, JobRequest, Reproducibility
+from settings.catalog import FastMode, ModelEntry
 
 log = logging.getLogger(__name__)
 # (steps done, total steps, current latents or None) — called from inside the denoising loop.

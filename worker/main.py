@@ -22,17 +22,22 @@ from redis.retry import Retry
 from rq import get_current_job
 from rq.serializers import JSONSerializer
 
-from settings.catalog import ModelEntry
-from settings.config import Settings, load_settings
 from core.jobs import JobRequest, queue_name
 from core.logs import configure_logging, secrets_of
+from settings.catalog import ModelEntry
+from settings.config import Settings, load_settings
 from worker import metrics
 from worker.delivery import use_api_base
 from worker.failures import Reporter
 from worker.generate import generate
 from worker.optimize import SpeedOptions
 from worker.outcomes import Outcomes
-from worker.pipelines import ModelLoadError, ResidentPipelines, resolve_device, resolve_dtype
+from worker.pipelines import (
+    ModelLoadError,
+    ResidentPipelines,
+    resolve_device,
+    resolve_dtype,
+)
 from worker.rq_worker import ImagineQueue, ImagineWorker
 from worker.runtime import WorkerRuntime, install_runtime
 from worker.safety import SafetyChecker, classify, load_safety_checker

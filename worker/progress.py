@@ -16,9 +16,7 @@ import io
 import logging
 import threading
 import time
-from collections.abc import Iterator
 from concurrent.futures import Future
-from contextlib import contextmanager
 from typing import TYPE_CHECKING, Callable
 
 import requests
@@ -31,8 +29,9 @@ from rq.serializers import JSONSerializer
 
 from core.fleet import FleetStats, work_units
 from core.jobs import PROGRESS_META, JobRequest, queue_name
-from core.tokens import with_token
+from core.position_edits import PositionEdits
 from core.texts import generating_text, queued_text
+from core.tokens import with_token
 from worker.delivery import Upload, edit_original
 
 if TYPE_CHECKING:  # annotations only: the runtime module imports this one
@@ -86,38 +85,6 @@ class EditGate:
 
     def acquire(self, job_id: str) -> bool:
         return bool(self.redis.set(f"{self.prefix}:edit-gate:{job_id}", 1, nx=True, px=self.ttl_ms))
-
-
-class PositionEdits:
-    """Queue-position edits come from any worker; the result from the one that ran the job.
-    A position edit runs under a short Redis lease and only while the job is not final; the
-    result marks the job final first and waits out a lease in flight, so a slow (retried)
-    position edit can never replace the text above a posted result."""
-
-    def __init__(self, redis: Redis, prefix: str, lease_s: float = 15.0):
-        self.redis, self.prefix, self.lease_s = redis, prefix, lease_s
-
-    def _keys(self, job_id: str) -> tuple[str, str]:
-        return f"{self.prefix}:final:{job_id}", f"{self.prefix}:position-edit:{job_id}"
-
-    @contextmanager
-    def position_edit(self, job_id: str) -> Iterator[bool]:
-        """Yields whether the edit may go out now."""
-        final, editing = self._keys(job_id)
-        if not self.redis.set(editing, 1, nx=True, px=int(self.lease_s * 1000)):
-            yield False
-            return
-        try:
-            yield not self.redis.exists(final)
-        finally:
-            self.redis.delete(editing)
-
-    def finalize(self, job_id: str) -> None:
-        final, editing = self._keys(job_id)
-        self.redis.set(final, 1, ex=3600)
-        deadline = time.monotonic() + self.lease_s
-        while self.redis.exists(editing) and time.monotonic() < deadline:
-            time.sleep(0.05)
 
 
 Send = Callable[[int, int, bytes | None], None]  # (step, total, preview PNG or None)

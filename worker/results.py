@@ -12,11 +12,12 @@ from redis.exceptions import RedisError
 
 from core.jobs import JobRequest, JobResult, Reproducibility
 from core.output_policy import notice
+from core.position_edits import PositionEdits
 from worker.delivery import ResultComponents, Upload, deliver_result, result_embed
 from worker.generate import Generation
 from worker.images import encode_for_upload, grid
 from worker.outcomes import Told
-from worker.progress import PositionEdits, ProgressReporter
+from worker.progress import ProgressReporter
 
 if TYPE_CHECKING:
     from worker.runtime import WorkerRuntime

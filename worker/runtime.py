@@ -15,10 +15,10 @@ from functools import cached_property
 import requests
 from redis import Redis
 
-from settings.catalog import ModelEntry
-from settings.config import Settings
 from core.fleet import FleetStats
 from core.records import RecordStore
+from settings.catalog import ModelEntry
+from settings.config import Settings
 from worker.batching import BatchPlan
 from worker.outcomes import Outcomes
 from worker.pipelines import ResidentPipelines

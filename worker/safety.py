@@ -22,7 +22,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from diffusers.pipelines.stable_diffusion.safety_checker import StableDiffusionSafetyChecker, cosine_distance
+from diffusers.pipelines.stable_diffusion.safety_checker import (
+    StableDiffusionSafetyChecker,
+    cosine_distance,
+)
 from PIL.Image import Image
 from transformers import CLIPImageProcessor
 

@@ -21,7 +21,12 @@ from worker import metrics
 from worker.batching import images_for
 from worker.generate import Generation, reproducibility
 from worker.outcomes import Told
-from worker.progress import ProgressReporter, discord_progress, meta_progress, refresh_queue_later
+from worker.progress import (
+    ProgressReporter,
+    discord_progress,
+    meta_progress,
+    refresh_queue_later,
+)
 from worker.results import post_result
 from worker.runtime import WorkerRuntime, current_runtime
 from worker.safety import moderate

@@ -29,9 +29,17 @@ from diffusers import (
     StableDiffusionXLPipeline,
     UNet2DConditionModel,
 )
-from diffusers.pipelines.stable_diffusion.safety_checker import StableDiffusionSafetyChecker
-from transformers import (CLIPConfig, CLIPImageProcessor, CLIPTextConfig, CLIPTextModel,
-                          CLIPTextModelWithProjection, CLIPTokenizer)
+from diffusers.pipelines.stable_diffusion.safety_checker import (
+    StableDiffusionSafetyChecker,
+)
+from transformers import (
+    CLIPConfig,
+    CLIPImageProcessor,
+    CLIPTextConfig,
+    CLIPTextModel,
+    CLIPTextModelWithProjection,
+    CLIPTokenizer,
+)
 
 TINY_SIZE = 64  # pixels: UNet sample_size 32 × VAE scale factor 2
 TEXT_DIM = 8

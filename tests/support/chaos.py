@@ -25,8 +25,16 @@ from rq import Queue
 
 from core.jobs import job_id_for_interaction
 from tests.support.fake_discord import FakeDiscord, slash_command
-from tests.support.stack import (TINY_MODEL, Process, RedisServer, live_workers, stack_env, start_bot,
-                                 start_worker, wait_for)
+from tests.support.stack import (
+    TINY_MODEL,
+    Process,
+    RedisServer,
+    live_workers,
+    stack_env,
+    start_bot,
+    start_worker,
+    wait_for,
+)
 
 # Fast liveness for a short run: 1 s heartbeats (4 s lease), maintenance every 2 s.
 CHAOS_ENV = {"IMAGINE_HEARTBEAT_S": "1", "IMAGINE_MAINTENANCE_INTERVAL_S": "2",
