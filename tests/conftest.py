@@ -66,6 +66,15 @@ def redis_server():
     server.cleanup()
 
 
+@pytest.fixture(scope="module")
+def private_redis():
+    """A redis-server of the module's own, for tests that break it (fill it, count its commands)
+    or need every model's registries to themselves."""
+    server = RedisServer().start()
+    yield server
+    server.cleanup()
+
+
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory) -> Path:
     from worker.tiny import write_tiny_pipeline

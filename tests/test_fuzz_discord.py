@@ -19,8 +19,7 @@ from rq.serializers import JSONSerializer
 
 from core.jobs import JobRequest, job_id_for_interaction
 from core.matcher import find_banned
-from tests.support.fake_discord import component_interaction, slash_command
-from tests.support.stack import wait_for
+from tests.support.fake_discord import component_interaction, slash_command, subcommand
 
 GUILD, CHANNEL, ADMIN = "870000000000000001", "810000000000000001", "830000000000000001"
 SCRATCH_GUILD = "870000000000000002"  # the admin fuzz edits this one, never the policy under test
@@ -49,20 +48,12 @@ def bot(env, fake_discord, processes, redis_server):
 
 
 def admin_payload(path: list[str], options: dict, guild: str = GUILD) -> dict:
-    payload = slash_command("imagine-admin", {}, guild_id=guild, user_id=ADMIN, permissions=ADMIN_PERMISSIONS,
-                            channel_id=CHANNEL)
-    inner = [{"name": k, "type": {str: 3, int: 4, bool: 5, float: 10}[type(v)], "value": v}
-             for k, v in options.items()]
-    for name in reversed(path):
-        inner = [{"name": name, "type": 1 if name == path[-1] else 2, "options": inner}]
-    payload["data"]["options"] = inner
-    return payload
+    return subcommand("imagine-admin", " ".join(path), options, guild_id=guild, user_id=ADMIN,
+                      permissions=ADMIN_PERMISSIONS, channel_id=CHANNEL)
 
 
 def answer(fake, payload) -> dict:
-    fake.dispatch("INTERACTION_CREATE", payload)
-    replies = wait_for(lambda: fake.messages("callback", payload["token"]), 15, what="reply")
-    return replies[0].payload
+    return fake.answer(payload, timeout=15)
 
 
 def assert_clear_refusal_or_answer(reply: dict) -> str:

@@ -14,7 +14,7 @@ from rq.job import Job
 from rq.serializers import JSONSerializer
 
 from core.jobs import job_id_for_interaction
-from tests.support.fake_discord import slash_command
+from tests.support.fake_discord import slash_command, subcommand
 from tests.support.stack import wait_for
 
 ADMIN_PERMISSIONS = str(1 << 5)  # Manage Server only
@@ -44,8 +44,7 @@ def guild() -> str:
 
 
 def send(fake, payload) -> dict:
-    fake.dispatch("INTERACTION_CREATE", payload)
-    return wait_for(lambda: fake.messages("callback", payload["token"]), 10, what="reply")[0].payload
+    return fake.answer(payload)
 
 
 def imagine(fake, guild, *, user=MEMBER_ID, permissions=MEMBER_PERMISSIONS, channel=CHANNEL, **options):
@@ -56,14 +55,9 @@ def imagine(fake, guild, *, user=MEMBER_ID, permissions=MEMBER_PERMISSIONS, chan
 
 def admin(fake, guild, path: str, *, permissions=ADMIN_PERMISSIONS, user=ADMIN_ID, channel=CHANNEL,
           **options) -> dict:
-    """``/imagine-admin <path…>`` with options, nested as Discord sends subcommands."""
-    payload = slash_command("imagine-admin", options, guild_id=guild, user_id=user,
-                            permissions=permissions, channel_id=channel)
-    leaf = payload["data"]["options"]
-    for name in reversed(path.split()):
-        leaf = [{"name": name, "type": 1 if leaf is payload["data"]["options"] else 2, "options": leaf}]
-    payload["data"]["options"] = leaf
-    return send(fake, payload)
+    """``/imagine-admin <path…>`` with options."""
+    return fake.answer(subcommand("imagine-admin", path, options, guild_id=guild, user_id=user,
+                                  permissions=permissions, channel_id=channel))
 
 
 def is_ephemeral(answer: dict) -> bool:

@@ -16,7 +16,7 @@ from rq.job import Job
 from rq.serializers import JSONSerializer
 
 from core.jobs import job_id_for_interaction
-from tests.support.fake_discord import component_interaction, slash_command
+from tests.support.fake_discord import component_interaction, slash_command, subcommand
 from tests.support.stack import ROOT, wait_for
 
 ADMIN_PERMISSIONS = str(1 << 5)
@@ -45,8 +45,7 @@ def guild() -> str:
 
 
 def send(fake, payload) -> dict:
-    fake.dispatch("INTERACTION_CREATE", payload)
-    return wait_for(lambda: fake.messages("callback", payload["token"]), 10, what="reply")[0].payload
+    return fake.answer(payload)
 
 
 def imagine(fake, guild, *, nsfw=False, **options):
@@ -58,10 +57,8 @@ def imagine(fake, guild, *, nsfw=False, **options):
 
 
 def admin(fake, guild, **options) -> dict:
-    payload = slash_command("imagine-admin", {}, guild_id=guild, user_id=ADMIN_ID, permissions=ADMIN_PERMISSIONS)
-    payload["data"]["options"] = [{"name": "nsfw", "type": 1, "options": [
-        {"name": k, "type": 3, "value": v} for k, v in options.items()]}]
-    return send(fake, payload)
+    return fake.answer(subcommand("imagine-admin", "nsfw", options, guild_id=guild, user_id=ADMIN_ID,
+                                  permissions=ADMIN_PERMISSIONS))
 
 
 def names(post) -> list[str]:

@@ -17,22 +17,15 @@ from core.queue import JobQueue
 from settings.config import Settings
 from tests.support.chaos import CHAOS_ENV
 from tests.support.fake_discord import snowflake
-from tests.support.stack import RedisServer, registered, stack_env, wait_for
+from tests.support.stack import registered, stack_env, wait_for
 
 pytestmark = pytest.mark.e2e
 PREFIX = "full"
 
 
 @pytest.fixture(scope="module")
-def redis_full():
-    server = RedisServer().start()
-    yield server
-    server.cleanup()
-
-
-@pytest.fixture(scope="module")
-def full_env(redis_full, fake_discord, tiny_model_dir):
-    return stack_env(redis_full.url, fake_discord.api_base, fake_discord.gateway_url, tiny_model_dir,
+def full_env(private_redis, fake_discord, tiny_model_dir):
+    return stack_env(private_redis.url, fake_discord.api_base, fake_discord.gateway_url, tiny_model_dir,
                      IMAGINE_QUEUE_PREFIX=PREFIX, **CHAOS_ENV)
 
 
@@ -65,8 +58,8 @@ def status(redis: Redis, request: JobRequest) -> JobStatus:
     return Job.fetch(request.job_id, connection=redis, serializer=JSONSerializer).get_status()
 
 
-def test_a_full_redis_makes_the_worker_back_off_not_spin(full_env, redis_full, fake_discord, processes):
-    redis = Redis.from_url(redis_full.url)
+def test_a_full_redis_makes_the_worker_back_off_not_spin(full_env, private_redis, fake_discord, processes):
+    redis = Redis.from_url(private_redis.url)
     worker = processes.worker(full_env, name="backoff")
     try:
         fill(redis)
@@ -82,17 +75,17 @@ def test_a_full_redis_makes_the_worker_back_off_not_spin(full_env, redis_full, f
         unfill(redis)
     assert worker.alive()
     # Writable again: the worker comes back on its own (within its capped back-off) and serves.
-    request = submit(redis, redis_full.url)
+    request = submit(redis, private_redis.url)
     wait_for(lambda: outcomes(fake_discord, request), 60, 0.2, "the job served after Redis freed up")
     assert outcomes(fake_discord, request)[0].files
     worker.stop()
 
 
-def test_images_made_reach_the_user_once_though_redis_refuses_writes(full_env, redis_full, fake_discord, processes):
-    redis = Redis.from_url(redis_full.url)
+def test_images_made_reach_the_user_once_though_redis_refuses_writes(full_env, private_redis, fake_discord, processes):
+    redis = Redis.from_url(private_redis.url)
     worker = processes.worker(full_env, name="deliver")
-    wait_for(lambda: registered(worker, redis_full.url), 60, 0.1, "worker ready")
-    request = submit(redis, redis_full.url, steps=60, size=192, seed=5)
+    wait_for(lambda: registered(worker, private_redis.url), 60, 0.1, "worker ready")
+    request = submit(redis, private_redis.url, steps=60, size=192, seed=5)
     wait_for(lambda: status(redis, request) == JobStatus.STARTED, 30, 0.02, "job started")
     fill(redis)
     try:

@@ -21,23 +21,16 @@ from core.texts import queued_text
 from settings.config import Settings
 from tests.support.chaos import CHAOS_ENV
 from tests.support.fake_discord import snowflake
-from tests.support.stack import RedisServer, stack_env, wait_for
+from tests.support.stack import stack_env, wait_for
 
 OTHER = "tiny-b"  # in the catalog; the test's worker does not serve it
 
 
 @pytest.fixture(scope="module")
-def redis_own():
-    server = RedisServer().start()
-    yield server
-    server.cleanup()
-
-
-@pytest.fixture(scope="module")
-def recovery_env(redis_own, fake_discord, tiny_model_dir):
+def recovery_env(private_redis, fake_discord, tiny_model_dir):
     entry = {"source": str(tiny_model_dir), "pipeline": "StableDiffusionPipeline", "native_size": 64,
              "default_steps": 2, "variant": None}
-    return stack_env(redis_own.url, fake_discord.api_base, fake_discord.gateway_url, tiny_model_dir,
+    return stack_env(private_redis.url, fake_discord.api_base, fake_discord.gateway_url, tiny_model_dir,
                      IMAGINE_QUEUE_PREFIX="recov", IMAGINE_MODELS=json.dumps({"tiny": entry, OTHER: entry}),
                      **CHAOS_ENV)
 
@@ -68,8 +61,8 @@ def abandon(redis: Redis, jobs: JobQueue, request: JobRequest, retries_left: int
 
 
 @pytest.mark.e2e
-def test_a_job_of_a_model_nobody_serves_is_recovered_by_any_worker(recovery_env, redis_own, fake_discord, processes):
-    redis = Redis.from_url(redis_own.url)
+def test_a_job_of_a_model_nobody_serves_is_recovered_by_any_worker(recovery_env, private_redis, fake_discord, processes):
+    redis = Redis.from_url(private_redis.url)
     jobs = JobQueue(redis, settings_of(recovery_env))
     processes.worker(recovery_env)  # serves "tiny" only
     retried = abandon(redis, jobs, request_for(OTHER, 41), retries_left=1)

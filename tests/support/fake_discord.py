@@ -108,6 +108,16 @@ class FakeDiscord:
         with self._lock:
             return [p for p in self.posts if (kind is None or p.kind == kind) and (key is None or p.key == key)]
 
+    def answer(self, payload: dict, timeout: float = 10) -> dict:
+        """Dispatch an interaction and return the bot's answer (its callback's body)."""
+        self.dispatch("INTERACTION_CREATE", payload)
+        deadline = time.monotonic() + timeout
+        while not (answers := self.messages("callback", payload["token"])):
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"no answer to interaction {payload['id']} within {timeout}s")
+            time.sleep(0.05)
+        return answers[0].payload
+
     def results(self, token: str) -> list[Posted]:
         """Result messages of one command: the edit of its message that carries the embed."""
         return [p for p in self.messages("edit", token) if p.payload.get("embeds")]
@@ -206,27 +216,23 @@ class FakeDiscord:
         })
 
     async def _followup(self, request: web.Request) -> web.Response:
-        token = request.match_info["token"]
-        if (failure := self._failure("followup", token)) is not None:
-            return failure
-        payload, files = await _read_message(request)
-        if (bad := _limits(payload)) is not None:
-            self._record(Posted("rejected", token, payload))
-            return bad
-        message = _message(payload, channel_id="0", files=files)
-        self._record(Posted("followup", token, payload, files, message["id"], message=message))
-        return _json(message)
+        return await self._webhook_message(request, "followup")
 
     async def _edit(self, request: web.Request) -> web.Response:
+        return await self._webhook_message(request, "edit", request.match_info["message"])
+
+    async def _webhook_message(self, request: web.Request, kind: str, message_id: str | None = None,
+                               ) -> web.Response:
+        """A follow-up (new message) or an edit of one through the interaction's webhook."""
         token = request.match_info["token"]
-        if (failure := self._failure("edit", token)) is not None:
+        if (failure := self._failure(kind, token)) is not None:
             return failure
         payload, files = await _read_message(request)
         if (bad := _limits(payload)) is not None:
             self._record(Posted("rejected", token, payload))
             return bad
         message = _message(payload, channel_id="0", files=files)
-        self._record(Posted("edit", token, payload, files, request.match_info["message"], message=message))
+        self._record(Posted(kind, token, payload, files, message_id or message["id"], message=message))
         return _json(message)
 
     async def _delete(self, request: web.Request) -> web.Response:
@@ -343,6 +349,17 @@ def slash_command(name: str, options: dict[str, Any], *, guild_id: str = "800000
     return _interaction(2, data, guild_id=guild_id, channel_id=channel_id, user_id=user_id,
                         application_id=application_id, permissions=permissions, size_limit=size_limit,
                         nsfw=nsfw)
+
+
+def subcommand(name: str, path: str, options: dict[str, Any], **where: Any) -> dict:
+    """``/name <path…>`` with options, nested as Discord sends subcommands and groups (type 1 for
+    the leaf, 2 for a group); ``where`` as for :func:`slash_command`."""
+    payload = slash_command(name, options, **where)
+    leaf = payload["data"]["options"]
+    for part in reversed(path.split()):
+        leaf = [{"name": part, "type": 1 if leaf is payload["data"]["options"] else 2, "options": leaf}]
+    payload["data"]["options"] = leaf
+    return payload
 
 
 # Permission bits (https://discord.com/developers/docs/topics/permissions)
