@@ -1,14 +1,23 @@
 """The Discord client: builds the command tree, syncs it, holds the services commands and
 buttons use (:class:`bot.services.Services`), and tells users whose jobs expired in the queue.
 
+It is discord.py's ``AutoShardedClient``: one process runs every shard, or N processes each run
+their share (``shard_count``, ``shard_ids``). Nothing a command or button needs lives in one
+process's memory (job records, cancel and quotas are in Redis), so any shard can answer any
+interaction. What must happen once across all processes takes a Redis lease (core.lease): the
+command sync (once per command tree) and the expiry sweep (one holder; taken over when it dies).
+
     python -m bot.app
 """
 
 from __future__ import annotations
 
 import asyncio
+import hashlib
+import json
 import logging
 import sys
+from concurrent.futures import ThreadPoolExecutor
 
 import discord
 import yarl
@@ -18,16 +27,19 @@ from discord.http import Route
 from redis.exceptions import RedisError
 
 from bot import metrics
-from bot.buttons import DYNAMIC_ITEMS
+from bot.buttons import DYNAMIC_ITEMS, on_remix_submit
 from bot.commands import admin, cancel, imagine, models, queue
 from bot.commands import settings as settings_command
 from bot.errors import ImagineTree
 from bot.notify import mentioning, notify
 from bot.services import Services
+from core.entry import no_options
 from core.expiry import Expired, ExpirySweep, expired_text
+from core.health import stop_on_sigterm
 from core.jobs import JobRequest
+from core.lease import Lease, process_identity
 from core.logs import configure_logging, secrets_of
-from core.queue import JobQueue, connect
+from core.queue import READ_CACHE_S, JobQueue, connect
 from settings.config import Settings, load_settings
 
 log = logging.getLogger("bot")
@@ -41,36 +53,111 @@ def use_discord_endpoints(settings: Settings) -> None:
     DiscordWebSocket.DEFAULT_GATEWAY = yarl.URL(settings.discord_gateway_url)
 
 
-class ImagineBot(discord.Client):
+SYNC_LEASE_S = 60  # longest one process may take to sync the command tree
+
+
+class ImagineBot(discord.AutoShardedClient):
     def __init__(self, services: Services, *, sync_commands: bool = True):
+        settings = services.settings
         # Prompts are user text: no message of the bot may ping @everyone, roles or users unless
         # it names them explicitly (bot.notify.mentioning).
-        super().__init__(intents=discord.Intents(guilds=True), application_id=services.settings.application_id,
-                         allowed_mentions=discord.AllowedMentions.none())
+        super().__init__(intents=discord.Intents(guilds=True), application_id=settings.application_id,
+                         allowed_mentions=discord.AllowedMentions.none(),
+                         shard_count=settings.shard_count, shard_ids=settings.shard_ids)
         self.services = services  # handlers reach it through bot.services.services_of
-        self.settings = services.settings
+        self.settings = settings
         self.sync_commands = sync_commands
         self.tree = ImagineTree(self)
+        identity = process_identity()
+        prefix = settings.queue_prefix
+        self.sweep_lease = Lease(services.jobs.redis, f"{prefix}:lease:expiry-sweep", settings.lease_ttl_s, identity)
+        self.sync_lease = Lease(services.jobs.redis, f"{prefix}:lease:command-sync", SYNC_LEASE_S, identity)
+
+    async def before_identify_hook(self, shard_id: int | None, *, initial: bool = False) -> None:
+        """Discord allows one IDENTIFY per 5 s (per max_concurrency bucket): discord.py's own wait,
+        made a setting."""
+        if not initial:
+            await asyncio.sleep(self.settings.shard_identify_delay_s)
 
     async def setup_hook(self) -> None:
+        # asyncio.to_thread runs on the loop's default executor: size it for Redis-bound work.
+        asyncio.get_running_loop().set_default_executor(
+            ThreadPoolExecutor(max_workers=self.settings.bot_threads, thread_name_prefix="imagine-redis"))
         for command in (imagine.imagine, models.list_models, queue.show_queue, cancel.cancel, admin.admin,
                         settings_command.settings_group):
             self.tree.add_command(command)
         # Result and cancel buttons are matched by custom id, so they outlive restarts.
         self.add_dynamic_items(*DYNAMIC_ITEMS)
+        # Remix forms, also after a restart: see on_interaction (discord.Client has no add_listener).
+        # The lease first: the sweep runs only where it is held.
+        self.sweep_leadership.change_interval(seconds=max(0.1, self.settings.lease_ttl_s / 3))
+        self.sweep_leadership.start()
         self.expiry_sweep.change_interval(seconds=self.settings.expiry_sweep_s)
         self.expiry_sweep.start()
         if self.sync_commands:
             guild = discord.Object(self.settings.sync_guild_id) if self.settings.sync_guild_id else None
             if guild:
                 self.tree.copy_global_to(guild=guild)
-            synced = await self.tree.sync(guild=guild)
-            log.info("synced %d commands %s", len(synced), f"to guild {guild.id}" if guild else "globally")
+            try:
+                await self._sync_once(guild)
+            except RedisError as error:  # no lease to be had: sync anyway (it is idempotent)
+                log.warning("command sync lease unavailable (%s); syncing", error)
+                await self._sync(guild)
+
+    def command_tree_hash(self, guild: discord.abc.Snowflake | None) -> str:
+        """What a sync would send, and where: two processes of one deploy agree on it."""
+        commands = [command.to_dict(self.tree) for command in self.tree.get_commands(guild=guild)]
+        where = [self.settings.discord_api_base, self.settings.application_id, guild.id if guild else None]
+        return hashlib.sha256(json.dumps([where, commands], sort_keys=True, default=str).encode()).hexdigest()
+
+    async def _sync_once(self, guild: discord.abc.Snowflake | None) -> None:
+        """Sync the command tree unless this very tree was synced already (another process of
+        this deploy, or an earlier start): one process per new tree takes the sync lease, the
+        others leave it to that one."""
+        redis = self.services.jobs.redis
+        key = f"{self.settings.queue_prefix}:commands:synced:{guild.id if guild else 'global'}"
+        tree_hash = self.command_tree_hash(guild)
+        stored = await asyncio.to_thread(redis.get, key)
+        if stored is not None and stored.decode() == tree_hash:
+            log.info("commands already synced (tree %s)", tree_hash[:12])
+            return
+        if not await asyncio.to_thread(self.sync_lease.acquire):
+            log.info("another bot process is syncing the commands")
+            return
+        try:
+            await self._sync(guild)
+            await asyncio.to_thread(redis.set, key, tree_hash)
+        finally:
+            await asyncio.to_thread(self.sync_lease.release)
+
+    async def _sync(self, guild: discord.abc.Snowflake | None) -> None:
+        synced = await self.tree.sync(guild=guild)
+        log.info("synced %d commands %s", len(synced), f"to guild {guild.id}" if guild else "globally")
+
+    @tasks.loop(seconds=10)
+    async def sweep_leadership(self) -> None:
+        """Take or keep the expiry sweep's lease (one process sweeps; a dead holder's lease runs
+        out and another process takes it)."""
+        was_held = self.sweep_lease.held
+        try:
+            held = await asyncio.to_thread(self.sweep_lease.acquire)
+        except RedisError as error:
+            log.warning("expiry sweep lease not renewed: %s", error)
+            return
+        except Exception:
+            log.exception("expiry sweep lease failed")
+            return
+        if held and not was_held:
+            log.info("took the expiry sweep lease (%s)", self.sweep_lease.owner)
+        elif was_held and not held:
+            log.warning("lost the expiry sweep lease to %s", await asyncio.to_thread(self.sweep_lease.holder))
 
     @tasks.loop(seconds=30)
     async def expiry_sweep(self) -> None:
         """Jobs no worker started within the queue TTL: cancelled, and their users told.
         discord.py stops a loop on any unhandled exception, so nothing may escape."""
+        if not self.sweep_lease.held:
+            return  # another bot process sweeps
         try:
             await self._sweep_once()
         except RedisError as error:
@@ -115,19 +202,36 @@ class ImagineBot(discord.Client):
             await self.get_partial_messageable(delivery.channel_id).send(
                 f"<@{delivery.user_id}> {text}", allowed_mentions=mentioning(delivery.user_id))
 
+    async def on_interaction(self, interaction: discord.Interaction) -> None:
+        await on_remix_submit(interaction)
+
     async def on_ready(self) -> None:
-        log.info("connected as %s", self.user)
+        log.info("connected as %s (shards %s of %s)", self.user, sorted(self.shards), self.shard_count)
+
+    async def close(self) -> None:
+        """Hand the sweep lease over at once on a clean stop (a crash lets it run out)."""
+        self.sweep_leadership.cancel()
+        try:
+            await asyncio.to_thread(self.sweep_lease.release)
+        except RedisError:
+            pass
+        await super().close()
 
 
-def main() -> int:
+def main(argv: list[str] | None = None) -> int:
+    no_options("python -m bot.app", "Imagine's Discord bot (gateway, commands, expiry sweep).", argv)
     settings = load_settings()
     configure_logging("bot", json_lines=settings.log_format == "json", level=settings.log_level,
                       secrets=secrets_of(settings))
     token, _ = settings.require_discord()
     use_discord_endpoints(settings)
-    services = Services.build(settings, JobQueue(connect(settings), settings))
-    metrics.serve(settings.bot_metrics_port, lambda: services.jobs.depths(list(services.catalog)))
+    services = Services.build(settings, JobQueue(connect(settings), settings, cache_s=READ_CACHE_S))
     bot = ImagineBot(services)
+    # /healthz: 200 while the gateway is connected (core.health); SIGTERM closes like Ctrl-C.
+    metrics.serve(settings.bot_metrics_port, lambda: services.jobs.depths(list(services.catalog)),
+                  settings.metrics_host,
+                  lambda: None if bot.is_ready() and not bot.is_closed() else "gateway not connected")
+    stop_on_sigterm()
     bot.run(token, log_handler=None)
     return 0
 

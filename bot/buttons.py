@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
+import re
 from typing import Any
 
 import discord
@@ -19,34 +20,107 @@ from discord import ui
 from redis.exceptions import RedisError
 
 from bot.cancelling import cancel_jobs
-from bot.errors import answers_errors
+from bot.errors import answer_error, answers_errors
 from bot.notify import notify
 from bot.permissions import is_admin
 from bot.services import Services, services_of
 from bot.submit import submit_imagine
-from core.jobs import Reproducibility
+from core.attachments import is_attachment_url
+from core.jobs import Reproducibility, SourceImage
 from core.records import JobRecord
 from core.texts import (
     CANCEL_TEMPLATE,
+    IMAGE_ACTION_TEMPLATE,
     MODEL_TEMPLATE,
+    REMIX_TEMPLATE,
     RESULT_TEMPLATE,
     cancel_custom_id,
+    image_action_custom_id,
     model_custom_id,
+    remix_custom_id,
     result_custom_id,
 )
-from core.validation import MAX_SEED, ImagineOptions
+from core.validation import (
+    MAX_SEED,
+    UPSCALE_STRENGTH,
+    VARY_STRENGTHS,
+    ImagineOptions,
+    InvalidRequest,
+    upscale_dimensions,
+)
 
 log = logging.getLogger(__name__)
 
 EXPIRED = "These buttons have expired: the job record is gone. Run `/imagine` again."
 NOT_YOURS = "Only the person who asked for these images, or a server manager, can delete them."
+IMAGE_GONE = "That image is not on this message (withheld by the content check, or removed)."
+WITHHELD = "That image was withheld by the content check: it cannot be varied or upscaled."
+REMIX_TIMEOUT_S = 15 * 60  # an open Remix form; Discord's own limit for answering is the same
+SPOILER_PREFIX = "SPOILER_"
 
 
 # -- what each button asks for (pure) --------------------------------------------------------
 def user_options(record: JobRecord, **changes: Any) -> ImagineOptions:
     fields = {f.name for f in dataclasses.fields(ImagineOptions)}
     options = {k: v for k, v in record.options.items() if k in fields}
+    if isinstance(options.get("source"), dict):  # records keep the source image as JSON
+        options["source"] = SourceImage.model_validate(options["source"])
     return ImagineOptions(**{**options, **changes})
+
+
+def result_seeds(record: JobRecord) -> list[int]:
+    return record.result.seeds if record.result else record.request.seeds()
+
+
+def result_size(record: JobRecord) -> tuple[int, int]:
+    """The size the images came out at (the worker's record, else the request's)."""
+    if record.result is not None:
+        return record.result.width, record.result.height
+    return record.request.width, record.request.height
+
+
+def image_source(attachments: list[discord.Attachment], record: JobRecord, index: int,
+                 api_base: str, hosts: list[str] | tuple[str, ...] = ()) -> SourceImage:
+    """Image ``index`` of a result, as the clicked message carries it: the attachment named after
+    its seed (``[SPOILER_]imagine-<model>-<seed>.<ext>``), under the fresh CDN link Discord gave
+    with the click. InvalidRequest when it is not there (withheld, removed) or not on the CDN."""
+    seeds = result_seeds(record)
+    if record.result is not None and index in record.result.withheld:
+        raise InvalidRequest(WITHHELD)
+    if not 0 <= index < len(seeds):
+        raise InvalidRequest(IMAGE_GONE)
+    stem = f"imagine-{record.request.model}-{seeds[index]}."
+    for attachment in attachments:
+        if attachment.filename.removeprefix(SPOILER_PREFIX).startswith(stem):
+            if not is_attachment_url(attachment.url, api_base, hosts):
+                raise InvalidRequest(IMAGE_GONE)
+            return SourceImage(url=attachment.url, filename=attachment.filename,
+                               content_type=attachment.content_type, size_bytes=attachment.size,
+                               width=attachment.width, height=attachment.height)
+    raise InvalidRequest(IMAGE_GONE)
+
+
+def vary_options(record: JobRecord, source: SourceImage, kind: str) -> ImagineOptions:
+    """Vary (Subtle/Strong): img2img of one result image at that strength, new seeds, the same
+    prompt and model; the size follows the image's aspect ratio."""
+    return user_options(record, model=record.request.model, mode="vary", source=source,
+                        strength=VARY_STRENGTHS[kind], seed=None, aspect=None, size=None, width=None,
+                        height=None)
+
+
+def upscale_options(record: JobRecord, source: SourceImage, index: int) -> ImagineOptions:
+    """Upscale ×2 of one result image: twice its size, that image's seed, one image. The size is
+    the user's choice as far as caps go: over a server's pixel cap it is refused, never shrunk."""
+    width, height = upscale_dimensions(*result_size(record))
+    return user_options(record, model=record.request.model, mode="upscale", source=source,
+                        strength=UPSCALE_STRENGTH, seed=result_seeds(record)[index], count=1, aspect=None,
+                        size=None, width=width, height=height)
+
+
+def remix_options(record: JobRecord, prompt: str, negative_prompt: str) -> ImagineOptions:
+    """Remix: the job's own settings (its seed, and its source image if it had one) with new text."""
+    return user_options(record, prompt=prompt, negative_prompt=negative_prompt or None,
+                        model=record.request.model, seed=record.request.seed)
 
 
 def reroll_options(record: JobRecord) -> ImagineOptions:
@@ -94,6 +168,11 @@ def info_embed(record: JobRecord) -> discord.Embed:
         embed.set_footer(text="The worker has not reported this job's pipeline yet.")
         return embed
     embed.add_field(name="Size", value=f"{info.width}×{info.height}")
+    if info.mode != "txt2img":
+        strength = "" if info.strength is None else f" · strength {info.strength:g}"
+        embed.add_field(name="Mode", value=f"{info.mode}{strength}")
+        if info.source_sha256:
+            embed.add_field(name="Source image (sha256)", value=f"`{info.source_sha256}`", inline=False)
     embed.add_field(name="Model", value=f"{info.model}\n`{info.source}` @ {info.revision or 'default revision'}",
                     inline=False)
     embed.add_field(name="Pipeline", value=info.pipeline)
@@ -155,6 +234,107 @@ class ResultButton(ui.DynamicItem[ui.Button], template=RESULT_TEMPLATE):
             await delete_result(interaction, record)
 
 
+class ImageAction(ui.DynamicItem[ui.Button], template=IMAGE_ACTION_TEMPLATE):
+    """Vary (Subtle), Vary (Strong) and Upscale ×2 of one image of a result."""
+
+    def __init__(self, action: str, job_id: str, index: int):
+        super().__init__(ui.Button(custom_id=image_action_custom_id(action, job_id, index)))
+        self.action, self.job_id, self.index = action, job_id, index
+
+    @classmethod
+    async def from_custom_id(cls, interaction: discord.Interaction, item: ui.Button, match) -> "ImageAction":
+        return cls(match["action"], match["job_id"], int(match["index"]))
+
+    @answers_errors
+    async def callback(self, interaction: discord.Interaction) -> None:
+        record = await load_record(interaction, self.job_id)
+        if record is None:
+            return
+        settings = services_of(interaction).settings
+        attachments = interaction.message.attachments if interaction.message else []
+        source = image_source(attachments, record, self.index, settings.discord_api_base, settings.attachment_hosts)
+        if self.action == "upscale":
+            options = upscale_options(record, source, self.index)
+        else:
+            options = vary_options(record, source, self.action)
+        await submit_imagine(interaction, options)
+
+
+REMIX_FORM = re.compile(r"img:remix-form:(?P<job_id>[A-Za-z0-9_-]{1,80})")
+
+
+class RemixModal(ui.Modal, title="Remix"):
+    """The job's prompt and negative prompt, pre-filled. Its custom id names the job
+    (``img:remix-form:<job id>``), and :func:`on_remix_submit` answers the submission from the
+    record in Redis, like the buttons: a form still counts after a bot restart, or when another
+    bot process receives it. (discord.py also hands the submission to this instance, which
+    leaves it alone.)"""
+
+    def __init__(self, record: JobRecord, max_chars: int):
+        super().__init__(timeout=REMIX_TIMEOUT_S, custom_id=f"img:remix-form:{record.job_id}")
+        limit = max(1, min(4000, max_chars))
+        options = record.options
+        self.prompt = ui.TextInput(style=discord.TextStyle.paragraph, custom_id="prompt", max_length=limit,
+                                   default=(options.get("prompt") or record.request.prompt)[:limit])
+        self.negative = ui.TextInput(style=discord.TextStyle.paragraph, custom_id="negative_prompt",
+                                     required=False, max_length=limit,
+                                     default=(options.get("negative_prompt") or "")[:limit] or None,
+                                     placeholder="empty: the server's default negative prompt")
+        self.add_item(ui.Label(text="Prompt", component=self.prompt))
+        self.add_item(ui.Label(text="Negative prompt", component=self.negative))
+
+    async def on_submit(self, interaction: discord.Interaction) -> None:
+        pass  # on_remix_submit answers
+
+
+def submitted_values(components: list[dict]) -> dict[str, str]:
+    """A modal submission's text inputs by custom id, however they are nested (labels, rows)."""
+    values: dict[str, str] = {}
+    for component in components:
+        if component.get("type") == 4 and "custom_id" in component:
+            values[component["custom_id"]] = str(component.get("value") or "")
+        values.update(submitted_values([component["component"]] if "component" in component else []))
+        values.update(submitted_values(component.get("components") or []))
+    return values
+
+
+async def on_remix_submit(interaction: discord.Interaction) -> None:
+    """The ``on_interaction`` listener for submitted Remix forms: the record's settings with the
+    edited text, through the usual submit path. Failures are answered as a button's are."""
+    if interaction.type is not discord.InteractionType.modal_submit:
+        return
+    data: dict = interaction.data or {}  # type: ignore[assignment]
+    match = REMIX_FORM.fullmatch(str(data.get("custom_id", "")))
+    if match is None:
+        return
+    try:
+        record = await load_record(interaction, match["job_id"])
+        if record is None:
+            return
+        values = submitted_values(data.get("components") or [])
+        await submit_imagine(interaction, remix_options(record, values.get("prompt", ""),
+                                                        values.get("negative_prompt", "")))
+    except Exception as error:
+        await answer_error(interaction, error)
+
+
+class RemixButton(ui.DynamicItem[ui.Button], template=REMIX_TEMPLATE):
+    def __init__(self, job_id: str):
+        super().__init__(ui.Button(custom_id=remix_custom_id(job_id)))
+        self.job_id = job_id
+
+    @classmethod
+    async def from_custom_id(cls, interaction: discord.Interaction, item: ui.Button, match) -> "RemixButton":
+        return cls(match["job_id"])
+
+    @answers_errors
+    async def callback(self, interaction: discord.Interaction) -> None:
+        record = await load_record(interaction, self.job_id)
+        if record is not None:  # the modal must be the first answer: no defer before it
+            await interaction.response.send_modal(
+                RemixModal(record, services_of(interaction).settings.max_prompt_chars))
+
+
 class ModelSwitch(ui.DynamicItem[ui.Select], template=MODEL_TEMPLATE):
     def __init__(self, job_id: str):
         super().__init__(ui.Select(custom_id=model_custom_id(job_id)))
@@ -196,4 +376,4 @@ class CancelButton(ui.DynamicItem[ui.Button], template=CANCEL_TEMPLATE):
             await notify(interaction.client, request.delivery, f"🚫 Cancelled.\n> {request.prompt[:300]}")
 
 
-DYNAMIC_ITEMS = (ResultButton, ModelSwitch, CancelButton)
+DYNAMIC_ITEMS = (ResultButton, ImageAction, RemixButton, ModelSwitch, CancelButton)

@@ -10,6 +10,7 @@ from prometheus_client import Counter
 from prometheus_client.core import GaugeMetricFamily
 from redis.exceptions import RedisError
 
+from core.health import Readiness
 from core.metrics_http import serve_metrics
 
 log = logging.getLogger(__name__)
@@ -39,5 +40,7 @@ class QueueDepthCollector:
         yield gauge
 
 
-def serve(port: int, depths: Callable[[], dict[str, int]]) -> None:
-    serve_metrics(port, QueueDepthCollector(depths))
+def serve(port: int, depths: Callable[[], dict[str, int]], host: str = "127.0.0.1",
+          ready: Readiness | None = None) -> None:
+    """/metrics and /healthz (``ready``: the gateway is connected) on ``host:port``."""
+    serve_metrics(port, QueueDepthCollector(depths), host=host, ready=ready, setting="IMAGINE_BOT_METRICS_PORT")

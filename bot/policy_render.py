@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import discord
@@ -22,16 +23,41 @@ def show(value: Any) -> str:
     return f"`{value}`" if value != "" else "none"
 
 
-def show_change(old: Any, new: Any) -> str:
+def pixels_text(pixels: int | None) -> str:
+    """A pixel cap as people read it: ``1,048,576 px (≈1024×1024)``."""
+    if not pixels:
+        return "—"
+    side = math.isqrt(pixels)
+    return f"{pixels:,} px (≈{side}×{side})"
+
+
+# Audit entries name the action; a single changed field is stored bare, so the action says
+# which field a bare value belongs to where the value alone would be misread.
+FIELD_OF_ACTION = {"image input": "allow_image_input"}
+
+
+def show_field(name: str | None, value: Any) -> str:
+    """One policy field's value, in words where a bare value would mislead."""
+    if name == "allow_image_input" and isinstance(value, bool):
+        return "allowed" if value else "forbidden"
+    if name == "max_pixels" and isinstance(value, int) and not isinstance(value, bool):
+        return pixels_text(value)
+    if name == "max_size" and isinstance(value, int) and not isinstance(value, bool):  # older entries
+        return f"{value}×{value} px"
+    return show(value)
+
+
+def show_change(old: Any, new: Any, action: str | None = None, field: str | None = None) -> str:
     """old → new; for lists only what was added and removed (a 200-term list does not fit)."""
+    field = field or FIELD_OF_ACTION.get(action or "")
     if isinstance(old, (list, tuple)) and isinstance(new, (list, tuple)):
         added = [v for v in new if v not in old]
         removed = [v for v in old if v not in new]
         parts = ([f"+ {show(added)}"] if added else []) + ([f"− {show(removed)}"] if removed else [])
         return f"{'; '.join(parts) or 'no change'} ({len(new)} now)"
     if isinstance(old, dict) and isinstance(new, dict):
-        return "; ".join(f"{k}: {show_change(old.get(k), v)}" for k, v in new.items())
-    return f"{show(old)} → {show(new)}"
+        return "; ".join(f"{k}: {show_change(old.get(k), v, field=k)}" for k, v in new.items())
+    return f"{show_field(field, old)} → {show_field(field, new)}"
 
 
 def mentions(channel_ids: tuple[int, ...], limit: int) -> str:
@@ -56,8 +82,10 @@ def policy_embed(policy: GuildPolicy, default_negative: str, default_model: str)
     embed.add_field(name="Models", value=show(policy.allowed_models) if policy.allowed_models else "all")
     embed.add_field(name="Default model", value=show(policy.default_model or default_model))
     caps = (f"steps {policy.max_steps or '—'} · images {policy.max_count or '—'} · "
-            f"size {policy.max_size or '—'} · over a cap: {show(policy.clamp)}")
+            f"pixels {pixels_text(policy.max_pixels)} · over a cap: {show(policy.clamp)}")
     embed.add_field(name="Caps", value=caps, inline=False)
+    embed.add_field(name="Image input", value=show_field("allow_image_input", policy.allow_image_input)
+                    + " (users' own images; Vary and Upscale of results always work)", inline=False)
     embed.add_field(name="Channels", value=mentions(policy.channels, 1024) if policy.channels else "all")
     rate = f"{policy.rate_count} per {policy.rate_window_s} s" if policy.rate_count else "operator default"
     embed.add_field(name="Per user (admins exempt)",
@@ -70,7 +98,7 @@ def policy_embed(policy: GuildPolicy, default_negative: str, default_model: str)
 
 def audit_line(entry: AuditEntry) -> str:
     who = f"<t:{int(entry.at)}:f> **{entry.actor}** ({entry.actor_id})"
-    return f"{who} {entry.action}: {show_change(entry.old, entry.new)}"
+    return f"{who} {entry.action}: {show_change(entry.old, entry.new, entry.action)}"
 
 
 def audit_text(entries: list[AuditEntry]) -> str:

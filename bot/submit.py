@@ -26,10 +26,12 @@ from core.admission import (
     Admitted,
     Requester,
     admit,
+    claim_and_prefetch,
     enqueue_admitted,
     release_admitted,
 )
-from core.jobs import Delivery, JobRequest, job_id_for_interaction
+from core.attachments import check_attachment
+from core.jobs import Delivery, JobRequest, SourceImage, job_id_for_interaction
 from core.queue import AlreadyQueued
 from core.texts import MAX_CONTENT, clip, queued_text
 from core.validation import ImagineOptions, InvalidRequest
@@ -44,6 +46,29 @@ def delivery_for(interaction: discord.Interaction) -> Delivery:
         guild_id=interaction.guild_id, user_id=interaction.user.id,
         filesize_limit=interaction.filesize_limit,
     )
+
+
+def source_from_attachment(interaction: discord.Interaction, attachment: discord.Attachment) -> SourceImage:
+    """A user's attached image as a job's source, checked on what Discord says about it (type,
+    size, width/height, CDN link) before anything is queued; InvalidRequest otherwise. The bot
+    never downloads it: the worker does, and checks the real bytes again."""
+    settings = services_of(interaction).settings
+    width, height = check_attachment(
+        filename=attachment.filename, content_type=attachment.content_type, size=attachment.size,
+        width=attachment.width, height=attachment.height, url=attachment.url,
+        max_bytes=min(interaction.filesize_limit, settings.source_max_bytes),
+        max_pixels=settings.source_max_pixels, api_base=settings.discord_api_base,
+        hosts=settings.attachment_hosts)
+    return SourceImage(url=attachment.url, filename=attachment.filename, content_type=attachment.content_type,
+                       size_bytes=attachment.size, width=width, height=height)
+
+
+def record_options(options: ImagineOptions) -> dict:
+    """The options as the job record keeps them: plain JSON (the source image as a dict)."""
+    fields = dataclasses.asdict(options)
+    if options.source is not None:
+        fields["source"] = options.source.model_dump()
+    return fields
 
 
 def channel_is_nsfw(interaction: discord.Interaction) -> bool:
@@ -63,11 +88,14 @@ def _admit(bot: Services, interaction: discord.Interaction, options: ImagineOpti
            received_at: float) -> Admitted | None:
     """None for a gateway replay of an interaction already answered."""
     job_id = job_id_for_interaction(interaction.id)
-    if not bot.jobs.claim(job_id):
+    requester = requester_for(interaction)
+    # The replay claim, the server's policy and the user's settings: one round trip.
+    prefetched = claim_and_prefetch(bot.jobs, bot.policies, bot.user_settings, job_id, requester)
+    if not prefetched.claimed:
         return None
-    return admit(options, requester_for(interaction), job_id=job_id, settings=bot.settings,
+    return admit(options, requester, job_id=job_id, settings=bot.settings,
                  catalog=bot.catalog, policies=bot.policies, jobs=bot.jobs, delivery=delivery_for(interaction),
-                 created_at=received_at, user_settings=bot.user_settings)
+                 created_at=received_at, user_settings=bot.user_settings, prefetched=prefetched)
 
 
 async def submit_imagine(interaction: discord.Interaction, options: ImagineOptions) -> JobRequest | None:
@@ -122,5 +150,5 @@ async def submit_imagine(interaction: discord.Interaction, options: ImagineOptio
 
 
 def _record_and_enqueue(bot: Services, admitted: Admitted, options: ImagineOptions) -> int | None:
-    bot.jobs.save_record(admitted.request, dataclasses.asdict(options))  # before the worker needs it
+    bot.jobs.save_record(admitted.request, record_options(options))  # before the worker needs it
     return enqueue_admitted(admitted, bot.jobs, bot.policies)

@@ -24,7 +24,7 @@ from core.jobs import Delivery, JobRequest
 from core.policy import GuildPolicy, Moderated, apply_policy
 from core.policy_store import PolicyStore, Quota
 from core.queue import AlreadyQueued, JobQueue, Outlook
-from core.user_settings import UserSettingsStore
+from core.user_settings import UserSettings, UserSettingsStore
 from core.validation import ImagineOptions
 from settings.catalog import ModelEntry
 from settings.config import Settings
@@ -81,6 +81,33 @@ class Admitted:
         return self.moderated.request
 
 
+@dataclass(frozen=True)
+class Prefetched:
+    """What :func:`admit` reads first (the server's policy, the user's saved settings), read in
+    one round trip together with the replay claim (:func:`claim_and_prefetch`)."""
+
+    claimed: bool  # False: a replay of an interaction already answered
+    policy: GuildPolicy
+    saved: UserSettings | None
+
+
+def claim_and_prefetch(jobs: JobQueue, policies: PolicyStore, user_settings: UserSettingsStore | None,
+                       job_id: str, requester: Requester) -> Prefetched:
+    """The bot's first step for a command, in one pipeline instead of three round trips:
+    :meth:`JobQueue.claim` of the job id, the policy and the user's settings."""
+    with jobs.redis.pipeline(transaction=False) as pipe:
+        pipe.set(jobs.claim_key(job_id), 1, nx=True, ex=jobs.settings.queue_ttl_s)
+        if requester.guild_id is not None:
+            pipe.get(policies.policy_key(requester.guild_id))
+        if user_settings is not None:
+            pipe.get(user_settings._key(requester.user_id))
+        replies = pipe.execute()
+    claimed = bool(replies.pop(0))
+    policy = PolicyStore.parse(replies.pop(0) if requester.guild_id is not None else None)
+    saved = UserSettingsStore.parse(replies.pop(0)) if user_settings is not None else None
+    return Prefetched(claimed, policy, saved)
+
+
 def admit(
     options: ImagineOptions,
     requester: Requester,
@@ -94,14 +121,18 @@ def admit(
     store_images: bool = False,
     jobs: JobQueue | None = None,
     user_settings: UserSettingsStore | None = None,
+    prefetched: Prefetched | None = None,
 ) -> Admitted:
     """Load the server's policy, apply it, check the queue has room (``jobs``: back-pressure,
     :meth:`JobQueue.admission_outlook`) and count the job against the user's limits.
     ``user_settings``: where the requester's saved settings (``/settings``) live; None where the
     front end does not know the user (the web has no user identity).
     Raises InvalidRequest (policy violations, limits and a busy queue included) or RedisError."""
-    policy = policies.load(requester.guild_id)
-    saved = None if user_settings is None else user_settings.load(requester.user_id)
+    if prefetched is not None:  # read already, with the claim (claim_and_prefetch)
+        policy, saved = prefetched.policy, prefetched.saved
+    else:
+        policy = policies.load(requester.guild_id)
+        saved = None if user_settings is None else user_settings.load(requester.user_id)
     moderated = apply_policy(options, policy, job_id=job_id, settings=settings, catalog=catalog,
                              channel_id=requester.channel_id, channel_nsfw=requester.channel_nsfw,
                              delivery=delivery,

@@ -9,6 +9,7 @@ images × pixels), so the numbers follow the live fleet, whatever GPUs it has, a
 from __future__ import annotations
 
 import math
+import time
 from dataclasses import dataclass
 
 from redis import Redis
@@ -30,12 +31,22 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[rank - 1]
 
 
+def effective_steps(request: JobRequest) -> int:
+    """The denoising steps a job's pipeline call runs: all of them for text-to-image;
+    int(steps × strength) for image-to-image (at least one: the worker lengthens the schedule
+    so that one runs, worker.generate.schedule_steps)."""
+    if request.strength is None or request.mode == "txt2img":
+        return request.steps
+    return max(1, int(request.steps * request.strength))
+
+
 def work_units(request: JobRequest) -> float:
     """A job's work in 512²-pixel denoising steps (time grows with steps, images and pixels).
     At guidance <= 1 (fast mode's LCM) a step is one UNet pass instead of classifier-free
-    guidance's two: half the work. Fast mode's fewer steps are in ``steps`` already."""
+    guidance's two: half the work. Fast mode's fewer steps are in ``steps`` already;
+    img2img runs only its ``strength`` share of them (an upscale's tiles are its pixels)."""
     cfg = 1.0 if request.guidance > 1 else 0.5
-    return request.steps * request.count * (request.size / 512) ** 2 * cfg
+    return effective_steps(request) * request.count * (request.width * request.height / 512**2) * cfg
 
 
 def eta_seconds(position: int, p50_ms: float, workers: int, own_ms: float | None = None) -> float:
@@ -53,11 +64,15 @@ def format_duration(seconds: float) -> str:
 
 
 class FleetStats:
-    def __init__(self, redis: Redis, prefix: str = "imagine", samples: int = 200, min_samples: int = 3):
+    def __init__(self, redis: Redis, prefix: str = "imagine", samples: int = 200, min_samples: int = 3,
+                 cache_s: float = 0.0):
         self.redis = redis
         self.prefix = prefix
         self.max_samples = samples
         self.min_samples = min_samples
+        # The bot reads the same samples for every command: at most once per cache_s (0: always).
+        self.cache_s = cache_s
+        self._cache: dict[tuple[str, str], tuple[float, list[float] | None]] = {}
 
     def _key(self, model: str, kind: str = "latency") -> str:
         return f"{self.prefix}:{kind}:{model}"
@@ -73,8 +88,15 @@ class FleetStats:
             pipe.execute()
 
     def _recent(self, model: str, kind: str) -> list[float] | None:
+        now = time.monotonic()
+        cached = self._cache.get((model, kind))
+        if cached is not None and now - cached[0] < self.cache_s:
+            return cached[1]
         values = [float(v) for v in self.redis.lrange(self._key(model, kind), 0, -1)]
-        return values if len(values) >= self.min_samples else None
+        found = values if len(values) >= self.min_samples else None
+        if self.cache_s > 0:
+            self._cache[(model, kind)] = (now, found)
+        return found
 
     def latency(self, model: str) -> Latency | None:
         """p50/p95 of the recent jobs, or None before ``min_samples`` jobs have run."""

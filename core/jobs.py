@@ -9,12 +9,17 @@ from __future__ import annotations
 import time
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from settings.catalog import Quality
 
 # The function workers run, named by path so front ends never import worker code (or torch).
 JOB_FUNCTION = "worker.tasks.run_imagine"
+# Version of the JobRequest contract this release writes. A worker meeting a job of a newer
+# version (queued by a newer front end) puts it back on the queue for a newer worker instead of
+# running it with the fields it does not know silently dropped (worker.job_functions).
+# 1: jobs queued before versions existed (no ``schema_version`` field).
+SCHEMA_VERSION = 2
 # job.meta field naming the Redis sorted set of the user's active jobs; the worker removes the
 # job from it when the job ends (worker.release), so per-user limits free up.
 ACTIVE_KEY_META = "active_key"  # job.meta: the active-job set(s) the job counts in (str or list)
@@ -50,19 +55,70 @@ class Delivery(BaseModel):
     filesize_limit: int = 10 * 1024 * 1024
 
 
+# What a job does (issue 14): text-to-image, or image-to-image from a source image: the user's
+# own (img2img), one of our results at a new strength and seed (vary), or one of our results
+# made larger (upscale: resized ×2, then img2img at a low strength, in tiles where needed).
+Mode = Literal["txt2img", "img2img", "vary", "upscale"]
+MODES: tuple[str, ...] = ("txt2img", "img2img", "vary", "upscale")
+IMAGE_MODES: tuple[str, ...] = ("img2img", "vary", "upscale")  # the modes that need a source
+
+
+class SourceImage(BaseModel):
+    """Where the worker gets a job's source image: a Discord attachment URL (on Discord's CDN for
+    the configured API; the worker downloads it itself, with a timeout and a byte limit) or a
+    web-stored result PNG (``image_key``: ``{prefix}:images:{job_id}:{i}``). Name, type, size and
+    dimensions are what Discord (or the web) claims; the worker checks the real file again."""
+
+    model_config = ConfigDict(frozen=True)
+
+    url: str | None = None
+    image_key: str | None = None
+    filename: str = ""
+    content_type: str | None = None
+    size_bytes: int | None = None
+    width: int | None = None
+    height: int | None = None
+
+    @model_validator(mode="after")
+    def _one_place(self) -> "SourceImage":
+        if (self.url is None) == (self.image_key is None):
+            raise ValueError("a source image has exactly one of url and image_key")
+        return self
+
+
+class InputImageError(Exception):
+    """A source image the worker cannot use (not an image, too large, expired link, …). Its
+    message is one line for the user; the job fails at once, is never retried, and is told once
+    (worker.failures). Front ends reading a failed job's stored error find the line with
+    :func:`input_error_message`."""
+
+
+def input_error_message(exc_string: str | None) -> str | None:
+    """The user's line from a failed job's stored exception text, when it failed on its input."""
+    marker = f"{InputImageError.__name__}: "
+    for line in reversed((exc_string or "").splitlines()):
+        if marker in line:
+            return line.split(marker, 1)[1].strip() or None
+    return None
+
+
 class JobRequest(BaseModel):
     """One validated, already-moderated command."""
 
     model_config = ConfigDict(frozen=True)
 
     job_id: str = Field(pattern=r"^[A-Za-z0-9_-]+$")
+    schema_version: int = SCHEMA_VERSION  # absent in a queued job: 1 (see SCHEMA_VERSION)
     model: str
     prompt: str
     negative_prompt: str = ""
     steps: int
     guidance: float
     seed: int
-    size: int
+    # Output pixels (multiples of 64). Jobs and records from before aspect ratios carry one
+    # ``size``: it loads as a square (see _legacy_size).
+    width: int
+    height: int
     count: int = 1
     forced_negative_applied: bool = False
     created_at: float = Field(default_factory=time.time)  # when the command arrived (epoch s)
@@ -78,6 +134,34 @@ class JobRequest(BaseModel):
     # Fast mode (the model's catalog ``fast`` entry: an LCM-LoRA with LCMScheduler, or a
     # multistep solver); ``steps`` and ``guidance`` above are already the ones it runs with.
     quality: Quality = "standard"
+    # Image input (issue 14): the mode, its source image and the img2img strength (0 < s <= 1:
+    # the share of the denoising schedule that runs, so int(steps × strength) steps run).
+    mode: Mode = "txt2img"
+    source: SourceImage | None = None
+    strength: float | None = Field(default=None, gt=0, le=1)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _legacy_size(cls, data):
+        """A job queued (or a record stored) before width and height existed had ``size``."""
+        if isinstance(data, dict) and "size" in data:
+            data = dict(data)
+            size = data.pop("size")
+            data.setdefault("width", size)
+            data.setdefault("height", size)
+        return data
+
+    @model_validator(mode="after")
+    def _source_matches_mode(self) -> "JobRequest":
+        if self.mode in IMAGE_MODES and (self.source is None or self.strength is None):
+            raise ValueError(f"mode {self.mode!r} needs a source image and a strength")
+        if self.mode == "txt2img" and self.source is not None:
+            raise ValueError("a txt2img job has no source image")
+        return self
+
+    @property
+    def pixels(self) -> int:
+        return self.width * self.height
 
     def seeds(self) -> list[int]:
         """One seed per image: seed, seed+1, … so any single image can be reproduced alone."""
@@ -110,6 +194,11 @@ class Reproducibility(BaseModel):
     height: int
     prompt: str
     negative_prompt: str = ""
+    # Image input: how the images were made, and from which source file (sha256 of its bytes as
+    # downloaded): the same seed, strength and source give the same pixels.
+    mode: Mode = "txt2img"
+    strength: float | None = None
+    source_sha256: str | None = None
     # Indices (into ``seeds``) of images withheld by output moderation: ℹ Info names them
     # without their seeds.
     withheld: list[int] = Field(default_factory=list)

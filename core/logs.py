@@ -70,19 +70,52 @@ class LineFormatter(logging.Formatter):
         return json.dumps(line, ensure_ascii=False)
 
 
+# Libraries that may install handlers of their own (transformers and diffusers do, at import):
+# their lines go through the one redacting formatter instead.
+LIBRARY_LOGGERS = ("transformers", "diffusers", "huggingface_hub", "rq", "urllib3", "requests",
+                   "discord", "gradio", "httpx", "uvicorn", "uvicorn.error", "asyncio", "filelock")
+# Periodic maintenance lines of RQ (every idle poll or maintenance run): DEBUG, not INFO.
+MAINTENANCE = re.compile(r"cleaning registries|cleaning group registries|sent heartbeat|"
+                         r"Acquired scheduler lock|\*\*\* Listening on")
+
+
+class MaintenanceFilter(logging.Filter):
+    """Demotes RQ's periodic maintenance lines to DEBUG (dropped unless the level is DEBUG)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno == logging.INFO and record.name.startswith("rq") and MAINTENANCE.search(str(record.msg)):
+            record.levelno, record.levelname = logging.DEBUG, "DEBUG"
+            return logging.getLogger().isEnabledFor(logging.DEBUG)
+        return True
+
+
+def adopt_library_loggers() -> None:
+    """Send every library logger through the root handler (call again after importing a library
+    that installs its own handler on import, e.g. transformers or diffusers)."""
+    for name in LIBRARY_LOGGERS:
+        logger = logging.getLogger(name)
+        for handler in list(logger.handlers):
+            logger.removeHandler(handler)
+        logger.propagate = True
+
+
 def configure_logging(service: str, *, json_lines: bool = True, level: str = "INFO",
                       secrets: Iterable[str] = (),
                       current_job_id: Callable[[], str | None] = lambda: None) -> None:
-    """Replace the root handlers with one redacting stream handler (RQ's loggers propagate to it)."""
+    """Replace the root handlers with one redacting stream handler; RQ's, discord.py's, the hub's
+    and every other library's loggers propagate to it (:func:`adopt_library_loggers`)."""
     handler = logging.StreamHandler(sys.stdout)
     handler.setFormatter(LineFormatter(service, json_lines, secrets))
     handler.addFilter(JobIdFilter(current_job_id))
+    handler.addFilter(MaintenanceFilter())
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
+    adopt_library_loggers()
 
 
 def secrets_of(settings: Settings) -> list[str]:
     """Values that must never appear in a log line."""
-    token = settings.discord_token
-    return [token.get_secret_value()] if token is not None else []
+    values = (settings.discord_token, getattr(settings, "redis_password", None),
+              getattr(settings, "redis_sentinel_password", None), getattr(settings, "hf_token", None))
+    return [value.get_secret_value() for value in values if value is not None]

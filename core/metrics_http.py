@@ -1,25 +1,25 @@
-"""The /metrics endpoint both the bot and the workers serve (Prometheus)."""
+"""The /metrics endpoint both the bot and the workers serve (Prometheus), with their /healthz
+on the same port (core.health)."""
 
 from __future__ import annotations
 
 import logging
 
-from prometheus_client import start_http_server
 from prometheus_client.core import REGISTRY
+
+from core.health import HealthServer, Readiness, serve_health
 
 log = logging.getLogger(__name__)
 
 
-def serve_metrics(port: int, *collectors) -> None:
-    """Register ``collectors`` and listen on ``port`` (0: off). A busy port logs one line:
-    metrics are for operators and must never keep a service from serving."""
+def serve_metrics(port: int, *collectors, host: str = "127.0.0.1", ready: Readiness | None = None,
+                  setting: str = "") -> HealthServer | None:
+    """Register ``collectors`` and listen on ``host:port`` (0: off) for ``/metrics`` and
+    ``/healthz`` (``ready``). A busy port logs one line: metrics are for operators and must never
+    keep a service from serving. ``host`` is ``IMAGINE_METRICS_HOST`` (loopback unless set;
+    compose sets 0.0.0.0 inside the containers)."""
     if not port:
-        return
+        return None
     for collector in collectors:
         REGISTRY.register(collector)
-    try:
-        start_http_server(port)
-    except OSError as error:
-        log.error("metrics endpoint off: cannot listen on port %d (%s)", port, error.strerror)
-        return
-    log.info("metrics on :%d/metrics", port)
+    return serve_health(host, port, ready, metrics=True, what="metrics", setting=setting)

@@ -5,7 +5,8 @@ into the queue (slash command, buttons, web) makes before enqueueing. In order:
                      names, before anything else ("not allowed here" beats "unknown model")
   2. resolve         core.validation.resolve_options over server_defaults: every option concrete,
                      with a record of what the user set
-  3. server rules    apply_caps, apply_guidance_floor on the resolved values (a rule that changes
+  3. server rules    check_image_input (users' own images, when the server forbids them),
+                     apply_caps, apply_guidance_floor on the resolved values (a rule that changes
                      or refuses an option, e.g. fast mode or image input, goes here)
   4. operator limits core.validation.check_limits on the final values
   5. text rules      check_terms on the text as queued
@@ -21,9 +22,10 @@ unit-testable and cheap (see bench/policy_overhead.py).
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, replace
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from core.jobs import Delivery, JobRequest, NsfwAction
 from core.matcher import find_banned
@@ -37,6 +39,7 @@ from core.validation import (
     Resolved,
     check_limits,
     clean_text,
+    fit_pixels,
     model_key,
     request_from,
     resolve_options,
@@ -45,6 +48,7 @@ from settings.catalog import ModelEntry
 from settings.config import Settings
 
 NEGATIVE_SEPARATOR = ", "
+MAX_SIDE = 1 << 16  # sides beyond this are not capped but refused (core.validation.check_limits)
 CHANNELS_SHOWN = 10  # in a refusal; the rest are counted
 
 
@@ -60,8 +64,14 @@ class GuildPolicy(BaseModel):
     default_model: str | None = None  # None: the operator's default
     max_steps: int | None = Field(default=None, ge=1)
     max_count: int | None = Field(default=None, ge=1)
-    max_size: int | None = Field(default=None, ge=64)
+    # A server caps pixels (width × height), not a side: any aspect ratio within it works. An
+    # Upscale ×2 output over it is refused, never shrunk. Policies stored with the older side
+    # cap (``max_size``) load as max_size².
+    max_pixels: int | None = Field(default=None, ge=64 * 64)
     clamp: bool = False  # over a cap: clamp to it (True) or refuse the command (False)
+    # Image input: users' own attachments (/imagine with an image, and Remix of such a job).
+    # Vary and Upscale of the bot's own results stay allowed either way.
+    allow_image_input: bool = True
     channels: tuple[int, ...] = ()  # empty: every channel
     max_active_jobs: int | None = Field(default=None, ge=1)  # queued + running, per user
     rate_count: int | None = Field(default=None, ge=1)  # commands per rate_window_s, per user
@@ -70,6 +80,16 @@ class GuildPolicy(BaseModel):
     # flags, outside and inside age-restricted channels (Discord's channel.nsfw).
     nsfw_action: NsfwAction = "spoiler"
     nsfw_action_age_restricted: NsfwAction = "off"
+
+    @model_validator(mode="before")
+    @classmethod
+    def _legacy_size_cap(cls, data):
+        if isinstance(data, dict) and "max_size" in data:
+            data = dict(data)
+            side = data.pop("max_size")
+            if data.get("max_pixels") is None and isinstance(side, int) and not isinstance(side, bool):
+                data["max_pixels"] = side * side
+        return data
 
 
 class PolicyViolation(InvalidRequest):
@@ -95,6 +115,10 @@ class Moderated:
 
 def server_defaults(policy: GuildPolicy) -> Defaults:
     return Defaults(model=policy.default_model, negative_prompt=policy.default_negative)
+
+
+def _megapixels(pixels: int) -> str:
+    return f"{pixels / 1e6:.2f} MP"
 
 
 def check_channel(policy: GuildPolicy, channel_id: int | None) -> None:
@@ -126,14 +150,52 @@ def _capped(name: str, value: int, explicit: bool, cap: int | None, clamp: bool,
     return cap
 
 
+def _whole(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value > 0
+
+
+def _capped_pixels(policy: GuildPolicy, resolved: Resolved, notes: list[str]) -> dict:
+    """Width and height under the server's pixel cap. A default size above it is lowered
+    (aspect ratio kept) silently; one the user chose is lowered with a note or refused, as the
+    server chose; an upscale over it is always refused (the cap is on what comes out)."""
+    cap, width, height = policy.max_pixels, resolved.width, resolved.height
+    if cap is None or not (_whole(width) and _whole(height)) or width * height <= cap:
+        return {}
+    if max(width, height) > MAX_SIDE:  # nonsense: the operator's limits refuse it, clearly
+        return {}
+    side = math.isqrt(cap)
+    if resolved.mode == "upscale":
+        raise PolicyViolation("max pixels", f"An upscale to {width}×{height} is over this server's cap of "
+                                            f"{_megapixels(cap)} (about {side}×{side}).")
+    smaller = fit_pixels(width, height, cap)
+    if resolved.sized_by_user:
+        if not policy.clamp:
+            raise PolicyViolation("max pixels", f"`{resolved.size_label}` {width}×{height} is over this "
+                                                f"server's cap of {_megapixels(cap)} (about {side}×{side}).")
+        notes.append(f"size lowered to {smaller[0]}×{smaller[1]} (the server's cap is {_megapixels(cap)})")
+    return {"width": smaller[0], "height": smaller[1]}
+
+
 def apply_caps(policy: GuildPolicy, resolved: Resolved) -> tuple[Resolved, tuple[str, ...]]:
     """The server's caps; (the capped options, notes for the user)."""
     notes: list[str] = []
     capped = {name: _capped(name, getattr(resolved, name), name in resolved.explicit, cap,
                             policy.clamp, notes)
-              for name, cap in (("steps", policy.max_steps), ("count", policy.max_count),
-                                ("size", policy.max_size))}
+              for name, cap in (("steps", policy.max_steps), ("count", policy.max_count))}
+    capped.update(_capped_pixels(policy, resolved, notes))
     return replace(resolved, **capped), tuple(notes)
+
+
+def user_image_input(resolved: Resolved) -> bool:
+    """A source image the user supplied (an attachment, or Remix of such a job), as opposed to
+    Vary/Upscale of one of the bot's own results."""
+    return resolved.source is not None and resolved.mode == "img2img"
+
+
+def check_image_input(policy: GuildPolicy, resolved: Resolved) -> None:
+    if not policy.allow_image_input and user_image_input(resolved):
+        raise PolicyViolation("image input", "This server does not allow image input: use `/imagine` "
+                                             "without an image.")
 
 
 def apply_guidance_floor(policy: GuildPolicy, resolved: Resolved, settings: Settings,
@@ -239,6 +301,7 @@ def apply_policy(
     defaults, user_notes = user_layer(policy, options, user, settings, catalog)
     check_model(policy, model_key(options.model, defaults, settings))
     resolved = resolve_options(options, settings, catalog, defaults)
+    check_image_input(policy, resolved)
     resolved, notes = apply_caps(policy, resolved)
     if "steps" in resolved.from_user and policy.max_steps is not None and defaults.steps > policy.max_steps:
         user_notes += (("steps", f"your default `steps` is above this server's cap of {policy.max_steps}; "

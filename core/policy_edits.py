@@ -148,15 +148,29 @@ def _cap(name: str, value: int | None, global_max: int, current: int | None) -> 
 
 
 def set_caps(policy: GuildPolicy, settings: Settings, *, steps: int | None = None,
-             count: int | None = None, size: int | None = None, clamp: bool | None = None) -> GuildPolicy:
-    """None keeps a setting, 0 removes a cap; ``clamp``: over a cap, clamp (True) or refuse."""
-    if size and (size % SIZE_STEP or size < settings.min_size):
-        raise InvalidRequest(f"The size cap must be a multiple of {SIZE_STEP}, at least {settings.min_size}.")
+             count: int | None = None, pixels: int | None = None, clamp: bool | None = None,
+             size: int | None = None) -> GuildPolicy:
+    """None keeps a setting, 0 removes a cap; ``clamp``: over a cap, clamp (True) or refuse.
+    ``pixels``: the most pixels (width × height) of an image, any aspect ratio, upscales
+    included; ``size`` (older callers): a side, i.e. ``pixels = size²``."""
+    if size is not None and pixels is None:
+        if size and (size % SIZE_STEP or size < settings.min_size):
+            raise InvalidRequest(f"The size cap must be a multiple of {SIZE_STEP}, at least {settings.min_size}.")
+        pixels = size * size if size else 0
+    smallest = settings.min_size * settings.min_size
+    if pixels and pixels < smallest:
+        raise InvalidRequest(f"The pixel cap must be at least {smallest} ({settings.min_size}×{settings.min_size}).")
     return _with(policy,
                  max_steps=_cap("steps", steps, settings.max_steps, policy.max_steps),
                  max_count=_cap("count", count, settings.max_count, policy.max_count),
-                 max_size=_cap("size", size, settings.max_size, policy.max_size),
+                 max_pixels=_cap("pixels", pixels, settings.max_pixels, policy.max_pixels),
                  clamp=policy.clamp if clamp is None else clamp)
+
+
+def set_image_input(policy: GuildPolicy, allowed: bool) -> GuildPolicy:
+    """Whether users may give /imagine an image of their own (img2img, and Remix of such a
+    job). Vary and Upscale of the bot's own results are not affected."""
+    return _with(policy, allow_image_input=bool(allowed))
 
 
 def set_limits(policy: GuildPolicy, *, max_active: int | None = None, rate: int | None = None,

@@ -123,7 +123,11 @@ class PolicyStore:
 
     # -- policy and audit ----------------------------------------------------------------------
     def load(self, guild_id: int | None) -> GuildPolicy:
-        raw = None if guild_id is None else self.redis.get(self.policy_key(guild_id))
+        return self.parse(None if guild_id is None else self.redis.get(self.policy_key(guild_id)))
+
+    @staticmethod
+    def parse(raw: bytes | str | None) -> GuildPolicy:
+        """A stored policy (read by :meth:`load`, or in a caller's pipeline); defaults when none."""
         return GuildPolicy() if raw is None else GuildPolicy.model_validate_json(raw)
 
     def update(self, guild_id: int, actor: Actor, action: str,

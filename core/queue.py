@@ -3,13 +3,12 @@ cancel. Blocking redis-py calls; the async bot runs them in a thread."""
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
 from redis import Redis
-from redis.backoff import ConstantBackoff
 from redis.exceptions import RedisError
-from redis.retry import Retry as RedisRetry
 from rq import Callback, Queue, Retry, Worker
 from rq.exceptions import DuplicateJobError, InvalidJobOperation, NoSuchJobError
 from rq.job import Job, JobStatus
@@ -20,6 +19,7 @@ from core.fleet import FleetStats, format_duration, work_units
 from core.jobs import ACTIVE_KEY_META, JOB_FUNCTION, JobRequest, queue_name
 from core.position_edits import PositionEdits
 from core.records import JobRecord, RecordStore
+from core.redis_connection import connect_front
 from core.texts import clip
 from core.tokens import TOKEN_LIFE_S, stash_token, with_token
 from core.validation import InvalidRequest
@@ -29,6 +29,7 @@ FAILURE_CALLBACK = "worker.failures.report_failure"
 SUCCESS_CALLBACK = "worker.release.on_success"
 STOPPED_CALLBACK = "worker.release.on_stopped"
 RETRIES = 2
+READ_CACHE_S = 1.0  # the bot: how stale live-worker counts and latency samples may be (ETAs)
 USER_JOBS_SCANNED = 500  # a user's most recent jobs that /cancel looks through
 
 
@@ -55,17 +56,19 @@ class QueueBusy(InvalidRequest):
     The message is for the user, with the current wait."""
 
 
+class NotReplicated(RedisError):
+    """Sentinel mode with ``redis_min_replicas_ack``: the job did not reach enough replicas in
+    time and was taken back; for the user, the queue is unavailable."""
+
+
 class AlreadyQueued(Exception):
     """The same interaction was submitted before (a gateway replay)."""
 
 
 def connect(settings: Settings) -> Redis:
-    """Short timeouts and a single quick retry: a command must be answered within Discord's 3 s
-    even when Redis is down (redis-py's default retries for about 3 s on its own). The pool
-    reconnects by itself once Redis is back."""
-    timeout = settings.redis_timeout_s
-    return Redis.from_url(settings.redis_url, socket_connect_timeout=timeout, socket_timeout=timeout,
-                          health_check_interval=30, retry=RedisRetry(ConstantBackoff(0.1), 1))
+    """The front ends' client (:func:`core.redis_connection.connect_front`: short timeouts,
+    one quick retry; plain, TLS or Sentinel)."""
+    return connect_front(settings)
 
 
 @dataclass(frozen=True)
@@ -85,12 +88,16 @@ class UserJob:
 
 
 class JobQueue:
-    def __init__(self, redis: Redis, settings: Settings):
+    def __init__(self, redis: Redis, settings: Settings, cache_s: float = 0.0):
+        """``cache_s``: how stale the live-worker counts and latency samples that every
+        command reads may be (the bot: :data:`READ_CACHE_S`; 0: read them every time)."""
         self.redis = redis
         self.settings = settings
+        self.cache_s = cache_s
         self.stats = FleetStats(redis, settings.queue_prefix, settings.latency_samples,
-                                settings.eta_min_samples)
+                                settings.eta_min_samples, cache_s=cache_s)
         self.records = RecordStore(redis, settings.queue_prefix, settings.record_ttl_s)
+        self._workers: dict[str, tuple[float, int]] = {}  # model → (monotonic time, live workers)
 
     def queue(self, model: str) -> FairQueue:
         return FairQueue(queue_name(model, self.settings.queue_prefix), connection=self.redis,
@@ -126,23 +133,57 @@ class JobQueue:
             )
         except DuplicateJobError:
             raise AlreadyQueued(request.job_id) from None
+        if self.settings.redis_min_replicas_ack:
+            self._await_replicas(queue, request.job_id)
         try:
-            position = queue.get_job_position(request.job_id)
+            # LPOS, not RQ's get_job_position: that one reads the whole list into the bot for
+            # every command (at a depth of thousands, most of a command's Redis time).
+            position = self.redis.lpos(queue.key, request.job_id)
         except RedisError:
             return None  # queued, but Redis went away before we could tell where
         return 1 if position is None else position + 1
 
+    def _await_replicas(self, queue: Queue, job_id: str) -> None:
+        """Return once ``redis_min_replicas_ack`` replicas have the job (Redis WAIT), so a
+        failover cannot lose it; else take it back and raise :class:`NotReplicated` (the user is
+        told the queue is unavailable, not "Queued"). WAIT counts the replication of the calling
+        connection's last write: a marker written on the same connection just before it comes
+        after the job in the replication stream."""
+        settings = self.settings
+        with self.redis.pipeline(transaction=False) as pipe:
+            pipe.set(f"{settings.queue_prefix}:replicated", job_id, px=60_000)
+            pipe.wait(settings.redis_min_replicas_ack, settings.redis_replica_ack_timeout_ms)
+            _, acked = pipe.execute()
+        if acked >= settings.redis_min_replicas_ack:
+            return
+        try:
+            cancel_waiting(Job.fetch(job_id, connection=self.redis, serializer=JSONSerializer), queue,
+                           lambda job: None)  # the caller frees the user's slot
+        except (RedisError, NoSuchJobError):
+            pass  # the primary is going: so is the job
+        raise NotReplicated(f"job {job_id} reached {acked} of {settings.redis_min_replicas_ack} replicas")
+
     def claim(self, job_id: str) -> bool:
         """True once per job id: the first delivery of an interaction answers it, a gateway
         replay (even arriving at the same moment) does not."""
-        key = f"{self.settings.queue_prefix}:claim:{job_id}"
-        return bool(self.redis.set(key, 1, nx=True, ex=self.settings.queue_ttl_s))
+        return bool(self.redis.set(self.claim_key(job_id), 1, nx=True, ex=self.settings.queue_ttl_s))
+
+    def claim_key(self, job_id: str) -> str:
+        return f"{self.settings.queue_prefix}:claim:{job_id}"
 
     def workers_for(self, model: str) -> int:
         """Live workers serving ``model``: those in its queue's worker set whose worker key has
-        not expired (a killed worker stays in the set until some worker's clean-up removes it)."""
+        not expired (a killed worker stays in the set until some worker's clean-up removes it).
+        Read at most once per ``cache_s`` per model (two round trips every command would
+        otherwise spend on a number that changes when a worker starts or dies)."""
+        now = time.monotonic()
+        cached = self._workers.get(model)
+        if cached is not None and now - cached[0] < self.cache_s:
+            return cached[1]
         keys = list(Worker.all_keys(connection=self.redis, queue=self.queue(model)))
-        return self.redis.exists(*keys) if keys else 0
+        live = self.redis.exists(*keys) if keys else 0
+        self._workers[model] = (now, live)
+        return live
 
     def outlook(self, request: JobRequest, position: int) -> Outlook:
         """``request`` at ``position`` in its queue (0: generating now) and when it should be done."""

@@ -14,6 +14,13 @@ RESULT_ACTIONS = ("reroll", "vary", "delete", "info")
 RESULT_TEMPLATE = rf"img:(?P<action>{'|'.join(RESULT_ACTIONS)}):{JOB_ID}"
 MODEL_TEMPLATE = rf"img:model:{JOB_ID}"
 CANCEL_TEMPLATE = rf"img:cancel:{JOB_ID}"
+# Per-image actions on a result (issue 14): Vary (Subtle/Strong) and Upscale ×2 of image
+# ``index``, and Remix (a modal with the prompts pre-filled) of the whole job. "vary" above
+# stays the older seed Variations, so messages posted before keep working.
+IMAGE_ACTIONS = ("subtle", "strong", "upscale")
+IMAGE_ACTION_TEMPLATE = (rf"img:(?P<action>{'|'.join(IMAGE_ACTIONS)}):(?P<job_id>[A-Za-z0-9_-]{{1,80}})"
+                         rf":(?P<index>[0-9])")
+REMIX_TEMPLATE = r"img:remix:(?P<job_id>[A-Za-z0-9_-]{1,80})"
 BAR_WIDTH = 12
 MAX_CONTENT = 2000  # Discord's limit for a message's text
 
@@ -34,6 +41,24 @@ def model_custom_id(job_id: str) -> str:
 
 def cancel_custom_id(job_id: str) -> str:
     return f"img:cancel:{job_id}"
+
+
+def image_action_custom_id(action: str, job_id: str, index: int) -> str:
+    """``img:subtle|strong|upscale:{job_id}:{index}`` (index 0–9: Discord posts 10 files)."""
+    if action not in IMAGE_ACTIONS or not 0 <= index <= 9:
+        raise ValueError(f"no image action {action!r} for image {index}")
+    return f"img:{action}:{job_id}:{index}"
+
+
+def remix_custom_id(job_id: str) -> str:
+    return f"img:remix:{job_id}"
+
+
+def result_file_stem(model: str, seed: int) -> str:
+    """A result image's file name without extension (``.png``, or ``.jpg`` when re-encoded to fit,
+    and ``SPOILER_`` before it when spoilered): image ``index`` of a job is the one made with
+    seed + index, so a button finds its file in the result message by this stem."""
+    return f"imagine-{model}-{seed}"
 
 
 def _images(count: int) -> str:

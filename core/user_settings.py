@@ -74,7 +74,11 @@ class UserSettingsStore:
         return f"{self.prefix}:user:{int(user_id)}"
 
     def load(self, user_id: int) -> UserSettings | None:
-        raw = self.redis.get(self._key(user_id))
+        return self.parse(self.redis.get(self._key(user_id)))
+
+    @staticmethod
+    def parse(raw: bytes | str | None) -> UserSettings | None:
+        """A stored value (read by :meth:`load`, or in a caller's pipeline) as settings."""
         if raw is None:
             return None
         try:

@@ -2,10 +2,12 @@
 
     python -m launch            # or: make run
 
-Starts, as child processes: ``redis-server`` when ``IMAGINE_REDIS_URL`` does not answer (local
-URLs only; AOF on, ``noeviction``), one worker, the web UI, and the Discord bot when
-``IMAGINE_DISCORD_TOKEN`` is set. Without ``IMAGINE_WORKER_MODELS`` it serves a tiny random
-model written to ``models/tiny-sd`` (no download, no GPU), so a fresh machine sees every part
+Starts, as child processes: a ``redis-server`` of its own on ``127.0.0.1:6390`` (AOF on,
+``noeviction``; with ``IMAGINE_REDIS_URL`` set, that Redis instead, started here when a local URL
+does not answer), one worker, the web UI, and the Discord bot when ``IMAGINE_DISCORD_TOKEN`` is
+set. It never writes into a Redis it did not start unless ``IMAGINE_REDIS_URL`` names it.
+Without ``IMAGINE_WORKER_MODELS`` it serves a tiny random model written to ``models/tiny-sd``
+(no download, no GPU; its images are noise, and it says so), so a fresh machine sees every part
 work; set ``IMAGINE_WORKER_MODELS`` to serve real weights. Children run in their own process
 groups, so Ctrl-C reaches only this launcher, which stops them once each, in order.
 """
@@ -28,9 +30,15 @@ from urllib.parse import urlparse
 from redis import Redis
 from rq import Worker
 
+from core.demo import NOTICE, RANDOM_WEIGHTS_MARKER
+from core.health import require_free_port
 from settings.config import Settings, load_settings
 
 TINY_MODEL = "tiny"
+# The launcher's own Redis when IMAGINE_REDIS_URL is not set: not 6379, where someone's Redis may
+# hold other data. The marker key tells a server started here (a previous run) from a stranger's.
+OWN_REDIS_URL = "redis://127.0.0.1:6390/0"
+OWN_REDIS_MARKER = "imagine:launch:own-redis"
 LOCAL_HOSTS = {"127.0.0.1", "localhost", "::1"}
 STOP_TIMEOUT_S = 20
 REDIS_START_S = 15
@@ -66,7 +74,7 @@ def start_redis(url: str, data_dir: Path) -> subprocess.Popen:
 
 def tiny_env(settings: Settings, folder: Path) -> dict[str, str]:
     """Serve (and default to) the tiny model; other catalog entries stay listed."""
-    if not (folder / "model_index.json").exists() or not (folder / "safety_checker").exists():
+    if not all((folder / name).exists() for name in ("model_index.json", "safety_checker", RANDOM_WEIGHTS_MARKER)):
         say(f"writing the tiny demo model to {folder}")
         subprocess.run([sys.executable, "-m", "worker.tiny", str(folder)], check=True,
                        stdout=subprocess.DEVNULL)
@@ -120,7 +128,9 @@ def worker_registered(url: str) -> bool:
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description="Run Redis, a worker, the web UI and the bot locally")
+    parser = argparse.ArgumentParser(
+        description="Run Redis, a worker, the web UI and the bot locally; Ctrl-C stops all of it. "
+                    "Settings come from IMAGINE_* variables or .env (README).")
     parser.add_argument("--tiny-dir", type=Path, default=Path("models/tiny-sd"),
                         help="where the tiny demo model lives (used without IMAGINE_WORKER_MODELS)")
     parser.add_argument("--redis-dir", type=Path, default=Path(".imagine/redis"),
@@ -141,20 +151,39 @@ def main(argv: list[str] | None = None) -> int:
         shut_down(children)  # whatever ended the run: no child outlives the launcher
 
 
+def own_redis_taken(url: str) -> bool:
+    """Whether the launcher's own Redis port answers as somebody else's server."""
+    try:
+        return not Redis.from_url(url, socket_connect_timeout=1, socket_timeout=1).exists(OWN_REDIS_MARKER)
+    except Exception:
+        return True
+
+
 def run(args: argparse.Namespace, settings: Settings, children: list[Child], stop: threading.Event) -> int:
+    own = "redis_url" not in settings.model_fields_set
+    if own:  # never someone else's 6379: a server of our own, on a port of our own
+        settings = settings.model_copy(update={"redis_url": OWN_REDIS_URL})
+        if redis_answers(OWN_REDIS_URL) and own_redis_taken(OWN_REDIS_URL):
+            raise SystemExit(f"error: port {urlparse(OWN_REDIS_URL).port} answers as a Redis this launcher did not "
+                             "start; set IMAGINE_REDIS_URL to a Redis (and database) for Imagine")
+    require_free_port(settings.web_host, settings.web_port, "IMAGINE_WEB_PORT")
     if not redis_answers(settings.redis_url):
+        port = urlparse(settings.redis_url).port or 6379
         children.append(Child("redis", start_redis(settings.redis_url, args.redis_dir)))
         say(f"started redis-server (pid {children[0].popen.pid}) for {settings.redis_url}")
         deadline = time.monotonic() + REDIS_START_S
         while not redis_answers(settings.redis_url):
             if not children[0].alive():
-                raise SystemExit("error: redis-server exited; is the port in use?")
+                raise SystemExit(f"error: redis-server could not start on port {port} (in use?); "
+                                 "set IMAGINE_REDIS_URL to another port or to a running Redis")
             if time.monotonic() > deadline:
                 raise SystemExit(f"error: the redis-server started here does not answer at {settings.redis_url}")
             if stop.wait(0.1):
                 return 0
+        if own:
+            Redis.from_url(settings.redis_url).set(OWN_REDIS_MARKER, 1)
 
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "IMAGINE_REDIS_URL": settings.redis_url}
     env.setdefault("IMAGINE_LOG_FORMAT", "text")  # people read this terminal
     if "worker_models" not in settings.model_fields_set:
         try:
@@ -163,6 +192,7 @@ def run(args: argparse.Namespace, settings: Settings, children: list[Child], sto
             if stop.is_set():  # Ctrl-C reached the writer too
                 return 0
             raise SystemExit(f"error: writing the tiny model failed (exit code {error.returncode})") from None
+        say(f"serving the tiny demo model ({NOTICE}), e.g. IMAGINE_WORKER_MODELS='[\"bk-sdm-small\"]' make run")
     children.append(spawn("worker", "worker.main", env))
     children.append(spawn("web", "web.app", env))
     if settings.discord_token is not None:

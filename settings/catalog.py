@@ -70,11 +70,35 @@ class ModelEntry(BaseModel):
     description: str = ""
     fast: FastMode | None = None  # None: no fast mode for this model (``quality: fast`` refused)
 
+    @property
+    def family(self) -> Family:
+        """SD 1.x or SDXL (which picks the aspect-ratio sizes: core.validation.dimensions_for)."""
+        return "sdxl" if self.pipeline == "StableDiffusionXLPipeline" else "sd1"
 
+
+Family = Literal["sd1", "sdxl"]
+# The resolution buckets SDXL was trained on (SDXL paper, appendix; ~1024² pixels each, sides
+# multiples of 64), width × height. A 1024-native SDXL-family model gets the nearest bucket for
+# an aspect ratio; SD 1.x models (and SDXL-family models of another native size) get multiples
+# of 64 near their native pixel count.
+SDXL_BUCKETS: tuple[tuple[int, int], ...] = (
+    (512, 2048), (512, 1984), (512, 1920), (512, 1856), (576, 1792), (576, 1728), (576, 1664),
+    (640, 1600), (640, 1536), (704, 1472), (704, 1408), (704, 1344), (768, 1344), (768, 1280),
+    (832, 1216), (832, 1152), (896, 1152), (896, 1088), (960, 1088), (960, 1024), (1024, 1024),
+    (1024, 960), (1088, 960), (1088, 896), (1152, 896), (1152, 832), (1216, 832), (1280, 768),
+    (1344, 768), (1344, 704), (1408, 704), (1472, 704), (1536, 640), (1600, 640), (1664, 576),
+    (1728, 576), (1792, 576), (1856, 512), (1920, 512), (1984, 512), (2048, 512),
+)
+SDXL_BUCKET_NATIVE = 1024
+
+
+# Revisions: hub commits (reproducible builds; issue 18). An override's own "revision" (or null:
+# the default branch) replaces them; a local folder ignores them.
 BUILTIN_MODELS: tuple[ModelEntry, ...] = (
     ModelEntry(
         key="bk-sdm-small",
         source="nota-ai/bk-sdm-small",
+        revision="572238db7ed3a10858900803f3fc8cca53e893e0",  # hub commit: the same weights on every host
         pipeline="StableDiffusionPipeline",
         native_size=512,
         variant=None,  # the repo ships no fp16 variant; weights are cast at load
@@ -87,6 +111,7 @@ BUILTIN_MODELS: tuple[ModelEntry, ...] = (
     ModelEntry(
         key="sd-v1-4",
         source="CompVis/stable-diffusion-v1-4",
+        revision="133a221b8aa7292a167afc5127cb63fb5005638b",  # hub commit: the same weights on every host
         pipeline="StableDiffusionPipeline",
         native_size=512,
         description="Stable Diffusion v1.4 (teacher of bk-sdm-small)",
@@ -96,6 +121,7 @@ BUILTIN_MODELS: tuple[ModelEntry, ...] = (
     ModelEntry(
         key="ssd-1b",
         source="segmind/SSD-1B",
+        revision="60987f37e94cd59c36b1cba832b9f97b57395a10",  # hub commit: the same weights on every host
         pipeline="StableDiffusionXLPipeline",
         native_size=1024,
         description="Segmind SSD-1B: SDXL distilled",
@@ -104,6 +130,7 @@ BUILTIN_MODELS: tuple[ModelEntry, ...] = (
     ModelEntry(
         key="sdxl-base",
         source="stabilityai/stable-diffusion-xl-base-1.0",
+        revision="462165984030d82259a11f4367a4eed129e94a7b",  # hub commit: the same weights on every host
         pipeline="StableDiffusionXLPipeline",
         native_size=1024,
         description="Stable Diffusion XL base 1.0 (teacher of ssd-1b)",

@@ -6,22 +6,32 @@ environment on its own.
 
 from __future__ import annotations
 
-from typing import Literal
+import json
+import os
+from typing import Annotated, Literal
 
-from pydantic import Field, SecretStr, ValidationError
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic import Field, SecretStr, ValidationError, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 from pydantic_settings.exceptions import SettingsError
 
 from settings.catalog import ModelEntry
 
 DISCORD_API_BASE = "https://discord.com/api/v10"
 DISCORD_GATEWAY = "wss://gateway.discord.gg/"
+SECRETS_DIR = "/run/secrets"
+
+
+def _secrets_dir() -> str | None:
+    """Docker's secrets folder when there is one (pydantic-settings warns about a missing one)."""
+    return SECRETS_DIR if os.path.isdir(SECRETS_DIR) else None
 
 
 class Settings(BaseSettings):
     # Empty values count as unset, so a copied .env.example with blank lines for secrets loads.
+    # Secrets can also be files named like the variable, lower case, in /run/secrets (Docker
+    # secrets: e.g. /run/secrets/imagine_redis_password); an environment variable wins over a file.
     model_config = SettingsConfigDict(env_prefix="IMAGINE_", env_file=".env", extra="ignore",
-                                      env_ignore_empty=True)
+                                      env_ignore_empty=True, secrets_dir=_secrets_dir())
 
     # Discord. Secrets never appear in reprs or logs (SecretStr).
     discord_token: SecretStr | None = None
@@ -31,9 +41,44 @@ class Settings(BaseSettings):
     sync_guild_id: int | None = Field(
         default=None, description="Sync commands to this guild only (instant); global when unset."
     )
+    # Sharding (discord.py's AutoShardedClient). shard_count unset: the count Discord recommends
+    # (GET /gateway/bot), every shard in this process. To split the shards over N processes (or
+    # hosts), give each the same shard_count and its own shard_ids ("0,1" or "[0, 1]"); every
+    # shard id must run in exactly one process. README, "Sharding".
+    shard_count: int | None = Field(default=None, ge=1)
+    shard_ids: Annotated[list[int] | None, NoDecode] = None
+    # discord.py waits this long between two IDENTIFYs of one process (Discord allows one per
+    # 5 s per max_concurrency bucket).
+    shard_identify_delay_s: float = Field(default=5.0, ge=0)
+    # One bot process at a time syncs the command tree and runs the expiry sweep (core.lease):
+    # a dead holder's role is taken over within about this long.
+    lease_ttl_s: float = Field(default=30.0, gt=0)
+    # Threads for the bot's blocking Redis work (each command's admission and enqueue wait on
+    # Redis round trips there); Python's default, CPUs + 4, caps the ack rate on small hosts.
+    bot_threads: int = Field(default=32, ge=1)
 
     # Redis / RQ.
     redis_url: str = "redis://127.0.0.1:6379/0"
+    # Redis connection (core.redis_connection, one factory for bot, worker and web). TLS: a
+    # rediss:// URL or redis_tls, with the CA file and certificate check below. Credentials in
+    # the URL win over these. Sentinel mode (redis_sentinels set): the
+    # sentinels ("host:port") name the current primary of redis_sentinel_master, and every
+    # client follows a failover; redis_url then only gives the database number.
+    redis_username: str | None = None
+    redis_password: SecretStr | None = None
+    redis_tls: bool = False  # TLS even with a redis:// URL; sentinel mode: to the sentinels too
+    redis_tls_ca_file: str | None = None
+    redis_tls_cert_reqs: Literal["required", "optional", "none"] = "required"
+    redis_tls_certfile: str | None = None  # client certificate (mutual TLS), with its key
+    redis_tls_keyfile: str | None = None
+    redis_sentinels: Annotated[list[str], NoDecode] = Field(default_factory=list)
+    redis_sentinel_master: str = "imagine"
+    redis_sentinel_password: SecretStr | None = None  # the sentinels' own (requirepass)
+    # Sentinel mode: after enqueueing, wait until this many replicas have the job (Redis WAIT)
+    # before answering "Queued"; 0: do not wait (a hard kill of the primary may lose the last
+    # second of accepted jobs). See docs/operations.md, "Redis Sentinel and failover".
+    redis_min_replicas_ack: int = Field(default=0, ge=0)
+    redis_replica_ack_timeout_ms: int = Field(default=500, ge=1)
     queue_prefix: str = "imagine"
     # A job that cannot start before the interaction token (15 min) expires is never started.
     queue_ttl_s: int = 600
@@ -62,6 +107,9 @@ class Settings(BaseSettings):
     # Models: built-in catalog plus operator overrides/additions (JSON in IMAGINE_MODELS).
     models: dict[str, dict] = Field(default_factory=dict)
     default_model: str = "bk-sdm-small"
+    # Hugging Face token for gated or private weights (workers only; handed to the hub client as
+    # HF_TOKEN). A secret: scrubbed from logs like the bot token.
+    hf_token: SecretStr | None = None
 
     # Worker.
     worker_models: list[str] = Field(default_factory=lambda: ["bk-sdm-small"])
@@ -105,6 +153,10 @@ class Settings(BaseSettings):
     web_client_header: str | None = None
     bot_metrics_port: int = 9101
     worker_metrics_port: int = 9102
+    # Where the bot's and workers' /metrics + /healthz and the web's /healthz listen: loopback
+    # unless set (compose sets 0.0.0.0 inside the containers and publishes none of them).
+    metrics_host: str = "127.0.0.1"
+    web_health_port: int = 7861  # the web's /healthz (Redis reachable); 0: off
     log_format: Literal["json", "text"] = "json"
     log_level: str = "INFO"
 
@@ -117,6 +169,11 @@ class Settings(BaseSettings):
     idle_poll_s: int = 10
     # A worker rides through Redis outages up to about this long before restarting its loop.
     redis_retry_s: float = 30.0
+    # Recycling (worker --max-jobs): a worker that reached its job count exits only once another
+    # ready worker serves each of its models (else it keeps serving and checks after each job),
+    # so a recycle never leaves a model without a worker for the minutes a start takes.
+    # false: recycle regardless (a lone worker's model waits for its restart).
+    recycle_needs_peer: bool = True
 
     # Experience: progress edits, previews, ETAs, result buttons.
     progress_interval_s: float = Field(
@@ -137,13 +194,55 @@ class Settings(BaseSettings):
     # diffusers runs at guidance > 1 and which weighs the negative by (guidance - 1): jobs in such
     # a server run at least this guidance (raised with a note, or refused, as the server chose).
     forced_negative_min_guidance: float = Field(default=2.0, gt=1)
+    # Image dimensions and image input (issue 14). Width and height are multiples of 64, each
+    # side at least min_size and at most max_size; a job's pixels (width × height) at most
+    # max_pixels (an Upscale ×2 output: max_upscale_pixels, sides up to 2 × max_size). Server
+    # caps (/imagine-admin caps) can only lower max_pixels.
     min_size: int = 256
-    max_size: int = 1024
+    max_size: int = 2048  # per side
+    max_pixels: int = Field(default=1024 * 1024, ge=64 * 64)
+    max_upscale_pixels: int = Field(default=2048 * 2048, ge=64 * 64)
+    # Source images (img2img, Vary, Upscale): the worker downloads an attachment itself, only
+    # from Discord's CDN for the configured API (attachment_hosts, "host" or "host:port",
+    # replaces that list), with this timeout and byte limit; it decodes nothing over
+    # source_max_pixels (checked from the header, before any decode).
+    attachment_hosts: list[str] = Field(default_factory=list)
+    source_max_bytes: int = Field(default=25 * 1024 * 1024, ge=1024)
+    source_max_pixels: int = Field(default=40_000_000, ge=64 * 64)
+    source_timeout_s: float = Field(default=10.0, gt=0)
     default_negative_prompt: str = (
         "ugly, poorly rendered face, low resolution, poorly drawn feet, poorly drawn face, "
         "out of frame, extra limbs, disfigured, deformed, body out of frame, blurry, "
         "bad composition, blurred, watermark, grainy, signature, cut off, mutation"
     )
+
+    @field_validator("discord_token", "hf_token", "redis_password", "redis_sentinel_password", mode="before")
+    @classmethod
+    def _empty_secret_is_unset(cls, value: object) -> object:
+        """An empty secret file (``make secrets`` writes empty token files to fill in) is no secret."""
+        return None if isinstance(value, str) and not value.strip() else value
+
+    @field_validator("shard_ids", "redis_sentinels", mode="before")
+    @classmethod
+    def _comma_list(cls, value: object) -> object:
+        """A JSON list, or items separated by commas ("0,1"; "h1:26379,h2:26379")."""
+        if not isinstance(value, str):
+            return value
+        text = value.strip()
+        if text.startswith("["):
+            return json.loads(text)
+        return [part.strip() for part in text.split(",") if part.strip()] or None
+
+    @field_validator("shard_ids")
+    @classmethod
+    def _shards_known(cls, value: list[int] | None, info) -> list[int] | None:
+        count = info.data.get("shard_count")
+        if value is not None:
+            if count is None:
+                raise ValueError("shard_ids needs shard_count (the total over every bot process)")
+            if len(set(value)) != len(value) or not all(0 <= shard < count for shard in value):
+                raise ValueError(f"shard ids must be distinct, from 0 to shard_count - 1 ({count - 1})")
+        return value
 
     def catalog(self) -> dict[str, ModelEntry]:
         from settings.catalog import build_catalog

@@ -64,7 +64,7 @@ def test_batch_of_different_prompts_matches_each_run_alone(pipe):
 
 
 def test_incompatible_requests_are_refused_in_one_batch(pipe):
-    with pytest.raises(ValueError, match="share model, size, steps, guidance and quality"):
+    with pytest.raises(ValueError, match="share model, size, steps, guidance, quality and source"):
         generate_batch(pipe, [request("a"), request("b", steps=3)])
 
 
@@ -95,7 +95,9 @@ def queue_then_drain(env, redis_server, tmp_path, name: str, specs: dict[str, tu
             application_id=1, interaction_id=int(snowflake()),
             interaction_token=f"tok-{name}-{job}-{snowflake()}", user_id=5))
         queue.submit(requests[job])
-    worker = start_worker({**env, "IMAGINE_QUEUE_PREFIX": prefix, "IMAGINE_MAX_BATCH_IMAGES": "8"},
+    # The model's only worker: recycles anyway (by default it waits for a peer: test_recycling).
+    worker = start_worker({**env, "IMAGINE_QUEUE_PREFIX": prefix, "IMAGINE_MAX_BATCH_IMAGES": "8",
+                           "IMAGINE_RECYCLE_NEEDS_PEER": "false"},
                           tmp_path / "worker.log", "--burst")
     try:
         worker.popen.wait(120)
@@ -256,7 +258,9 @@ def test_max_jobs_counts_jobs_not_batches(env, redis_server, tmp_path):
     jobs = JobQueue(redis, Settings(redis_url=redis_server.url, queue_prefix=prefix, _env_file=None))
     for i in range(5):
         jobs.submit(request(f"{prefix}-{i}", seed=i))
-    worker = start_worker({**env, "IMAGINE_QUEUE_PREFIX": prefix, "IMAGINE_MAX_BATCH_IMAGES": "8"},
+    # The model's only worker: recycles anyway (by default it waits for a peer: test_recycling).
+    worker = start_worker({**env, "IMAGINE_QUEUE_PREFIX": prefix, "IMAGINE_MAX_BATCH_IMAGES": "8",
+                           "IMAGINE_RECYCLE_NEEDS_PEER": "false"},
                           tmp_path / "worker.log", "--max-jobs", "3")
     try:
         assert worker.popen.wait(120) == 0, worker.log()

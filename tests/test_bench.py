@@ -64,3 +64,30 @@ def test_scale_simulation_runs_real_workers():
                     "--jobs-per-worker", "3")
     (row,) = json.loads(printed.splitlines()[-1])["scale"]
     assert row["workers"] == 2 and row["jobs_per_s"] > 0 and 0 < row["efficiency"] <= 1.05
+
+
+@pytest.mark.e2e
+def test_image_workflow_times_each_action_and_the_memory_of_sharing(tmp_path):
+    out = tmp_path / "image_workflow.json"
+    printed = bench("image_workflow", "--steps", "2", "--runs", "1", "--size", "64", "--memory-arch", "tiny",
+                    "--memory-steps", "1", "--json", str(out))
+    results = json.loads(out.read_text())
+    for family in ("SD 1.x", "SDXL"):
+        rows = {row["action"]: row for row in results["time"][family]}
+        assert set(rows) == {"txt2img", "img2img (0.6)", "vary subtle", "vary strong", "txt2img ×2 size", "upscale ×2"}
+        assert all(row["ms"] > 0 for row in rows.values()) and rows["txt2img"]["vs_txt2img"] == 1.0
+    assert [row["case"] for row in results["memory"]] == ["txt2img", "txt2img+img2img", "copy"]
+    assert "upscale ×2" in printed and "max RSS MiB" in printed
+
+
+@pytest.mark.e2e
+def test_ack_load_smoke_measures_real_bot_acks(tmp_path):
+    """bench.ack_load --quick: one real bot process, 100 and 1000 /imagine per minute."""
+    out = tmp_path / "ack.json"
+    printed = bench("ack_load", "--quick", "--json", str(out), timeout=120)
+    rows = json.loads(out.read_text())["rows"]
+    assert [(r["processes"], r["rate_per_min"]) for r in rows] == [(1, 100), (1, 1000)]
+    for row in rows:
+        assert row["answered"] == row["sent"] > 0 and row["refused"] == 0
+        assert 0 < row["p50_ms"] <= row["p99_ms"] <= row["max_ms"] < 3000
+    assert "| processes | rate (/min) |" in printed

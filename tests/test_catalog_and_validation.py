@@ -60,7 +60,8 @@ def request_for(**options) -> JobRequest:
 def test_defaults_come_from_the_model_and_settings():
     request = request_for(prompt="  an   orange cat ", model="SSD-1B")
     assert request.prompt == "an orange cat"
-    assert (request.model, request.steps, request.guidance, request.size) == ("ssd-1b", 30, 7.5, 1024)
+    assert (request.model, request.steps, request.guidance, request.width, request.height) == ("ssd-1b", 30, 7.5,
+                                                                                          1024, 1024)
     assert request.negative_prompt.startswith("ugly, poorly rendered face")
     assert 0 <= request.seed < 2**32
 
@@ -75,7 +76,8 @@ def test_resolution_records_what_the_user_set_and_layers_the_defaults():
     settings = Settings(_env_file=None, default_model="bk-sdm-small")
     resolved = resolve_options(ImagineOptions(prompt=" a  cat ", steps=12), settings, settings.catalog(),
                                Defaults(model="ssd-1b", negative_prompt="lowres"))
-    assert (resolved.prompt, resolved.entry.key, resolved.steps, resolved.size) == ("a cat", "ssd-1b", 12, 1024)
+    assert (resolved.prompt, resolved.entry.key, resolved.steps, resolved.width, resolved.height) == (
+        "a cat", "ssd-1b", 12, 1024, 1024)
     assert resolved.negative_or_default == "lowres"
     assert "steps" in resolved.explicit and "size" not in resolved.explicit
 
@@ -87,7 +89,13 @@ def test_resolution_records_what_the_user_set_and_layers_the_defaults():
     ({"prompt": "a", "steps": 0}, "`steps`"),
     ({"prompt": "a", "guidance": 21.0}, "`guidance`"),
     ({"prompt": "a", "count": 0}, "`count`"),
-    ({"prompt": "a", "size": 2048}, "`size` must be between 256 and 1024"),
+    ({"prompt": "a", "size": 4096}, "`size` must be between 256 and 2048"),
+    ({"prompt": "a", "size": 2048}, "`size` of 2048×2048 is 4.19 MP; the limit is 1.05 MP"),
+    ({"prompt": "a", "width": 1280, "height": 256}, "too elongated"),
+    ({"prompt": "a", "aspect": "5:1"}, "too extreme"),
+    ({"prompt": "a", "aspect": "wide"}, "must look like 16:9"),
+    ({"prompt": "a", "strength": 0.5}, "`strength` applies only with an image"),
+    ({"prompt": "a", "aspect": "16:9", "size": 512}, "Give `aspect` or `size`, not both"),
     ({"prompt": "a", "size": 520}, "multiple of 64"),
     ({"prompt": "a", "seed": -1}, "`seed`"),
     ({"prompt": "a", "model": "nope"}, "Unknown model"),

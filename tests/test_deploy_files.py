@@ -24,6 +24,18 @@ def env_keys(service: dict) -> set[str]:
     return set(service.get("environment") or {})
 
 
+def interpolated(value: str) -> str:
+    """A compose value with ``${VAR:-default}`` read as its default."""
+    return re.sub(r"\$\{[A-Z0-9_]+:-([^}]*)\}", r"\1", value)
+
+
+def probe_port(service: dict) -> str:
+    """The port a ``python -m core.probe PORT`` healthcheck asks for /healthz."""
+    test = service["healthcheck"]["test"]
+    assert test[:4] == ["CMD", "python", "-m", "core.probe"], test
+    return test[4]
+
+
 def test_env_example_documents_every_setting_and_nothing_else():
     documented = set(re.findall(r"^#?\s*(IMAGINE_[A-Z0-9_]+)=", (ROOT / ".env.example").read_text(), re.M))
     assert documented == SETTING_KEYS, (
@@ -71,10 +83,14 @@ def test_named_volumes_are_declared():
 def test_app_services_reach_redis_by_service_name_and_wait_for_it():
     for name in ("bot", "web", *WORKERS):
         service = SERVICES[name]
-        assert Settings(_env_file=None, redis_url=service["environment"]["IMAGINE_REDIS_URL"]).redis_url.startswith("redis://redis:")
+        url = service["environment"]["IMAGINE_REDIS_URL"]
+        # ${IMAGINE_REDIS_URL:-…}: a URL of the operator's (credentials, TLS) is not overridden.
+        assert url.startswith("${IMAGINE_REDIS_URL:-")
+        assert Settings(_env_file=None, redis_url=interpolated(url)).redis_url.startswith("redis://redis:")
         assert service["depends_on"]["redis"]["condition"] == "service_healthy"
-    assert "redis://redis:6379" in " ".join(SERVICES["rq-dashboard"]["command"])
-    assert "--json" in SERVICES["rq-dashboard"]["command"]  # jobs are JSON-serialized
+    dashboard = " ".join(SERVICES["rq-dashboard"]["command"])
+    assert "@redis:6379" in dashboard and "RQ_DASHBOARD_REDIS_URL" in dashboard
+    assert "--json" in dashboard  # jobs are JSON-serialized (rq-dashboard 0.9's flag)
 
 
 def test_one_gpu_per_worker_and_known_models():
@@ -86,14 +102,14 @@ def test_one_gpu_per_worker_and_known_models():
         device_ids += devices[0]["device_ids"]
         models = Settings(_env_file=None, worker_models=json.loads(worker["environment"]["IMAGINE_WORKER_MODELS"])).worker_models
         assert models and set(models) <= set(catalog), name
-        port = worker["environment"]["IMAGINE_WORKER_METRICS_PORT"]
-        assert f":{port}/metrics" in " ".join(worker["healthcheck"]["test"])
+        assert probe_port(worker) == worker["environment"]["IMAGINE_WORKER_METRICS_PORT"]
     assert len(device_ids) == len(set(device_ids)), "two workers on one GPU"
 
 
 def test_metrics_and_web_ports_match_healthchecks():
     bot, web = SERVICES["bot"], SERVICES["web"]
-    assert f":{bot['environment']['IMAGINE_BOT_METRICS_PORT']}/metrics" in " ".join(bot["healthcheck"]["test"])
+    assert probe_port(bot) == bot["environment"]["IMAGINE_BOT_METRICS_PORT"]
+    assert probe_port(web) == web["environment"]["IMAGINE_WEB_HEALTH_PORT"]
     port = web["environment"]["IMAGINE_WEB_PORT"]
     # Inside its container it listens everywhere; the host publishes it on loopback only.
     assert web["ports"] == [f"127.0.0.1:{port}:{port}"] and web["environment"]["IMAGINE_WEB_HOST"] == "0.0.0.0"
@@ -128,13 +144,18 @@ def test_images_install_their_service_extra_from_pyproject(dockerfile, target, e
     if target is not None:  # the RUN lines of that build stage only
         text = re.split(r"^FROM ", text.split(f" AS {target}\n", 1)[1], flags=re.M)[0]
     installs = re.findall(r"pip install (.+)", text)
-    assert installs == [f'".[{extra}]"'] or installs[-1].startswith(f'".[{extra}]"')
+    # Its extra's dependencies from pyproject.toml (docker/deps.py) in a layer before the source,
+    # then the project itself; both at the versions of docker/constraints.txt.
+    assert installs[0] == f"-c /deps/constraints.txt $(python /deps/deps.py {extra} /deps/pyproject.toml)"
+    assert installs[-1].startswith(f'--no-deps -c /deps/constraints.txt ".[{extra}]"')
     assert "-r " not in text and "requirements" not in text
 
 
 def test_gradio_is_pinned_in_one_place():
+    # docker/constraints.txt is the lock of the tested versions, not a second place to choose one.
     pinned = [path for path in (*ROOT.glob("docker/*"), ROOT / "Makefile", ROOT / "pyproject.toml")
-              if "gradio" in re.sub(r"#.*", "", path.read_text()).replace("gradio.", "")]
+              if path.name != "constraints.txt"
+              and "gradio" in re.sub(r"#.*", "", path.read_text()).replace("gradio.", "")]
     assert pinned == [ROOT / "pyproject.toml"]
 
 
@@ -165,3 +186,96 @@ def test_each_service_extra_covers_what_its_code_imports(extra, folders):
     assert needed - BASE - EXTRAS[extra] - transitive == set()
     if extra != "worker":
         assert not {"torch", "diffusers", "transformers"} & (BASE | EXTRAS[extra])
+
+
+# -- issue 18: deployable for real ------------------------------------------------------------
+
+DOCKERFILES = {path.name: path.read_text() for path in (ROOT / "docker").glob("Dockerfile.*")}
+
+
+def test_every_service_runs_under_an_init_with_rotated_logs():
+    for name, service in SERVICES.items():
+        assert service.get("init") is True, f"{name}: init: true (SIGTERM forwarded, zombies reaped)"
+        logging = service.get("logging") or {}
+        assert logging.get("driver") == "json-file", name
+        assert logging["options"]["max-size"] and int(logging["options"]["max-file"]) >= 1, name
+
+
+def test_app_healthchecks_ask_healthz():
+    for name in ("bot", "web", *WORKERS):
+        assert probe_port(SERVICES[name]).isdigit(), name
+    assert "/healthz" in (ROOT / "core" / "probe.py").read_text()
+
+
+def secrets_of_service(name: str) -> set[str]:
+    return {s if isinstance(s, str) else s["source"] for s in SERVICES[name].get("secrets", [])}
+
+
+def test_each_service_gets_only_the_secrets_it_uses():
+    assert secrets_of_service("redis") == {"redis_password"}
+    assert secrets_of_service("bot") == {"discord_token", "redis_password"}
+    assert secrets_of_service("web") == {"redis_password"}  # no bot token in the web container
+    assert secrets_of_service("rq-dashboard") == {"redis_password"}
+    for name in WORKERS:  # the bot token: channel fallback when an interaction token expired
+        assert secrets_of_service(name) == {"redis_password", "hf_token", "discord_token"}
+    # Mounted where Settings reads them (secrets_dir /run/secrets, file = the variable's name).
+    for name in ("bot", "web", *WORKERS):
+        for secret in SERVICES[name]["secrets"]:
+            assert f"IMAGINE_{secret['target'].removeprefix('imagine_').upper()}" in SETTING_KEYS
+    assert set(COMPOSE["secrets"]) == {"redis_password", "discord_token", "hf_token"}
+    assert all(s["file"].startswith("../secrets/") for s in COMPOSE["secrets"].values())
+    assert "secrets/" in (ROOT / ".gitignore").read_text() and "secrets" in (ROOT / ".dockerignore").read_text()
+    # No secret is set in an environment: block.
+    for service in SERVICES.values():
+        assert not {"IMAGINE_DISCORD_TOKEN", "IMAGINE_REDIS_PASSWORD", "IMAGINE_HF_TOKEN"} & env_keys(service)
+
+
+def test_redis_needs_a_password_and_has_a_memory_limit():
+    command = " ".join(SERVICES["redis"]["command"])
+    assert "requirepass" in command and "/run/secrets/redis_password" in command
+    assert "--maxmemory ${REDIS_MAXMEMORY:-" in command and "--maxmemory-policy noeviction" in command
+    assert "REDISCLI_AUTH" in " ".join(SERVICES["redis"]["healthcheck"]["test"])
+
+
+def test_base_images_are_pinned_by_digest():
+    images = [SERVICES["redis"]["image"]]
+    for text in DOCKERFILES.values():
+        images += re.findall(r"^ARG PYTHON_IMAGE=(\S+)$", text, re.M)
+        assert re.findall(r"^FROM (\S+)", text, re.M)[0] == "${PYTHON_IMAGE}"
+    assert len(images) == 1 + len(DOCKERFILES)
+    assert all(re.search(r"@sha256:[0-9a-f]{64}$", image) for image in images), images
+
+
+def test_dependency_layers_come_before_the_source():
+    for name, text in DOCKERFILES.items():
+        if "COPY . ." not in text:
+            continue
+        for stage in re.split(r"^FROM ", text, flags=re.M)[1:]:
+            if "COPY . ." in stage:
+                deps = stage.index("deps.py")
+                assert deps < stage.index("COPY . ."), name
+                assert "--no-deps" in stage[stage.index("COPY . ."):], name
+
+
+def test_the_worker_image_can_compile_and_keeps_its_caches_on_the_model_volume():
+    worker = DOCKERFILES["Dockerfile.worker"]
+    assert "build-essential" in worker  # torch.compile builds C/Triton code at run time
+    assert "TORCHINDUCTOR_CACHE_DIR=/models/" in worker and "TRITON_CACHE_DIR=/models/" in worker
+    assert all("model-cache:/models" in w["volumes"] for w in WORKERS.values())
+
+
+def test_one_torch_version_everywhere():
+    constraints = (ROOT / "docker" / "constraints.txt").read_text()
+    version = re.search(r"^torch==([0-9.]+)$", constraints, re.M).group(1)
+    assert "torch==$(shell sed -n 's/^torch==//p' $(CONSTRAINTS))" in (ROOT / "Makefile").read_text()
+    assert "pytorch/pytorch" not in DOCKERFILES["Dockerfile.worker"]  # torch comes from the constraints
+    assert f"torch {version}" in (ROOT / "docs" / "benchmarks.md").read_text()
+    for line in constraints.splitlines():  # exact pins only
+        assert not line or line.startswith("#") or re.match(r"^[A-Za-z0-9_.\-]+==[^=<>]+$", line), line
+
+
+def test_metrics_listen_on_loopback_unless_compose_says_otherwise():
+    assert Settings(_env_file=None).metrics_host == "127.0.0.1"
+    for name in ("bot", "web", *WORKERS):
+        assert SERVICES[name]["environment"]["IMAGINE_METRICS_HOST"] == "0.0.0.0"
+        assert all(not str(port).endswith((":9101", ":9102", ":7861")) for port in SERVICES[name].get("ports", []))

@@ -7,6 +7,7 @@ from __future__ import annotations
 import io
 import json
 import re
+import time
 
 import pytest
 from PIL import Image
@@ -16,6 +17,7 @@ from rq.serializers import JSONSerializer
 
 from core.fleet import FleetStats
 from core.jobs import job_id_for_interaction
+from core.queue import READ_CACHE_S
 from tests.support.fake_discord import (
     MANAGE_GUILD,
     component_interaction,
@@ -102,10 +104,12 @@ def test_eta_appears_once_a_few_jobs_have_run(stack):
         result(stack, command(stack, "imagine", prompt="warming the numbers", seed=seed))
     # The worker records a job's time just after posting its result.
     wait_for(lambda: fleet.latency("tiny"), 10, what="three jobs recorded")
+    time.sleep(READ_CACHE_S)  # the bot reads latency samples at most once per READ_CACHE_S
     later = command(stack, "imagine", prompt="now with an estimate", seed=4)
     assert re.search(r"position \*\*#1\*\* in its queue · ETA ~\d+ s", reply(stack, later).payload["data"]["content"])
     result(stack, later)
     wait_for(lambda: fleet.latency("tiny").samples == 4, 10, what="four jobs recorded")
+    time.sleep(READ_CACHE_S)
     models = reply(stack, command(stack, "models")).payload["data"]["embeds"][0]["description"]
     assert re.search(r"\*\*tiny\*\* — .*⏱ p50 \d+ s, p95 \d+ s per job \(4 recent\)", models)
 
@@ -131,7 +135,8 @@ def test_progress_edits_are_rate_limited_then_replaced_by_the_result(stack):
     # The result carries the buttons and the model select (other models, not this one).
     ids = custom_ids(final.payload)
     job_id = job_id_for_interaction(int(payload["id"]))
-    assert ids == [f"img:{a}:{job_id}" for a in ("reroll", "vary", "info", "delete")] + [f"img:model:{job_id}"]
+    assert ids == [f"img:{a}:{job_id}" for a in ("reroll", "vary", "info", "delete", "remix", "model")] + [
+        f"img:{a}:{job_id}:0" for a in ("subtle", "strong", "upscale")]  # per image: Vary ×2, Upscale ×2
     select = final.payload["components"][1]["components"][0]
     assert "tiny" not in [o["value"] for o in select["options"]] and "tiny-xl" in [o["value"] for o in select["options"]]
     assert final.payload["content"] == f"<@{AUTHOR}>" and not final.files[0][0] == "preview.png"

@@ -208,6 +208,7 @@ def test_the_bot_sweep_survives_any_exception_and_retries_a_failed_notice(redis_
 
     bot.tell = tell
     sweep = ImagineBot.expiry_sweep.coro
+    assert bot.sweep_lease.acquire()  # only the holder of the sweep lease sweeps
 
     async def scenario():
         real = bot._sweep_once

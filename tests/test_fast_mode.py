@@ -203,7 +203,11 @@ def test_batches_of_both_modes_interleaved_are_each_correct(fast_pipes):
         for quality in ("fast", "standard", "fast", "standard"):
             batch = generate_batch(pipe, [job("a", quality, seed=9), job("b", quality, seed=9, prompt="a dog")],
                                    fast=entry.fast)
-            assert np.array_equal(pixels(batch[0])[0], alone[quality]), (round_, quality)
+            # The same image as alone, up to float rounding: a batch of two runs other matmul
+            # blockings, which may move a few pixels by one level (seen: 0.008 % of them).
+            difference = np.abs(pixels(batch[0])[0].astype(int) - alone[quality].astype(int))
+            assert difference.max() <= 1 and (difference > 0).mean() < 1e-3, (round_, quality)
+    assert not np.array_equal(alone["fast"], alone["standard"])
 
 
 def test_a_solver_fast_mode_needs_no_adapter(tiny_model_dir):

@@ -64,7 +64,8 @@ def test_admission_refuses_clearly_or_admits_within_the_policy(prompt, negative,
     assert not policy.allowed_models or request.model in policy.allowed_models
     assert policy.max_steps is None or request.steps <= policy.max_steps
     assert policy.max_count is None or request.count <= policy.max_count
-    assert policy.max_size is None or request.size <= policy.max_size
+    assert policy.max_pixels is None or request.width * request.height <= policy.max_pixels
+    assert request.width * request.height <= SETTINGS.max_pixels
     assert 1 <= request.steps <= SETTINGS.max_steps and 1 <= request.count <= SETTINGS.max_count
     assert math.isfinite(request.guidance) and 0 <= request.guidance <= SETTINGS.max_guidance
     if policy.forced_negative:

@@ -76,13 +76,15 @@ def test_caps_reject_explicit_values():
         run(policy, steps=30)
     with pytest.raises(PolicyViolation, match="max count"):
         run(policy, count=3)
-    with pytest.raises(PolicyViolation, match="max size"):
+    with pytest.raises(PolicyViolation, match="max pixels"):
         run(policy, size=768)
+    with pytest.raises(PolicyViolation, match="over this server's cap.*max pixels"):
+        run(policy, aspect="16:9", model="ssd-1b")
 
 
 def test_caps_lower_unset_defaults_silently():
     moderated = run(GuildPolicy(max_steps=20, max_size=256), model="ssd-1b")  # default 30 steps, 1024 px
-    assert (moderated.request.steps, moderated.request.size) == (20, 256)
+    assert (moderated.request.steps, moderated.request.width, moderated.request.height) == (20, 256, 256)
     assert moderated.notes == ()
 
 

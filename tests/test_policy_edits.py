@@ -129,18 +129,21 @@ def test_default_model_must_be_allowed():
 # -- caps --------------------------------------------------------------------------------------
 def test_caps_at_the_operators_limits():
     policy = edits.set_caps(GuildPolicy(), SETTINGS, steps=50, count=1, size=1024)
-    assert (policy.max_steps, policy.max_count, policy.max_size) == (50, 1, 1024)
-    for name, kwargs in (("steps", {"steps": 51}), ("count", {"count": 5}), ("size", {"size": 1088}),
+    assert (policy.max_steps, policy.max_count, policy.max_pixels) == (50, 1, 1024 * 1024)
+    assert edits.set_caps(GuildPolicy(), SETTINGS, pixels=768 * 512).max_pixels == 768 * 512
+    for name, kwargs in (("steps", {"steps": 51}), ("count", {"count": 5}), ("pixels", {"size": 1088}),
+                         ("pixels", {"pixels": 1024 * 1024 + 1}),
                          ("steps", {"steps": -1})):
         with pytest.raises(InvalidRequest, match=f"The {name} cap must be between 1 and"):
             edits.set_caps(GuildPolicy(), SETTINGS, **kwargs)
 
 
 def test_caps_none_keeps_zero_removes():
-    policy = GuildPolicy(max_steps=20, max_count=2, max_size=512, clamp=True)
+    policy = GuildPolicy(max_steps=20, max_count=2, max_size=512, clamp=True)  # a stored side cap loads as pixels
+    assert policy.max_pixels == 512 * 512
     assert edits.set_caps(policy, SETTINGS) == policy
     removed = edits.set_caps(policy, SETTINGS, steps=0, count=0, size=0)
-    assert (removed.max_steps, removed.max_count, removed.max_size, removed.clamp) == (None, None, None, True)
+    assert (removed.max_steps, removed.max_count, removed.max_pixels, removed.clamp) == (None, None, None, True)
     assert edits.set_caps(policy, SETTINGS, clamp=False).clamp is False
     assert edits.set_caps(policy, SETTINGS, steps=30).max_count == 2
 
@@ -152,7 +155,15 @@ def test_size_cap_is_a_multiple_of_64_and_at_least_the_minimum(size):
 
 
 def test_size_cap_at_the_minimum():
-    assert edits.set_caps(GuildPolicy(), SETTINGS, size=256).max_size == 256
+    assert edits.set_caps(GuildPolicy(), SETTINGS, size=256).max_pixels == 256 * 256
+    with pytest.raises(InvalidRequest, match="pixel cap must be at least 65536"):
+        edits.set_caps(GuildPolicy(), SETTINGS, pixels=200 * 200)
+
+
+def test_image_input_switch():
+    off = edits.set_image_input(GuildPolicy(), False)
+    assert off.allow_image_input is False and edits.changed_fields(GuildPolicy(), off) == {"allow_image_input": False}
+    assert edits.set_image_input(off, True) == GuildPolicy()
 
 
 # -- per-user limits ---------------------------------------------------------------------------

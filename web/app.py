@@ -5,6 +5,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import logging
 import math
@@ -21,11 +22,23 @@ import gradio as gr  # noqa: E402
 from PIL import Image  # noqa: E402
 from redis.exceptions import RedisError  # noqa: E402
 
-from core.jobs import JobRequest, JobResult  # noqa: E402
+from core.demo import NOTICE as DEMO_NOTICE  # noqa: E402
+from core.demo import random_weights  # noqa: E402
+from core.entry import no_options  # noqa: E402
+from core.health import redis_ready, require_free_port, serve_health, stop_on_sigterm  # noqa: E402
+from core.jobs import JobRequest, JobResult, SourceImage  # noqa: E402
 from core.logs import configure_logging, secrets_of  # noqa: E402
 from core.queue import AlreadyQueued, connect  # noqa: E402
 from core.texts import no_worker_text  # noqa: E402
-from core.validation import SIZE_STEP, ImagineOptions, InvalidRequest  # noqa: E402
+from core.validation import (  # noqa: E402
+    ASPECT_RATIOS,
+    DEFAULT_STRENGTH,
+    UPSCALE_STRENGTH,
+    VARY_STRENGTHS,
+    ImagineOptions,
+    InvalidRequest,
+    upscale_dimensions,
+)
 from settings.config import Settings, load_settings  # noqa: E402
 from web.jobs import Progress, WebJobs  # noqa: E402
 from web.policy import client_address  # noqa: E402
@@ -68,12 +81,22 @@ def moderation_text(result: JobResult) -> str:
     return "".join(f"\n\n{part}" for part in parts)
 
 
+def mode_text(result: JobResult) -> str:
+    """How an image-to-image result was made: mode, strength and the source file's sha256."""
+    record = result.reproducibility
+    if record is None or record.mode == "txt2img":
+        return ""
+    strength = "" if record.strength is None else f" · strength {record.strength:g}"
+    source = f" · source sha256 `{record.source_sha256}`" if record.source_sha256 else ""
+    return f"\n\n{record.mode}{strength}{source}"
+
+
 def result_text(result: JobResult) -> str:
     t = result.timings
     seeds = ", ".join(map(str, shown_seeds(result))) or "withheld"
     return (f"Done: **{result.model}** · {result.width}×{result.height} · seed{'s' if len(result.seeds) > 1 else ''} "
             f"**{seeds}**\n\nqueue {t.queue_wait_ms:.0f} ms · inference {t.inference_ms:.0f} ms · "
-            f"store {t.post_ms:.0f} ms · total {t.total_ms:.0f} ms" + moderation_text(result))
+            f"store {t.post_ms:.0f} ms · total {t.total_ms:.0f} ms" + mode_text(result) + moderation_text(result))
 
 
 def gallery_items(jobs: WebJobs, result: JobResult) -> list[tuple[Image.Image, str]]:
@@ -82,11 +105,6 @@ def gallery_items(jobs: WebJobs, result: JobResult) -> list[tuple[Image.Image, s
     actions = [verdict.action for verdict in result.moderation] or ["show"] * len(result.seeds)
     return [(Image.open(io.BytesIO(data)), f"seed {seed}" if action == "show" else "⚠️ content warning (blurred)")
             for data, seed, action in zip(jobs.images(result), result.seeds, actions) if data is not None]
-
-
-def size_choices(settings: Settings) -> list[int]:
-    first = -(-settings.min_size // SIZE_STEP) * SIZE_STEP
-    return list(range(first, settings.max_size + 1, SIZE_STEP))
 
 
 def _whole(name: str, value, *, optional: bool = False) -> int | None:
@@ -104,10 +122,26 @@ def _whole(name: str, value, *, optional: bool = False) -> int | None:
     return int(number)
 
 
-def options_from_form(prompt, negative, model, steps, guidance, seed, count, size,
-                      quality="standard") -> ImagineOptions:
+AUTO_ASPECT = "auto"  # the aspect dropdown's default: square, or the uploaded image's ratio
+
+
+def _strength(value) -> float:
+    try:
+        strength = float(value)
+    except (TypeError, ValueError, OverflowError):
+        raise InvalidRequest("`strength` must be a number.") from None
+    if not math.isfinite(strength):
+        raise InvalidRequest("`strength` must be a number.")
+    return strength
+
+
+def options_from_form(prompt, negative, model, steps, guidance, seed, count, size=None,
+                      quality="standard", *, aspect=None, strength=None,
+                      source: SourceImage | None = None) -> ImagineOptions:
     """The page's inputs → options; InvalidRequest for values no control would send. In fast
     mode the steps and guidance sliders are not sent: the model's fast configuration sets them.
+    ``aspect``: a preset ratio (AUTO_ASPECT or empty: square, or the image's ratio). ``source``:
+    the uploaded image (:meth:`WebJobs.store_upload`); ``strength`` is sent only with one.
     (The web knows no user, so ``/settings`` defaults do not apply here.)"""
     try:
         guidance = float(guidance)
@@ -122,18 +156,65 @@ def options_from_form(prompt, negative, model, steps, guidance, seed, count, siz
                           steps=None if fast else _whole("steps", steps),
                           guidance=None if fast else guidance, seed=None if seed is None or seed < 0 else seed,
                           size=_whole("size", size, optional=True), count=_whole("count", count),
-                          quality=str(quality) if quality else None)
+                          quality=str(quality) if quality else None,
+                          aspect=None if not aspect or str(aspect) == AUTO_ASPECT else str(aspect),
+                          source=source,
+                          strength=None if source is None or strength is None else _strength(strength))
 
 
-def run_job(jobs: WebJobs, options: ImagineOptions, client: str = "unknown") -> Iterator[tuple[str, list]]:
-    """Submit, then yield (status text, gallery) until the images are there."""
+def shown_images(result: JobResult) -> list[dict]:
+    """The images a user can Vary or Upscale, in gallery order: stored and shown as they are
+    (a withheld one is not stored, a blurred one is not the image)."""
+    actions = [verdict.action for verdict in result.moderation] or ["show"] * len(result.seeds)
+    return [{"key": key, "seed": seed, "shown": action == "show"}
+            for key, seed, action in zip(result.image_keys, result.seeds, actions) if key]
+
+
+def last_job(options: ImagineOptions, request: JobRequest, result: JobResult) -> dict:
+    """What the page keeps of its latest result for the Vary and Upscale buttons (JSON)."""
+    form = {name: value for name, value in dataclasses.asdict(options).items() if name != "source"}
+    return {"options": form, "model": request.model, "width": result.width, "height": result.height,
+            "images": shown_images(result)}
+
+
+def action_options(last: dict | None, action: str, number) -> ImagineOptions:
+    """Vary (``subtle``/``strong``) or Upscale ×2 (``upscale``) of image ``number`` (1-based, in
+    the gallery) of the page's latest result: img2img of the stored PNG, the same prompt and
+    model; Vary with new seeds, Upscale at twice the size with that image's seed."""
+    if not last or not last.get("images"):
+        raise InvalidRequest("Generate an image first, then pick one in the gallery.")
+    images = last["images"]
+    index = _whole("image", number)
+    if not 1 <= index <= len(images):
+        raise InvalidRequest(f"Pick an image from 1 to {len(images)}.")
+    image = images[index - 1]
+    if not image.get("shown", True):
+        raise InvalidRequest("That image was blurred by the content check: it cannot be varied or upscaled.")
+    source = SourceImage(image_key=image["key"], filename=f"image-{index}.png", content_type="image/png",
+                         width=last["width"], height=last["height"])
+    base = {**last["options"], "model": last["model"], "source": source, "aspect": None, "size": None,
+            "width": None, "height": None}
+    if action == "upscale":
+        width, height = upscale_dimensions(last["width"], last["height"])
+        return ImagineOptions(**{**base, "mode": "upscale", "strength": UPSCALE_STRENGTH, "seed": image["seed"],
+                                 "count": 1, "width": width, "height": height})
+    return ImagineOptions(**{**base, "mode": "vary", "strength": VARY_STRENGTHS[action], "seed": None})
+
+
+def run_job(jobs: WebJobs, options: ImagineOptions, client: str = "unknown",
+            finished: dict | None = None) -> Iterator[tuple[str, list]]:
+    """Submit, then yield (status text, gallery) until the images are there. ``finished`` gets
+    :func:`last_job` of a result (for the Vary and Upscale buttons). An uploaded source image
+    is deleted once the job has ended (or was never queued)."""
     try:
         request, position, notes = jobs.submit(options, client)
     except InvalidRequest as error:
+        _discard_upload(jobs, options.source)
         yield f"**Cannot generate:** {error}", []
         return
     except (RedisError, AlreadyQueued) as error:
         log.warning("queue unavailable: %s", error)
+        _discard_upload(jobs, options.source)
         yield QUEUE_DOWN, []
         return
     log.info("queued %s on %s at #%s", request.job_id, request.model, position,
@@ -156,20 +237,37 @@ def run_job(jobs: WebJobs, options: ImagineOptions, client: str = "unknown") -> 
             except RedisError as error:
                 log.warning("queue unavailable while waiting: %s", error)
     finally:
+        ended = progress.done
         if not progress.done:  # the page gave up or was closed: nobody will see the images
-            _abandon(jobs, request)
+            ended = _abandon(jobs, request)
+        if ended:
+            _discard_upload(jobs, request.source)
     if progress.result is None:
-        yield progress_text(request, progress if progress.done else Progress("expired")), []
+        failure = progress.failure if progress.done else None
+        yield (f"**Cannot generate:** {failure}" if failure else
+               progress_text(request, progress if progress.done else Progress("expired"))), []
         return
+    if finished is not None:
+        finished.update(last_job(options, request, progress.result))
     yield result_text(progress.result), gallery_items(jobs, progress.result)
 
 
-def _abandon(jobs: WebJobs, request: JobRequest) -> None:
+def _discard_upload(jobs: WebJobs, source: SourceImage | None) -> None:
+    try:
+        jobs.discard_upload(source)
+    except RedisError as error:  # it expires on its own
+        log.warning("could not delete an uploaded image: %s", error)
+
+
+def _abandon(jobs: WebJobs, request: JobRequest) -> bool:
+    """True when the job was taken off the queue (it will never run)."""
     try:
         if jobs.abandon(request):
             log.info("web job %s abandoned while queued", request.job_id, extra={"job_id": request.job_id})
+            return True
     except RedisError as error:  # the queue's own TTL removes it later
         log.warning("could not take web job %s off the queue: %s", request.job_id, error)
+    return False
 
 
 def build_ui(jobs: WebJobs) -> gr.Blocks:
@@ -178,21 +276,48 @@ def build_ui(jobs: WebJobs) -> gr.Blocks:
 
     def defaults_for(key: str):
         entry = catalog[key]
-        size = entry.native_size if entry.native_size in size_choices(settings) else None
-        return entry.default_steps, entry.default_guidance, size
+        return entry.default_steps, entry.default_guidance
 
-    def generate(prompt, negative, model, steps, guidance, seed, count, size, quality, request: gr.Request):
-        client = client_address(request.client.host if request.client else None,
-                                dict(request.headers), settings)
+    def client_of(request: gr.Request) -> str:
+        return client_address(request.client.host if request.client else None, dict(request.headers), settings)
+
+    def generate(prompt, negative, model, steps, guidance, seed, count, aspect, quality, image, strength,
+                 request: gr.Request):
+        finished: dict = {}
         try:
-            options = options_from_form(prompt, negative, model, steps, guidance, seed, count, size, quality)
+            # The upload is checked (format, one frame, bytes and pixels from its header) before
+            # it is stored for the worker; nothing else of it is decoded here.
+            source = jobs.store_upload(image) if image else None
+            options = options_from_form(prompt, negative, model, steps, guidance, seed, count, None, quality,
+                                        aspect=aspect, strength=strength, source=source)
         except InvalidRequest as error:
-            yield f"**Cannot generate:** {error}", []
+            yield f"**Cannot generate:** {error}", [], None
             return
-        yield from run_job(jobs, options, client)
+        except RedisError as error:
+            log.warning("queue unavailable: %s", error)
+            yield QUEUE_DOWN, [], None
+            return
+        for text, items in run_job(jobs, options, client_of(request), finished):
+            yield text, items, finished or None
+
+    def act(action: str):
+        def run(last, number, request: gr.Request):
+            finished: dict = {}
+            try:
+                options = action_options(last, action, number)
+            except InvalidRequest as error:
+                yield f"**Cannot generate:** {error}", gr.update(), last
+                return
+            for text, items in run_job(jobs, options, client_of(request), finished):
+                yield text, items, finished or last
+        return run
+
+    def picked(event: gr.SelectData):
+        return (event.index or 0) + 1
 
     with gr.Blocks(title="Imagine", analytics_enabled=False) as ui:
-        gr.Markdown("# Imagine\nText to image on the same queue and GPU workers as the Discord bot.")
+        gr.Markdown("# Imagine\nText (or an image) to image on the same queue and GPU workers as the Discord bot.")
+        last = gr.State(None)  # the latest result, for Vary and Upscale
         with gr.Row():
             with gr.Column(scale=2):
                 prompt = gr.Textbox(label="Prompt", lines=2, max_length=settings.max_prompt_chars,
@@ -201,8 +326,10 @@ def build_ui(jobs: WebJobs) -> gr.Blocks:
                                       placeholder="empty: the server's default negative prompt")
                 with gr.Row():
                     model = gr.Dropdown(label="Model", choices=list(catalog), value=default.key)
-                    size = gr.Dropdown(label="Size (px)", choices=size_choices(settings),
-                                       value=defaults_for(default.key)[2])
+                    aspect = gr.Dropdown(label="Aspect ratio", elem_id="aspect", value=AUTO_ASPECT,
+                                         choices=[("auto (1:1, or the image's)", AUTO_ASPECT)]
+                                         + [(ratio, ratio) for ratio in ASPECT_RATIOS],
+                                         info="width:height near the model's native pixel count")
                 with gr.Row():
                     steps = gr.Slider(1, settings.max_steps, step=1, value=default.default_steps, label="Steps")
                     guidance = gr.Slider(0, settings.max_guidance, step=0.5, value=default.default_guidance,
@@ -212,31 +339,66 @@ def build_ui(jobs: WebJobs) -> gr.Blocks:
                     count = gr.Slider(1, settings.max_count, step=1, value=1, label="Images")
                     quality = gr.Radio(["standard", "fast"], value="standard", label="Quality",
                                        info="fast: the model's fast configuration sets steps and guidance")
+                with gr.Accordion("Start from an image (optional)", open=False):
+                    # Raw bytes: the page checks the file itself; an image component would decode it.
+                    image = gr.File(label="Image (PNG, JPEG, WebP)", file_types=["image"], type="binary",
+                                    elem_id="image")
+                    strength = gr.Slider(0.05, 1, step=0.05, value=DEFAULT_STRENGTH, label="Strength",
+                                         info="how much to change the image (1 ignores it)")
                 button = gr.Button("Generate", variant="primary", elem_id="generate")
             with gr.Column(scale=3):
                 status = gr.Markdown(elem_id="status")
                 gallery = gr.Gallery(label="Images", columns=2, elem_id="results", format="png")
-        model.change(defaults_for, model, [steps, guidance, size])
-        inputs = [prompt, negative, model, steps, guidance, seed, count, size, quality]
-        button.click(generate, inputs, [status, gallery])
-        prompt.submit(generate, inputs, [status, gallery])
+                with gr.Row():
+                    number = gr.Number(label="Image # (click one in the gallery)", value=1, precision=0,
+                                       minimum=1, elem_id="image-number")
+                    subtle = gr.Button("Vary (Subtle)", elem_id="vary-subtle")
+                    strong = gr.Button("Vary (Strong)", elem_id="vary-strong")
+                    upscale = gr.Button("Upscale ×2", elem_id="upscale")
+        model.change(defaults_for, model, [steps, guidance])
+        inputs = [prompt, negative, model, steps, guidance, seed, count, aspect, quality, image, strength]
+        outputs = [status, gallery, last]
+        button.click(generate, inputs, outputs)
+        prompt.submit(generate, inputs, outputs)
+        gallery.select(picked, None, number)
+        for control, action in ((subtle, "subtle"), (strong, "strong"), (upscale, "upscale")):
+            control.click(act(action), [last, number], outputs)
     return ui
 
 
-def main() -> int:
+def main(argv: list[str] | None = None) -> int:
+    no_options("python -m web.app", "Imagine's web UI (Gradio) on IMAGINE_WEB_HOST:IMAGINE_WEB_PORT.", argv)
     settings = load_settings()
     configure_logging("web", json_lines=settings.log_format == "json", level=settings.log_level,
                       secrets=secrets_of(settings))
     logging.getLogger("httpx").setLevel(logging.WARNING)  # Gradio's own startup probes
-    ui = build_ui(WebJobs(connect(settings), settings))
+    require_free_port(settings.web_host, settings.web_port, "IMAGINE_WEB_PORT")
+    redis = connect(settings)
+    ui = build_ui(WebJobs(redis, settings))
+    add_demo_notice(ui, settings)
     # A handler holds its slot while it watches its job (mostly waiting on Redis): as many as
     # web jobs may be queued, and a bounded line of events behind them, never an unbounded one.
     watchers = settings.web_max_queued or 32
     ui.queue(default_concurrency_limit=watchers, max_size=watchers)
     log.info("web UI on http://%s:%d", settings.web_host, settings.web_port)
     ui.launch(server_name=settings.web_host, server_port=settings.web_port, ssr_mode=False,
-              theme=THEME, footer_links=[], quiet=True, show_error=False)
+              theme=THEME, footer_links=[], quiet=True, show_error=False, prevent_thread_lock=True)
+    # Serving now. /healthz on its own port: 200 while Redis answers (core.health); SIGTERM
+    # (docker stop) closes the server like Ctrl-C, exit code 0.
+    serve_health(settings.metrics_host, settings.web_health_port, redis_ready(redis), what="web health",
+                 setting="IMAGINE_WEB_HEALTH_PORT")
+    stop_on_sigterm()
+    ui.block_thread()  # until SIGTERM or Ctrl-C; closes the server
+    log.info("web UI stopped")
     return 0
+
+
+def add_demo_notice(ui: gr.Blocks, settings: Settings) -> None:
+    """Below the page: say plainly when the default model is the tiny random-weight one."""
+    entry = settings.catalog().get(settings.default_model)
+    if entry is not None and random_weights(entry.source):
+        with ui:
+            gr.Markdown(f"**Demo model `{settings.default_model}`: {DEMO_NOTICE}.**", elem_id="demo-notice")
 
 
 if __name__ == "__main__":

@@ -23,8 +23,9 @@ from pydantic import ValidationError
 from rq import Queue
 from rq.job import Job
 
-from core.jobs import JobRequest
-from worker.generate import Generation, StepCallback, batch_key, generate_batch
+from core.jobs import IMAGE_MODES, JobRequest
+from worker.generate import Generation, Sources, StepCallback, batch_key, generate_batch
+from worker.job_functions import return_to_queue, runs_here
 from worker.progress import discord_progress
 
 if TYPE_CHECKING:  # annotations only: the runtime module imports this one
@@ -47,11 +48,15 @@ def claim_companions(queue: Queue, lead: JobRequest, max_images: int, max_jobs: 
         while images < max_images and (max_jobs is None or len(claimed) < max_jobs):
             head_id = queue.connection.lindex(queue.key, 0)
             head = queue.fetch_job(head_id.decode()) if head_id else None
-            request = request_of(head) if head is not None else None
+            # Never a job this worker would not run itself (not ours, or from a newer release).
+            request = request_of(head) if head is not None and runs_here(head) else None
             if request is None or batch_key(request) != batch_key(lead) or images + request.count > max_images:
                 break
             taken = Queue.dequeue_any([queue], None, connection=queue.connection, serializer=queue.serializer)
             if taken is None:
+                break
+            if not runs_here(taken[0]):  # raced to such a job: back where the worker meets it
+                return_to_queue(queue, taken[0])
                 break
             claimed.append(taken[0])  # raced to another job? still ours: it runs after the batch
             images += request_of(taken[0]).count
@@ -116,13 +121,30 @@ def images_for(runtime: WorkerRuntime, request: JobRequest, on_step: StepCallbac
             steps.append(_from_image(offset, images, reporter.on_step))
     try:
         pipelines = runtime.pipelines
-        generations = generate_batch(pipelines.get(request.model), [request, *companions],
-                                     _each(steps) if steps else None, pipelines.entries[request.model].fast)
+        entry = pipelines.entries[request.model]
+        sources = None
+        if request.mode in IMAGE_MODES:
+            sources = load_sources(runtime, [request, *companions], entry.native_size)
+            pipe = pipelines.get_img2img(request.model)
+        else:
+            pipe = pipelines.get(request.model)
+        generations = generate_batch(pipe, [request, *companions], _each(steps) if steps else None,
+                                     entry.fast, sources)
     finally:
         for reporter in reporters:
             reporter.close()  # nothing may land after their results
     runtime.batches.store({c.job_id: g for c, g in zip(companions, generations[1:])})
     return generations[0]
+
+
+def load_sources(runtime: WorkerRuntime, requests: list[JobRequest], native_size: int) -> Sources:
+    """The batch's source images (worker.source_image): companions share the lead's batch key,
+    so its source and size, and one fetch serves them all."""
+    from worker.source_image import load_source
+
+    lead = requests[0]
+    image = load_source(lead.source, lead.width, lead.height, runtime.settings, runtime.redis, runtime.session)
+    return Sources({r.job_id: image for r in requests}, native_size)
 
 
 def _from_image(offset: int, images: int, callback: StepCallback) -> StepCallback:

@@ -1,6 +1,8 @@
 """Generate images locally through the worker's generation code — no Discord, no Redis.
 
     python -m worker.cli "an orange cat" --model bk-sdm-small --seed 7 --out cat.png
+    python -m worker.cli "a watercolour" --image photo.jpg --strength 0.6 --out paint.png
+    python -m worker.cli "a watercolour" --image paint.png --upscale --out paint-2x.png
 """
 
 from __future__ import annotations
@@ -10,7 +12,13 @@ import logging
 import sys
 from pathlib import Path
 
-from core.validation import ImagineOptions, InvalidRequest, build_request
+from core.jobs import SourceImage
+from core.validation import (
+    ImagineOptions,
+    InvalidRequest,
+    build_request,
+    upscale_dimensions,
+)
 from settings.config import load_settings
 
 
@@ -22,7 +30,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--steps", type=int)
     parser.add_argument("--guidance", type=float)
     parser.add_argument("--seed", type=int)
-    parser.add_argument("--size", type=int)
+    parser.add_argument("--size", type=int, help="a square of this side (see --aspect, --width/--height)")
+    parser.add_argument("--aspect", help="aspect ratio, e.g. 16:9 (sized for the model)")
+    parser.add_argument("--width", type=int)
+    parser.add_argument("--height", type=int)
+    parser.add_argument("--image", type=Path, help="a source image: image-to-image (img2img)")
+    parser.add_argument("--strength", type=float, help="img2img strength, above 0 and at most 1")
+    parser.add_argument("--upscale", action="store_true", help="with --image: Upscale ×2 of it")
     parser.add_argument("--count", type=int, default=1)
     parser.add_argument("--quality", choices=["standard", "fast"], help="fast: the model's fast-mode configuration")
     parser.add_argument("--out", type=Path, default=Path("imagine.png"),
@@ -54,9 +68,31 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     settings = load_settings()
     catalog = settings.catalog()
+    source = None
+    if args.image is not None or args.upscale:
+        from core.jobs import InputImageError
+        from worker.source_image import from_file
+
+        if args.image is None:
+            print("error: --upscale needs --image", file=sys.stderr)
+            return 2
+        try:
+            source = from_file(args.image, None, None, settings)
+        except (InputImageError, OSError) as error:
+            print(f"error: --image {args.image}: {getattr(error, 'strerror', None) or error}", file=sys.stderr)
+            return 2
+    width, height = args.width, args.height
+    if args.upscale and width is None and height is None:
+        width, height = upscale_dimensions(*source.original_size)
+    # Local files are not uploads: the job names a placeholder source; the image is passed in.
+    source_ref = None if source is None else SourceImage(image_key=f"local:{args.image.name}",
+                                                         width=source.original_size[0],
+                                                         height=source.original_size[1])
     options = ImagineOptions(prompt=args.prompt, negative_prompt=args.negative_prompt,
                              model=args.model, steps=args.steps, guidance=args.guidance,
-                             seed=args.seed, size=args.size, count=args.count, quality=args.quality)
+                             seed=args.seed, size=args.size, count=args.count, quality=args.quality,
+                             aspect=args.aspect, width=width, height=height, source=source_ref,
+                             strength=args.strength, mode="upscale" if args.upscale else "txt2img")
     try:
         request = build_request(options, job_id="cli", settings=settings, catalog=catalog)
     except InvalidRequest as error:
@@ -81,7 +117,14 @@ def main(argv: list[str] | None = None) -> int:
     except ModelLoadError as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
-    generation = generate(pipe, request, fast=catalog[request.model].fast)
+    sources = None
+    if source is not None:
+        from worker.generate import Sources
+        from worker.source_image import SourceInput, fit
+
+        fitted = SourceInput(fit(source.image, request.width, request.height), source.sha256, source.original_size)
+        sources = Sources({request.job_id: fitted}, catalog[request.model].native_size)
+    generation = generate(pipe, request, fast=catalog[request.model].fast, sources=sources)
     for path, image, seed in zip(output_paths(args.out, request.count), generation.images, generation.seeds):
         try:
             image.save(path)
@@ -89,6 +132,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"error: cannot write {path} ({error.strerror or error})", file=sys.stderr)
             return 1
         print(f"{path}  seed={seed}")
+    if source is not None:
+        print(f"{request.mode} from {args.image} (sha256 {source.sha256[:12]}, strength {request.strength:g})")
     print(f"inference {generation.inference_ms:.0f} ms on {device}")
     return 0
 

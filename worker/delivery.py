@@ -22,7 +22,12 @@ from discord.http import Route, handle_message_parameters
 from discord.webhook.sync import _get_webhook_adapter
 
 from core.jobs import Delivery, JobRequest, Reproducibility, Timings
-from core.texts import model_custom_id, result_custom_id
+from core.texts import (
+    image_action_custom_id,
+    model_custom_id,
+    remix_custom_id,
+    result_custom_id,
+)
 from settings.catalog import ModelEntry
 
 log = logging.getLogger(__name__)
@@ -56,6 +61,19 @@ def reproducibility_footer(record: Reproducibility) -> str:
             f"{record.source} @ {revision}")
 
 
+MODE_NAMES = {"img2img": "image to image", "vary": "vary", "upscale": "upscale ×2"}
+
+
+def mode_text(mode: str, strength: float | None, source_sha256: str | None) -> str:
+    """``image to image · strength 0.6 · source 1a2b3c4d5e6f`` (the source file's sha256, short)."""
+    parts = [MODE_NAMES.get(mode, mode)]
+    if strength is not None:
+        parts.append(f"strength {strength:g}")
+    if source_sha256:
+        parts.append(f"source `{source_sha256[:12]}`")
+    return " · ".join(parts)
+
+
 def result_embed(request: JobRequest, seeds: list[int], timings: Timings,
                  record: Reproducibility | None = None, image_name: str | None = None,
                  withheld: list[int] | None = None) -> discord.Embed:
@@ -74,7 +92,10 @@ def result_embed(request: JobRequest, seeds: list[int], timings: Timings,
     embed.add_field(name="Steps", value=str(request.steps) if request.quality == "standard"
                     else f"{request.steps} (fast)")
     embed.add_field(name="Guidance", value=f"{request.guidance:g}")
-    embed.add_field(name="Size", value=f"{request.size}×{request.size}")
+    embed.add_field(name="Size", value=f"{request.width}×{request.height}")
+    if request.mode != "txt2img":
+        embed.add_field(name="Mode", value=mode_text(request.mode, request.strength,
+                                                     record.source_sha256 if record is not None else None))
     embed.add_field(
         name="Latency",
         value=(
@@ -90,6 +111,12 @@ def result_embed(request: JobRequest, seeds: list[int], timings: Timings,
     return embed
 
 
+# Per-image buttons: (action, label for a single image, label with the image's number, emoji).
+IMAGE_BUTTONS = (("subtle", "Vary (Subtle)", "Subtle", "🪶"), ("strong", "Vary (Strong)", "Strong", "🌪️"),
+                 ("upscale", "Upscale ×2", "Upscale", "🔍"))
+IMAGE_BUTTONS_MAX = 5  # images with their own buttons: one row per action holds 5
+
+
 class ResultComponents(discord.ui.View):
     """The buttons under a result. The worker only renders them; the bot's persistent dynamic
     items answer the clicks (matched by custom id), so no state lives here.
@@ -98,7 +125,12 @@ class ResultComponents(discord.ui.View):
     the bot's gateway client, and Discord accepts interactive components from the
     application-owned interaction webhook."""
 
-    def __init__(self, job_id: str, model: str, catalog: dict[str, ModelEntry]):
+    def __init__(self, job_id: str, model: str, catalog: dict[str, ModelEntry],
+                 images: list[int] | None = None, upscale: bool = True):
+        """``images``: indices (in the job, i.e. seed = seed + index) of the images shown, each
+        getting Vary (Subtle), Vary (Strong) and, with ``upscale``, Upscale ×2; the first
+        IMAGE_BUTTONS_MAX of them (a row holds 5 buttons). Rows: 0 the job's buttons, 1 the
+        model select, 2–4 one row per image action; 5 rows of at most 5 items, as Discord takes."""
         super().__init__(timeout=None)
         buttons = (("reroll", "Reroll", "🔁"), ("vary", "Variations", "🎲"),
                    ("info", "Info", "ℹ️"), ("delete", "Delete", "🗑️"))
@@ -106,12 +138,21 @@ class ResultComponents(discord.ui.View):
             style = discord.ButtonStyle.danger if action == "delete" else discord.ButtonStyle.secondary
             self.add_item(discord.ui.Button(label=label, emoji=emoji, style=style,
                                             custom_id=result_custom_id(action, job_id), row=0))
+        self.add_item(discord.ui.Button(label="Remix", emoji="🎛️", style=discord.ButtonStyle.secondary,
+                                        custom_id=remix_custom_id(job_id), row=0))
         others = [key for key in catalog if key != model][:SELECT_LIMIT]
         if others:
             self.add_item(discord.ui.Select(
                 custom_id=model_custom_id(job_id), placeholder="🔀 Same prompt and seed on another model",
                 options=[discord.SelectOption(label=key, value=key, description=catalog[key].description[:100] or None)
                          for key in others], row=1))
+        shown = list(images or [])[:IMAGE_BUTTONS_MAX]
+        actions = [action for action in IMAGE_BUTTONS if upscale or action[0] != "upscale"]
+        for row, (action, single, several, emoji) in enumerate(actions, start=2):
+            for index in shown:
+                label = single if len(shown) == 1 else f"{several} {index + 1}"
+                self.add_item(discord.ui.Button(label=label, emoji=emoji, style=discord.ButtonStyle.secondary,
+                                                custom_id=image_action_custom_id(action, job_id, index), row=row))
 
     def is_dispatchable(self) -> bool:
         return False  # dispatched by the bot process, not by this webhook client

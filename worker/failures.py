@@ -22,7 +22,7 @@ from redis import Redis
 from rq import Queue
 from rq.job import Job
 
-from core.jobs import JobRequest
+from core.jobs import InputImageError, JobRequest, input_error_message
 from core.tokens import with_token
 from settings.config import Settings
 from worker import metrics
@@ -41,8 +41,13 @@ REASONS = {
 GENERIC = "Your image could not be generated. The operators have the details."
 
 
-def friendly_reason(failure: type[BaseException] | str | None) -> str:
-    """The user's one line for an exception type, or for RQ's stored failure text."""
+def friendly_reason(failure: type[BaseException] | str | None, value: BaseException | None = None) -> str:
+    """The user's one line for an exception type, or for RQ's stored failure text. A job that
+    failed on its source image (core.jobs.InputImageError) carries its own line."""
+    if isinstance(value, InputImageError) and str(value):
+        return str(value)
+    if isinstance(failure, str) and (line := input_error_message(failure)):
+        return line
     text = failure.__name__ if isinstance(failure, type) else (failure or "")
     return next((reason for marker, reason in REASONS.items() if marker in text), GENERIC)
 
@@ -95,7 +100,7 @@ def report_failure(job: Job, connection, exc_type=None, exc_value=None, tracebac
         return
     release_slot(job, connection)
     log.error("job %s failed for good: %s", job.id, exc_type.__name__ if exc_type else "unknown")
-    reporter_for(connection).tell(job, friendly_reason(exc_type))
+    reporter_for(connection).tell(job, friendly_reason(exc_type, exc_value))
 
 
 def report_untold_failures(queue: Queue, reporter: Reporter, window_s: float) -> int:

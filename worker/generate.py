@@ -3,19 +3,29 @@ benchmarkable on its own; progress goes out through an optional plain callback."
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import gc
 import logging
+import math
 import time
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
 
 import diffusers
+import numpy as np
 import torch
 from diffusers import DiffusionPipeline
+from PIL import Image as PILImage
 from PIL.Image import Image
 
-from core.jobs import ImageAction, ImageModeration, JobRequest, Reproducibility
+from core.jobs import (
+    IMAGE_MODES,
+    ImageAction,
+    ImageModeration,
+    JobRequest,
+    Reproducibility,
+)
 from settings.catalog import FastMode, ModelEntry
 
 log = logging.getLogger(__name__)
@@ -36,6 +46,7 @@ class Generation:
     # What actually ran: the scheduler class and the step-distillation adapter (fast mode).
     scheduler: str = ""
     adapter: str | None = None
+    source_sha256: str | None = None  # the source image's file hash (image modes)
 
     @property
     def actions(self) -> list[ImageAction]:
@@ -55,17 +66,35 @@ class _Batch:
     prompts: list[str]
     negatives: list[str]
     seeds: list[int]
+    images: list[Image] | None = None  # one source image per output (image modes)
 
     def halves(self) -> tuple["_Batch", "_Batch"]:
         h = len(self.seeds) // 2
-        return (_Batch(self.prompts[:h], self.negatives[:h], self.seeds[:h]),
-                _Batch(self.prompts[h:], self.negatives[h:], self.seeds[h:]))
+        images = (None, None) if self.images is None else (self.images[:h], self.images[h:])
+        return (_Batch(self.prompts[:h], self.negatives[:h], self.seeds[:h], images[0]),
+                _Batch(self.prompts[h:], self.negatives[h:], self.seeds[h:], images[1]))
 
 
 def batch_key(request: JobRequest) -> tuple:
-    """Requests with equal keys can share one pipeline call: fast and standard jobs never do
-    (another scheduler, and the fast adapter switched on)."""
-    return (request.model, request.size, request.steps, request.guidance, request.quality)
+    """Requests with equal keys can share one pipeline call: the same work shape (model, width,
+    height, steps, guidance), fast and standard jobs never together (another scheduler, and the
+    fast adapter switched on), image jobs only with the same mode, strength and source (and an
+    upscale, tiled, always alone)."""
+    source = None if request.source is None else (request.source.url or request.source.image_key)
+    alone = request.job_id if request.mode == "upscale" else None
+    return (request.model, request.width, request.height, request.steps, request.guidance, request.quality,
+            request.mode, request.strength, source, alone)
+
+
+def schedule_steps(request: JobRequest) -> int:
+    """The ``num_inference_steps`` a call gets: the request's steps; for img2img at least enough
+    that int(steps × strength) >= 1 (diffusers refuses a call that would run no step), so a low
+    strength on a short schedule still runs one step, the same way every time."""
+    steps = request.steps
+    if request.mode in IMAGE_MODES and request.strength:
+        while int(steps * request.strength) < 1:
+            steps += 1
+    return steps
 
 
 # The peft adapter name fast mode's LoRA is loaded under (worker.pipelines.load_fast_adapter).
@@ -144,12 +173,15 @@ def step_callback_kwargs(on_step: StepCallback | None) -> dict:
 
 
 def _run(pipe: DiffusionPipeline, batch: _Batch, first: JobRequest, on_step: StepCallback | None) -> list[Image]:
+    if batch.images is None:
+        shape = {"height": first.height, "width": first.width}
+    else:  # img2img: the size is the source images' (fitted to the job's width × height)
+        shape = {"image": batch.images, "strength": first.strength}
     with torch.inference_mode():
         output = pipe(
-            prompt=batch.prompts, negative_prompt=batch.negatives, num_inference_steps=first.steps,
-            guidance_scale=first.guidance, height=first.size, width=first.size,
-            num_images_per_prompt=1, generator=seeded_generators(batch.seeds),
-            **step_callback_kwargs(on_step),
+            prompt=batch.prompts, negative_prompt=batch.negatives, num_inference_steps=schedule_steps(first),
+            guidance_scale=first.guidance, num_images_per_prompt=1, generator=seeded_generators(batch.seeds),
+            **shape, **step_callback_kwargs(on_step),
         )
     return list(output.images)
 
@@ -171,11 +203,35 @@ def _run_splitting(pipe: DiffusionPipeline, batch: _Batch, first: JobRequest,
     return _run_splitting(pipe, low, first, on_step) + _run_splitting(pipe, high, first, on_step)
 
 
+def img2img_pipeline(pipe: DiffusionPipeline) -> DiffusionPipeline:
+    """The image-to-image pipeline over ``pipe``'s own modules (diffusers' ``from_pipe``: no
+    weights are copied or loaded). Build it once per model and keep it (worker.pipelines)."""
+    from diffusers import AutoPipelineForImage2Image
+
+    if "Img2Img" in type(pipe).__name__:
+        return pipe
+    image_pipe = AutoPipelineForImage2Image.from_pipe(pipe)
+    image_pipe.set_progress_bar_config(disable=True)
+    return image_pipe
+
+
+@dataclass(frozen=True)
+class Sources:
+    """The source images of a batch's image jobs (worker.source_image), by job id, and the
+    model's native side (Upscale tiles at it)."""
+
+    images: dict[str, object] = field(default_factory=dict)  # job id → SourceInput
+    native_size: int = 512
+
+
 def generate_batch(pipe: DiffusionPipeline, requests: list[JobRequest],
-                   on_step: StepCallback | None = None, fast: FastMode | None = None) -> list[Generation]:
+                   on_step: StepCallback | None = None, fast: FastMode | None = None,
+                   sources: Sources | None = None) -> list[Generation]:
     """One pipeline call for several compatible requests; one Generation per request.
     ``on_step(done, total, latents)`` is called after each denoising step (progress).
     ``fast``: the model's fast-mode configuration (its catalog entry's), needed by fast jobs.
+    Image jobs (img2img, vary, upscale) need ``sources`` and run on the image-to-image
+    pipeline: ``pipe`` itself when it is one, else one built over ``pipe``'s modules.
 
     The call runs on a shallow view of ``pipe`` holding its own fresh scheduler, so the shared
     pipeline's scheduler and call state never change; the fast adapter (if any) is switched on
@@ -183,28 +239,38 @@ def generate_batch(pipe: DiffusionPipeline, requests: list[JobRequest],
     at a time."""
     first = requests[0]
     if any(batch_key(r) != batch_key(first) for r in requests):
-        raise ValueError("requests in one batch must share model, size, steps, guidance and quality")
+        raise ValueError("requests in one batch must share model, size, steps, guidance, quality and source")
+    if first.mode in IMAGE_MODES:
+        missing = [r.job_id for r in requests if sources is None or r.job_id not in sources.images]
+        if missing:
+            raise ValueError(f"image jobs need their source images: {missing}")
+        pipe = img2img_pipeline(pipe)
     mode = mode_for(pipe, first, fast)
     view = copy.copy(pipe)  # same modules (no weights copied), own attributes
     view.scheduler = mode.scheduler
     if mode.adapter:
         set_fast_adapter(pipe, True)
     try:
-        return _generate_batch(view, requests, on_step, mode)
+        return _generate_batch(view, requests, on_step, mode, sources or Sources())
     finally:
         if mode.adapter:
             set_fast_adapter(pipe, False)
 
 
 def _generate_batch(pipe: DiffusionPipeline, requests: list[JobRequest], on_step: StepCallback | None,
-                    mode: Mode) -> list[Generation]:
+                    mode: Mode, sources: Sources) -> list[Generation]:
     first = requests[0]
+    inputs = [sources.images[r.job_id] for r in requests] if first.mode in IMAGE_MODES else None
     batch = _Batch(prompts=[r.prompt for r in requests for _ in r.seeds()],
                    negatives=[r.negative_prompt for r in requests for _ in r.seeds()],
-                   seeds=[seed for r in requests for seed in r.seeds()])
+                   seeds=[seed for r in requests for seed in r.seeds()],
+                   images=None if inputs is None else [s.image for s, r in zip(inputs, requests) for _ in r.seeds()])
     started_at, started = time.time(), time.perf_counter()
     try:
-        images = _run_splitting(pipe, batch, first, on_step)
+        if first.mode == "upscale":
+            images = _upscale(pipe, batch, first, on_step, sources.native_size)
+        else:
+            images = _run_splitting(pipe, batch, first, on_step)
     except torch.cuda.OutOfMemoryError as error:
         message = str(error)
     else:
@@ -212,10 +278,11 @@ def _generate_batch(pipe: DiffusionPipeline, requests: list[JobRequest], on_step
             torch.cuda.synchronize(pipe.device)
         inference_ms = (time.perf_counter() - started) * 1000
         generations, offset = [], 0
-        for request in requests:
+        for index, request in enumerate(requests):
             generations.append(Generation(images[offset:offset + request.count], request.seeds(),
                                           inference_ms, started_at, len(batch.seeds),
-                                          scheduler=type(mode.scheduler).__name__, adapter=mode.adapter))
+                                          scheduler=type(mode.scheduler).__name__, adapter=mode.adapter,
+                                          source_sha256=None if inputs is None else inputs[index].sha256))
             offset += request.count
         return generations
     # Free only once the traceback (which pins the failed call's tensors) is gone, so the
@@ -225,8 +292,100 @@ def _generate_batch(pipe: DiffusionPipeline, requests: list[JobRequest], on_step
 
 
 def generate(pipe: DiffusionPipeline, request: JobRequest, on_step: StepCallback | None = None,
-             fast: FastMode | None = None) -> Generation:
-    return generate_batch(pipe, [request], on_step, fast)[0]
+             fast: FastMode | None = None, sources: Sources | None = None) -> Generation:
+    return generate_batch(pipe, [request], on_step, fast, sources)[0]
+
+
+# -- Upscale ×2: the source resized (Lanczos, worker.source_image.fit), then img2img at a low
+# strength; above the model's native pixel count, in overlapping native-size tiles blended with
+# feathered weights, so it runs on the models already loaded at any output size.
+TILE_OVERLAP = 0.25  # of the tile side
+TILE_ALIGN = 8  # tile origins on the VAE's 8-pixel grid
+TILED_ABOVE = 1.5  # × the native pixel count: beyond this, tiles
+
+
+def tile_starts(length: int, tile: int, overlap: int) -> list[int]:
+    """Origins of tiles of ``tile`` pixels covering ``length``, neighbours overlapping by at least
+    ``overlap``, spread evenly, first at 0 and last ending at ``length``."""
+    if length <= tile:
+        return [0]
+    count = math.ceil((length - overlap) / (tile - overlap))
+    starts = [round(i * (length - tile) / (count - 1) / TILE_ALIGN) * TILE_ALIGN for i in range(count)]
+    starts[-1] = length - tile
+    return starts
+
+
+def feather(length: int, overlap: int, lead: bool, trail: bool) -> np.ndarray:
+    """1-D blending weights of a tile: ramps over ``overlap`` pixels at the edges it shares with a
+    neighbour (``lead``: one before it, ``trail``: one after), 1 elsewhere, never 0."""
+    weights = np.ones(length)
+    ramp = np.arange(1, overlap + 1) / (overlap + 1)
+    if lead:
+        weights[:overlap] = np.minimum(weights[:overlap], ramp)
+    if trail:
+        weights[length - overlap:] = np.minimum(weights[length - overlap:], ramp[::-1])
+    return weights
+
+
+def tiles_for(width: int, height: int, tile: int) -> list[tuple[int, int, int, int]]:
+    """(x, y, tile width, tile height) of the tiles covering a ``width``×``height`` image."""
+    overlap = max(TILE_ALIGN, int(tile * TILE_OVERLAP) // TILE_ALIGN * TILE_ALIGN)
+    tw, th = min(tile, width), min(tile, height)
+    return [(x, y, tw, th) for y in tile_starts(height, th, overlap) for x in tile_starts(width, tw, overlap)]
+
+
+def blend_tiles(tiles: list[tuple[int, int, np.ndarray]], width: int, height: int, overlap: int) -> np.ndarray:
+    """The image made of ``tiles`` ((x, y, H×W×C array)), each weighted by :func:`feather` where
+    it overlaps a neighbour; where tiles agree, the result equals them exactly."""
+    total = np.zeros((height, width, tiles[0][2].shape[2]))
+    weight = np.zeros((height, width, 1))
+    for x, y, pixels in tiles:
+        h, w = pixels.shape[:2]
+        wy = feather(h, min(overlap, h), lead=y > 0, trail=y + h < height)
+        wx = feather(w, min(overlap, w), lead=x > 0, trail=x + w < width)
+        mask = np.outer(wy, wx)[:, :, None]
+        total[y:y + h, x:x + w] += pixels * mask
+        weight[y:y + h, x:x + w] += mask
+    return total / weight
+
+
+@contextlib.contextmanager
+def _vae_tiling(pipe: DiffusionPipeline, enabled: bool) -> Iterator[None]:
+    """The VAE's own tiled encode/decode for one large call, off again afterwards: the VAE is
+    shared with text-to-image, whose pixels must not change."""
+    vae = getattr(pipe, "vae", None)
+    if not enabled or vae is None or not hasattr(vae, "enable_tiling") or getattr(vae, "use_tiling", False):
+        yield
+        return
+    vae.enable_tiling()
+    try:
+        yield
+    finally:
+        vae.disable_tiling()
+
+
+def _upscale(pipe: DiffusionPipeline, batch: _Batch, first: JobRequest, on_step: StepCallback | None,
+             native: int) -> list[Image]:
+    """Each image of ``batch`` (its source already resized to the output size) refined by
+    img2img at the request's strength: in one call up to TILED_ABOVE × the native pixels, else
+    as native-size tiles, all tiles of an image in one call (halved on out-of-memory like any
+    batch). Tile i of seed s uses seed s + (i << 32): the same seed gives the same pixels."""
+    width, height = first.width, first.height
+    if width * height <= TILED_ABOVE * native * native:
+        with _vae_tiling(pipe, max(width, height) > 2 * native):
+            return _run_splitting(pipe, batch, first, on_step)
+    tiles = tiles_for(width, height, native)
+    overlap = max(TILE_ALIGN, int(native * TILE_OVERLAP) // TILE_ALIGN * TILE_ALIGN)
+    outputs = []
+    for prompt, negative, seed, source in zip(batch.prompts, batch.negatives, batch.seeds, batch.images):
+        crops = _Batch([prompt] * len(tiles), [negative] * len(tiles),
+                       [seed + (index << 32) for index in range(len(tiles))],
+                       [source.crop((x, y, x + tw, y + th)) for x, y, tw, th in tiles])
+        done = _run_splitting(pipe, crops, first, on_step)
+        pixels = blend_tiles([(x, y, np.asarray(tile, dtype=np.float64)) for (x, y, _w, _h), tile in zip(tiles, done)],
+                             width, height, overlap)
+        outputs.append(PILImage.fromarray(np.clip(pixels.round(), 0, 255).astype(np.uint8), "RGB"))
+    return outputs
 
 
 def reproducibility(entry: ModelEntry, pipe: DiffusionPipeline, request: JobRequest,
@@ -239,6 +398,7 @@ def reproducibility(entry: ModelEntry, pipe: DiffusionPipeline, request: JobRequ
         adapter_revision=entry.fast.adapter_revision if generation.adapter and entry.fast else None,
         seeds=generation.seeds, steps=request.steps,
         guidance=request.guidance, width=width, height=height, prompt=request.prompt,
-        negative_prompt=request.negative_prompt,
+        negative_prompt=request.negative_prompt, mode=request.mode, strength=request.strength,
+        source_sha256=generation.source_sha256,
         withheld=generation.withheld if generation.moderation is not None else [],
     )

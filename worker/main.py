@@ -16,14 +16,16 @@ import threading
 import time
 
 from redis import Redis
-from redis.backoff import ExponentialWithJitterBackoff
 from redis.exceptions import RedisError
-from redis.retry import Retry
 from rq import get_current_job
 from rq.serializers import JSONSerializer
+from rq.utils import now as rq_now
 
+from core.demo import NOTICE as DEMO_NOTICE
+from core.demo import random_weights
 from core.jobs import JobRequest, queue_name
-from core.logs import configure_logging, secrets_of
+from core.logs import adopt_library_loggers, configure_logging, secrets_of
+from core.redis_connection import connect_worker
 from settings.catalog import ModelEntry
 from settings.config import Settings, load_settings
 from worker import metrics
@@ -109,12 +111,9 @@ def load_pipelines(settings: Settings, safety: SafetyChecker | None = None) -> R
 
 
 def connect(settings: Settings) -> Redis:
-    """A client that rides through a Redis restart: each command is retried with back-off for
-    about ``redis_retry_s`` before the error reaches RQ."""
-    backoff_cap = 2.0
-    retries = max(1, int(settings.redis_retry_s / backoff_cap) + 3)
-    return Redis.from_url(settings.redis_url, health_check_interval=30,
-                          retry=Retry(ExponentialWithJitterBackoff(base=0.05, cap=backoff_cap), retries))
+    """A client that rides through a Redis restart or a Sentinel failover: each command is
+    retried with back-off for about ``redis_retry_s`` (core.redis_connection)."""
+    return connect_worker(settings)
 
 
 def build_worker(settings: Settings, models: list[str], redis: Redis, reporter: Reporter | None = None,
@@ -132,6 +131,7 @@ def build_worker(settings: Settings, models: list[str], redis: Redis, reporter: 
                          # RQ blocks on the queues for worker_ttl - 15 s between maintenance runs.
                          worker_ttl=settings.idle_poll_s + 15,
                          max_batch_images=settings.max_batch_images, starvation_s=settings.starvation_s,
+                         recycle_needs_peer=settings.recycle_needs_peer,
                          maintained_queues=[queue(key) for key in settings.catalog()])
 
 
@@ -169,8 +169,27 @@ def wait_until_writable(redis: Redis, stop: threading.Event, backoff: Backoff, k
         return
 
 
+class Health:
+    """The worker's readiness for /healthz: models loaded and warmed, and the RQ worker's
+    heartbeat fresh (it beats after every idle poll and, while a job runs, every heartbeat)."""
+
+    def __init__(self, settings: Settings):
+        self.phase = "loading and warming up models"
+        self.worker: ImagineWorker | None = None
+        self.max_age_s = settings.idle_poll_s + 15 + 2 * settings.heartbeat_s
+
+    def __call__(self) -> str | None:
+        if self.phase != "serving":
+            return self.phase
+        beat = self.worker.last_heartbeat if self.worker is not None else None
+        if beat is None:
+            return "not registered with Redis yet"
+        age = (rq_now() - beat).total_seconds()
+        return None if age <= self.max_age_s else f"RQ heartbeat {age:.0f} s old (Redis unreachable?)"
+
+
 def serve(settings: Settings, models: list[str], redis: Redis, reporter: Reporter,
-          burst: bool = False, max_jobs: int | None = None) -> None:
+          burst: bool = False, max_jobs: int | None = None, health: Health | None = None) -> None:
     """Run the RQ work loop; when it ends because Redis went away (or refuses writes) for longer
     than the client rides through, back off, wait until Redis takes a write, and start a fresh
     loop. SIGTERM ends it after the current job."""
@@ -180,6 +199,8 @@ def serve(settings: Settings, models: list[str], redis: Redis, reporter: Reporte
     done = 0
     for generation in itertools.count():
         worker = build_worker(settings, models, redis, reporter, generation)
+        if health is not None:
+            health.worker, health.phase = worker, "serving"
         left = None if max_jobs is None else max_jobs - done
         started = time.monotonic()
         reason = "RQ's loop quit"
@@ -208,6 +229,27 @@ def quiet_progress_bars() -> None:
 
     diffusers.utils.logging.disable_progress_bar()
     transformers.utils.logging.disable_progress_bar()
+    adopt_library_loggers()  # both install a handler of their own on import: ours formats and redacts
+
+
+def stop_while_loading(health: Health) -> None:
+    """SIGTERM (docker stop) before RQ's loop runs — while loading or warming up, which takes
+    minutes when compiling — ends the process at once, cleanly (exit 0). RQ's loop installs its
+    own handlers (finish the current job, then exit)."""
+    def handler(signum, frame):
+        log.info("stopping: signal %d while %s", signum, health.phase)
+        raise SystemExit(0)
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, handler)
+
+
+def tiny_warning(settings: Settings) -> None:
+    """Say plainly when the tiny offline model (random weights, ``worker.tiny``) is serving."""
+    catalog = settings.catalog()
+    for key in settings.worker_models:
+        if random_weights(catalog[key].source):
+            log.warning("model %s: %s (README, First run)", key, DEMO_NOTICE)
 
 
 def current_job_id() -> str | None:
@@ -216,13 +258,23 @@ def current_job_id() -> str | None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description="Imagine GPU worker")
+    parser = argparse.ArgumentParser(
+        description="Imagine GPU worker: loads IMAGINE_WORKER_MODELS, warms them up, then serves their "
+                    "queues. Settings come from IMAGINE_* variables (README, Configuration).")
     parser.add_argument("--burst", action="store_true", help="exit when the queues are empty")
-    parser.add_argument("--max-jobs", type=int, default=None, help="exit after N jobs (recycling)")
+    parser.add_argument("--max-jobs", type=int, default=None,
+                        help="exit after N jobs (recycling; deferred while no other ready worker serves "
+                             "the same models, unless IMAGINE_RECYCLE_NEEDS_PEER=false)")
     args = parser.parse_args(argv)
     settings = load_settings()
     configure_logging("worker", json_lines=settings.log_format == "json", level=settings.log_level,
                       secrets=secrets_of(settings), current_job_id=current_job_id)
+    health = Health(settings)
+    stop_while_loading(health)
+    # /healthz answers 503 (loading and warming up) from now on, 200 once serving with a fresh heartbeat.
+    metrics.serve(settings.worker_metrics_port, settings.metrics_host, health)
+    if settings.hf_token is not None:  # gated or private weights; the hub client reads HF_TOKEN
+        os.environ.setdefault("HF_TOKEN", settings.hf_token.get_secret_value())
     quiet_progress_bars()
     use_api_base(settings.discord_api_base)
     try:
@@ -237,10 +289,10 @@ def main(argv: list[str] | None = None) -> int:
     runtime = WorkerRuntime(pipelines=pipelines, redis=redis, settings=settings, bot_token=token, safety=safety,
                             outcomes=Outcomes(redis, settings.queue_prefix, settings.failure_ttl_s))
     install_runtime(runtime)
-    metrics.serve(settings.worker_metrics_port)
     log.info("ready: serving %s on %s", ", ".join(pipelines.keys()), pipelines.device)
+    tiny_warning(settings)
     serve(settings, pipelines.keys(), redis, Reporter(runtime.outcomes, runtime.session, token),
-          burst=args.burst, max_jobs=args.max_jobs)
+          burst=args.burst, max_jobs=args.max_jobs, health=health)
     return 0
 
 

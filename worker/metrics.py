@@ -9,6 +9,7 @@ import torch
 from prometheus_client import Counter, Histogram
 from prometheus_client.core import GaugeMetricFamily
 
+from core.health import Readiness
 from core.jobs import JobResult
 from core.metrics_http import serve_metrics
 
@@ -62,5 +63,6 @@ class GpuMemoryCollector:
         yield gauge
 
 
-def serve(port: int) -> None:
-    serve_metrics(port, GpuMemoryCollector())
+def serve(port: int, host: str = "127.0.0.1", ready: Readiness | None = None) -> None:
+    """/metrics and /healthz (``ready``: models loaded, RQ heartbeat fresh) on ``host:port``."""
+    serve_metrics(port, GpuMemoryCollector(), host=host, ready=ready, setting="IMAGINE_WORKER_METRICS_PORT")

@@ -125,6 +125,9 @@ class ResidentPipelines:
     on_device: OrderedDict[str, int] = field(default_factory=OrderedDict)  # key → bytes, LRU first
 
     optimized: set[str] = field(default_factory=set)
+    # Image-to-image pipelines over the resident ones' modules (from_pipe: no second copy of any
+    # weight), built on first use; key → (the pipeline it was built over, the img2img pipeline).
+    image_pipes: dict[str, tuple[DiffusionPipeline, DiffusionPipeline]] = field(default_factory=dict)
 
     def load(self, entry: ModelEntry) -> None:
         parked = self.budget_bytes is not None
@@ -155,6 +158,18 @@ class ResidentPipelines:
         else:
             self._bring_to_device(key)
         return self.pipes[key]
+
+    def get_img2img(self, key: str) -> DiffusionPipeline:
+        """The model's image-to-image pipeline (img2img, Vary, Upscale), sharing every module
+        with :meth:`get`'s: rebuilt only when that pipeline object changed (e.g. optimized)."""
+        from worker.generate import img2img_pipeline
+
+        pipe = self.get(key)
+        built = self.image_pipes.get(key)
+        if built is None or built[0] is not pipe:
+            built = (pipe, img2img_pipeline(pipe))
+            self.image_pipes[key] = built
+        return built[1]
 
     def _bring_to_device(self, key: str) -> None:
         size = weight_bytes(self.pipes[key])

@@ -13,6 +13,8 @@ from redis.exceptions import RedisError
 from core.jobs import JobRequest, JobResult, Reproducibility
 from core.output_policy import notice
 from core.position_edits import PositionEdits
+from core.texts import result_file_stem
+from core.validation import UPSCALE_FACTOR
 from worker.delivery import ResultComponents, Upload, deliver_result, result_embed
 from worker.generate import Generation
 from worker.images import encode_for_upload, grid
@@ -48,7 +50,7 @@ def uploads_for(generation: Generation, record: Reproducibility, limit: int) -> 
     for image, seed, action in shown:
         data, ext = encode_for_upload(image, limit, record.png_text(seed))
         prefix = SPOILER_PREFIX if action == "spoiler" else ""
-        uploads.append(Upload(data, f"{prefix}imagine-{record.model}-{seed}.{ext}"))
+        uploads.append(Upload(data, f"{prefix}{result_file_stem(record.model, seed)}.{ext}"))
     if with_grid:
         data, ext = encode_for_upload(grid([image for image, _, _ in shown]), limit)
         prefix = SPOILER_PREFIX if any(action == "spoiler" for _, _, action in shown) else ""
@@ -79,7 +81,11 @@ def post_result(runtime: WorkerRuntime, request: JobRequest, generation: Generat
         PositionEdits(runtime.redis, runtime.key_prefix).finalize(request.job_id)
     except RedisError as error:  # Redis full or away: the images matter more than edit ordering
         log.warning("job %s: could not finalize position edits: %s", request.job_id, error)
-    view = ResultComponents(request.job_id, request.model, runtime.catalog)
+    settings = runtime.settings
+    upscale = (request.width * request.height * UPSCALE_FACTOR**2 <= settings.max_upscale_pixels
+               and max(request.width, request.height) <= settings.max_size)
+    shown = [i for i, action in enumerate(generation.actions) if action != "withhold"]
+    view = ResultComponents(request.job_id, request.model, runtime.catalog, images=shown, upscale=upscale)
     flags = None if any(v.flagged is None for v in generation.moderation or ()) else \
         [bool(v.flagged) for v in generation.moderation or ()]
     told = notice(generation.actions, flags)

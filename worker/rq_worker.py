@@ -39,7 +39,7 @@ import time
 
 from pydantic import ValidationError
 from redis.exceptions import RedisError
-from rq import Queue, SimpleWorker
+from rq import Queue, SimpleWorker, Worker
 from rq.executions import Execution
 from rq.job import Job, JobStatus
 from rq.registry import clean_registries
@@ -52,16 +52,27 @@ from core.logs import redact
 from core.tokens import with_token
 from worker.batching import claim_companions, request_of
 from worker.failures import Reporter, report_untold_failures
+from worker.job_functions import (
+    ImagineJob,
+    allowed,
+    return_to_queue,
+    schema_of,
+    too_new,
+)
 from worker.runtime import current_runtime, installed_runtime
 
 log = logging.getLogger(__name__)
 
 LEASE_HEARTBEATS = 4  # a job's lease survives this many missed heartbeats
+RECYCLING_PREFIX = "imagine:recycling:"  # + worker name: set while a worker leaves to recycle
+RECYCLING_MARK_S = 600
 MAINTENANCE_LOCK_S = 60
 
 
 class ImagineQueue(FairQueue):
     """The model's queue in fair order (core.fair_queue); RQ's dequeue takes its head."""
+
+    job_class = ImagineJob  # functions and callbacks from the allowlist (worker.job_functions)
 
     def acquire_maintenance_lock(self) -> bool:
         # RQ's lock lives 899 s (rq/queue.py): a worker killed while holding it would stop all
@@ -112,10 +123,19 @@ class ImagineWorker(SimpleWorker):
     without starving the others."""
 
     queue_class = ImagineQueue
+    job_class = ImagineJob
+    # RQ logs each job's description (call string) when it starts and ends: ours hold the prompt
+    # (and a foreign job its arguments). Off: the worker's lines name jobs by id only.
+    log_job_description = False
+    # A job from a newer release goes back to its queue; this worker waits this long before
+    # dequeuing again, so it does not spin on it while a newer worker comes to take it.
+    newer_job_pause_s = 2.0
 
     def __init__(self, *args, heartbeat_s: int = 5, reporter: Reporter | None = None,
                  report_window_s: float = 7 * 24 * 3600, max_batch_images: int = 1,
-                 starvation_s: float = 20.0, maintained_queues: list[Queue] = (), **kwargs):
+                 starvation_s: float = 20.0, maintained_queues: list[Queue] = (),
+                 recycle_needs_peer: bool = False, **kwargs):
+        kwargs.setdefault("log_job_description", False)  # see the class attribute
         super().__init__(*args, job_monitoring_interval=heartbeat_s, **kwargs)
         # Every catalog model's queue, served here or not: a job whose last worker died must be
         # retried (or failed and told) by whichever workers are still alive.
@@ -129,6 +149,9 @@ class ImagineWorker(SimpleWorker):
         self.jobs_done = 0
         self.job_budget: int | None = None  # --max-jobs counts jobs, batch members included
         self.stop_asked = False
+        self._handed_back: set[str] = set()  # jobs too new for this worker, logged once each
+        self.recycle_needs_peer = recycle_needs_peer
+        self._recycle_deferred = False
 
     def work(self, *args, max_jobs: int | None = None, **kwargs) -> bool:
         # RQ counts pipeline batches; the budget is enforced per job in execute_job.
@@ -146,6 +169,12 @@ class ImagineWorker(SimpleWorker):
         leases are renewed until its turn ends: a crash anywhere hands each one back to RQ's
         abandoned-job retry within a lease, a cancel meets a started job, and a warm shutdown
         (the worker stays BUSY) finishes the whole batch."""
+        if not allowed(job):  # before anything imports or calls what the job names
+            self._refuse(job, queue)
+            return
+        if too_new(job):
+            self._hand_back(job, queue)
+            return
         members = [(job, self._lease(job, queue))]  # first, before anything else can fail
         members += self._claim_companions(job, queue)
         current_runtime().batches.plan(job, [member for member, _ in members[1:]], self.max_batch_images)
@@ -154,8 +183,75 @@ class ImagineWorker(SimpleWorker):
                 self._execute_one(member, queue, execution)
                 heartbeat.done(member)
         self.set_state(WorkerStatus.IDLE)
-        if self.job_budget is not None and self.jobs_done >= self.job_budget:
+        if self.job_budget is not None and self.jobs_done >= self.job_budget and self._may_recycle():
             self._stop_requested = True  # RQ's loop ends before taking another job
+
+    def _may_recycle(self) -> bool:
+        """Whether this worker may exit for recycling now: only when another ready worker (a
+        fresh heartbeat, not recycling itself) serves each of its queues. Otherwise it goes on
+        serving and asks again after the next job; the first deferral is logged."""
+        if not self.recycle_needs_peer:
+            return True
+        try:
+            alone = [queue.name for queue in self.queues if not self._peers(queue)]
+            if not alone:
+                # Peers meeting their own budget now see this one as leaving, not as a peer.
+                self.connection.set(self._recycling_key(self.name), 1, ex=RECYCLING_MARK_S)
+        except RedisError as error:
+            alone = [f"unknown ({error})"]
+        if alone:
+            if not self._recycle_deferred:
+                log.info("recycle after %d jobs deferred: no other ready worker serves %s",
+                         self.jobs_done, ", ".join(alone))
+            self._recycle_deferred = True
+            return False
+        log.info("recycling after %d jobs (another worker serves %s)", self.jobs_done,
+                 ", ".join(q.name for q in self.queues))
+        return True
+
+    def _recycling_key(self, name: str) -> str:
+        return f"{RECYCLING_PREFIX}{name}"
+
+    def _peers(self, queue: Queue) -> list[str]:
+        fresh_after = now().timestamp() - (self.worker_ttl + 60)
+        peers = []
+        for other in Worker.all(connection=self.connection, queue=queue):
+            if other.name == self.name or other.last_heartbeat is None:
+                continue
+            if other.last_heartbeat.timestamp() < fresh_after or other.get_state() == WorkerStatus.SUSPENDED:
+                continue
+            if self.connection.exists(self._recycling_key(other.name)):
+                continue
+            peers.append(other.name)
+        return peers
+
+    def _refuse(self, job: Job, queue: Queue) -> None:
+        """A job naming a function that is not ours: failed without running or importing anything
+        (no callbacks either), logged with its id and the name, never its arguments."""
+        log.warning("refused job %s: %r is not a job function of this worker; moved to the failed "
+                    "registry without running it", job.id, job.func_name, extra={"job_id": job.id})
+        with self.connection.pipeline() as pipe:
+            pipe.lrem(queue.intermediate_queue_key, 1, job.id)
+            if isinstance(queue, FairQueue):
+                queue.taken([job.id], pipe)
+            job.set_status(JobStatus.FAILED, pipeline=pipe)
+            # RQ's own failure record (failed registry + result), as rq info / rq-dashboard show it.
+            job._handle_failure(f"refused: {job.func_name!r} is not a job function of this worker",
+                                pipeline=pipe, worker_name=self.name)
+            pipe.execute()
+
+    def _hand_back(self, job: Job, queue: Queue) -> None:
+        """A job queued by a newer release (a later ``SCHEMA_VERSION``): back on its queue,
+        untouched, for a worker of that release. At the end of the list, so that the jobs behind
+        it still run here (at the front this worker would take it again and again); its fair-order
+        tag stays, so it keeps its place in the positions shown. Then a pause, so that a queue
+        holding only such jobs does not make this worker spin."""
+        if job.id not in self._handed_back:
+            self._handed_back.add(job.id)
+            log.warning("job %s has contract version %d, newer than this worker's; returned to %s for "
+                        "a newer worker", job.id, schema_of(job), queue.name, extra={"job_id": job.id})
+        return_to_queue(queue, job)
+        time.sleep(self.newer_job_pause_s)
 
     def _lease(self, job: Job, queue: Queue) -> Execution:
         execution = self.prepare_execution(job)  # a started-registry entry with a lease; BUSY
@@ -175,7 +271,9 @@ class ImagineWorker(SimpleWorker):
             lead = request_of(job)
         except ValidationError:
             return []  # the job itself fails through RQ, which reports it
-        room = None if self.job_budget is None else self.job_budget - self.jobs_done - 1
+        # Past its budget (a recycle deferred while it is the model's only worker): no limit.
+        room = (None if self.job_budget is None or self.jobs_done >= self.job_budget
+                else self.job_budget - self.jobs_done - 1)
         if self.max_batch_images <= lead.count or room == 0:
             return []
         claimed = []

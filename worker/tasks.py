@@ -15,7 +15,14 @@ from rq import get_current_job
 from rq.job import Job
 
 from core.fleet import work_units
-from core.jobs import JobRequest, JobResult, Reproducibility, Timings
+from core.jobs import (
+    IMAGE_MODES,
+    InputImageError,
+    JobRequest,
+    JobResult,
+    Reproducibility,
+    Timings,
+)
 from core.tokens import with_token
 from worker import metrics
 from worker.batching import images_for
@@ -45,11 +52,19 @@ def run_imagine(payload: dict) -> dict:
                 "delivered_via": told.via}
     job = get_current_job()
     started = time.perf_counter()
-    generation, progress = make_images(runtime, request, job)
+    try:
+        generation, progress = make_images(runtime, request, job)
+    except InputImageError:
+        # The user's image (or its link) is the problem: another try cannot help. No retries;
+        # the failure callback tells the user this one line (worker.failures), once.
+        if job is not None:
+            job.retries_left = 0
+        raise
     # Before anything about the images leaves this process (Discord, web store, records).
     generation = moderate(runtime.safety, request, generation)
     pipelines = runtime.pipelines
-    record = reproducibility(pipelines.entries[request.model], pipelines.get(request.model), request, generation)
+    ran_on = pipelines.get_img2img(request.model) if request.mode in IMAGE_MODES else pipelines.get(request.model)
+    record = reproducibility(pipelines.entries[request.model], ran_on, request, generation)
     result = job_result(request, generation, record)
     # Before the buttons exist, so ℹ Info has it; a Redis refusing writes (full) must not cost
     # the user the images made: they go out first, the bookkeeping is tried again after.

@@ -41,6 +41,8 @@ from transformers import (
     CLIPTokenizer,
 )
 
+from core.demo import NOTICE, RANDOM_WEIGHTS_MARKER
+
 TINY_SIZE = 64  # pixels: UNet sample_size 32 × VAE scale factor 2
 TEXT_DIM = 8
 
@@ -189,6 +191,7 @@ def write_tiny_pipeline(folder: Path, xl: bool = False, seed: int = 0) -> Path:
     pipe.save_pretrained(folder)
     write_tiny_safety_checker(folder, seed)
     write_tiny_lora(folder / TINY_LORA, pipe, seed)
+    (folder / RANDOM_WEIGHTS_MARKER).write_text(NOTICE + "\n")  # read by core.demo.random_weights
     return folder
 
 

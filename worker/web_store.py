@@ -35,8 +35,11 @@ def store_images(job: Job | None, request: JobRequest, generation: Generation, p
             if action == "spoiler":
                 image = blurred(image)
             key = image_key(request.job_id, index, prefix)
-            pipe.set(key, png_bytes(image, {"prompt": request.prompt, "model": request.model,
-                                            "seed": str(seed)}), ex=ttl)
+            text = {"prompt": request.prompt, "model": request.model, "seed": str(seed),
+                    "width": str(request.width), "height": str(request.height), "mode": request.mode}
+            if request.strength is not None:  # image input: how, and from which file (its sha256)
+                text.update(strength=f"{request.strength:g}", source_sha256=generation.source_sha256 or "")
+            pipe.set(key, png_bytes(image, text), ex=ttl)
             keys.append(key)
         pipe.execute()
     return keys

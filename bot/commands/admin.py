@@ -19,7 +19,7 @@ from discord import app_commands
 
 from bot.errors import STORE_DOWN, UNAVAILABLE, answer
 from bot.permissions import is_admin
-from bot.policy_render import audit_text, policy_embed, show, show_change
+from bot.policy_render import audit_text, policy_embed, show, show_change, show_field
 from bot.services import services_of
 from core import policy_edits as edits
 from core.policy import GuildPolicy
@@ -57,13 +57,21 @@ channels_group = AdminGroup(name="channels", description="Channels where /imagin
 async def change(interaction: discord.Interaction, action: str, edit: Edit) -> None:
     """Apply one audited change and tell the admin what it did (old → new)."""
     actor = Actor(interaction.user.id, str(interaction.user))
+    changed: list[str] = []  # the audit entry keeps a single changed field's values bare
+
+    def changes(old: GuildPolicy) -> dict:
+        fields = edits.changed_fields(old, edit(old))
+        changed[:] = list(fields)
+        return fields
+
     entry = await asyncio.to_thread(services_of(interaction).policies.update, interaction.guild_id, actor,
-                                    action, lambda old: edits.changed_fields(old, edit(old)))
+                                    action, changes)
     if entry is None:
         await answer(interaction, f"Nothing to change ({action}).")
         return
     log.info("guild %s: %s by %s", interaction.guild_id, action, actor.id)
-    await answer(interaction, f"✅ **{action}**: {show_change(entry.old, entry.new)}")
+    field = changed[0] if len(changed) == 1 else None
+    await answer(interaction, f"✅ **{action}**: {show_change(entry.old, entry.new, action, field)}")
 
 
 async def load(interaction: discord.Interaction) -> GuildPolicy:
@@ -169,16 +177,30 @@ async def models_all(interaction: discord.Interaction) -> None:
 
 
 # -- caps and per-user limits --------------------------------------------------------------------
-@admin.command(name="caps", description="Max steps, images per command and size (0 removes a cap)")
+@admin.command(name="caps", description="Max steps, images per command and pixels per image (0 removes a cap)")
 @app_commands.describe(steps="Max denoising steps", count="Max images per command",
-                       size="Max width/height in pixels (multiple of 64)",
+                       size="Max pixels as a square's side: 1024 allows 1024×1024 worth, any aspect ratio",
+                       pixels="Max pixels per image (width × height), e.g. 1048576; upscales included",
                        mode="Over a cap: reject the command, or clamp it to the cap")
 async def caps(interaction: discord.Interaction, steps: int | None = None, count: int | None = None,
-               size: int | None = None, mode: Literal["reject", "clamp"] | None = None) -> None:
+               size: int | None = None, pixels: int | None = None,
+               mode: Literal["reject", "clamp"] | None = None) -> None:
+    if size is not None and pixels is not None:
+        raise InvalidRequest("Give `size` or `pixels`, not both: `size` 1024 means `pixels` 1048576.")
     settings = services_of(interaction).settings
     clamp = None if mode is None else mode == "clamp"
-    await change(interaction, "caps",
-                 lambda p: edits.set_caps(p, settings, steps=steps, count=count, size=size, clamp=clamp))
+    await change(interaction, "caps", lambda p: edits.set_caps(p, settings, steps=steps, count=count,
+                                                               pixels=pixels, size=size, clamp=clamp))
+
+
+@admin.command(name="image-input", description="Allow or forbid users' own images in /imagine")
+@app_commands.describe(allowed="Whether /imagine takes users' own images (empty: show the setting)")
+async def image_input(interaction: discord.Interaction, allowed: bool | None = None) -> None:
+    if allowed is None:
+        policy = await load(interaction)
+        await answer(interaction, f"Image input: {show_field('allow_image_input', policy.allow_image_input)}")
+        return
+    await change(interaction, "image input", lambda p: edits.set_image_input(p, allowed))
 
 
 @admin.command(name="limits", description="Per-user limits; admins are exempt (0: back to the operator's default)")

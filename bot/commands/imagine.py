@@ -9,8 +9,8 @@ from discord import app_commands
 from redis.exceptions import RedisError
 
 from bot.services import services_of
-from bot.submit import submit_imagine
-from core.validation import ImagineOptions
+from bot.submit import source_from_attachment, submit_imagine
+from core.validation import ASPECT_RATIOS, ImagineOptions
 
 
 async def model_autocomplete(interaction: discord.Interaction, current: str) -> list[app_commands.Choice[str]]:
@@ -37,9 +37,13 @@ async def model_autocomplete(interaction: discord.Interaction, current: str) -> 
     count="How many images",
     spoiler="Post every image of this job as a spoiler (blurred until clicked)",
     quality="fast: a few steps with the model's fast configuration; standard: full steps",
+    aspect="Aspect ratio (width:height) near the model's native pixel count",
+    image="Start from this image (PNG, JPEG, WebP): the result keeps its aspect ratio",
+    strength="With an image: how much to change it (0.05 keeps it close, 1 ignores it)",
 )
 @app_commands.choices(quality=[app_commands.Choice(name="fast", value="fast"),
-                               app_commands.Choice(name="standard", value="standard")])
+                               app_commands.Choice(name="standard", value="standard")],
+                      aspect=[app_commands.Choice(name=ratio, value=ratio) for ratio in ASPECT_RATIOS])
 @app_commands.autocomplete(model=model_autocomplete)
 @app_commands.guild_only()
 async def imagine(
@@ -54,8 +58,15 @@ async def imagine(
     count: int = 1,
     spoiler: bool | None = None,
     quality: app_commands.Choice[str] | None = None,
+    aspect: app_commands.Choice[str] | None = None,
+    image: discord.Attachment | None = None,
+    strength: app_commands.Range[float, 0.05, 1.0] | None = None,
 ) -> None:
+    # The attachment is checked on what Discord says about it (InvalidRequest: one ephemeral
+    # line through bot.errors); the worker downloads it, never the bot.
+    source = None if image is None else source_from_attachment(interaction, image)
     # spoiler: False stays False (it overrides a saved "always spoiler" default).
     options = ImagineOptions(prompt, negative_prompt, model, steps, guidance, seed, size, count,
-                             spoiler=spoiler, quality=quality.value if quality else None)
+                             spoiler=spoiler, quality=quality.value if quality else None,
+                             aspect=aspect.value if aspect else None, source=source, strength=strength)
     await submit_imagine(interaction, options)

@@ -4,12 +4,16 @@ It speaks just enough of Discord's documented API for discord.py's real code pat
 (``GET /users/@me``), command sync, the gateway handshake (HELLO → IDENTIFY → READY,
 heartbeats), interaction callbacks, webhook follow-ups (JSON or multipart with files), message
 edits and channel messages. Everything received is recorded for assertions, and failures (429,
-5xx, expired tokens) can be injected per route.
+5xx, expired tokens) can be injected per route. Attachments (users' files registered with
+:meth:`FakeDiscord.attachment`, and every file the bot or a worker posts) are served like
+Discord's CDN, under signed URLs (``ex``, ``is``, ``hm``) that expire (404).
 """
 
 from __future__ import annotations
 
 import asyncio
+import hashlib
+import io
 import itertools
 import json
 import threading
@@ -17,6 +21,7 @@ import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any
+from urllib.parse import urlsplit
 
 from aiohttp import WSMsgType, web
 
@@ -46,6 +51,41 @@ class Posted:
     message: dict[str, Any] = field(default_factory=dict)  # the message object answered, if any
 
 
+@dataclass
+class CdnFile:
+    """One attachment the fake CDN serves, under a signed URL (``ex``, ``is``, ``hm``)."""
+
+    data: bytes
+    content_type: str | None
+    expires_at: float
+    issued_at: float = field(default_factory=time.time)
+
+    @property
+    def ex(self) -> str:
+        return f"{int(self.expires_at):x}"
+
+    def signature(self, path: str) -> str:
+        return hashlib.sha256(f"{path}:{int(self.expires_at):x}:{int(self.issued_at):x}".encode()).hexdigest()
+
+    def query(self, path: str) -> str:
+        return f"ex={self.ex}&is={int(self.issued_at):x}&hm={self.signature(path)}&"
+
+
+def _cdn_path(url: str) -> str:
+    return urlsplit(url).path
+
+
+def _image_size(data: bytes) -> tuple[int | None, int | None]:
+    """What Discord reports for an uploaded file: width and height when it is an image."""
+    try:
+        from PIL import Image
+
+        with Image.open(io.BytesIO(data)) as image:
+            return image.size
+    except Exception:
+        return None, None
+
+
 class FakeDiscord:
     def __init__(self) -> None:
         self.posts: list[Posted] = []
@@ -58,9 +98,17 @@ class FakeDiscord:
         self._nonces: dict[tuple[str, str], dict] = {}  # (channel, nonce) → the message it made
         self.identified = threading.Event()
         self.identify_count = 0  # IDENTIFYs received: a restarted bot identifies again
+        # Sharding: what GET /gateway/bot recommends, each connection's [shard id, count] from its
+        # IDENTIFY, how often the commands were synced, and when each interaction was sent.
+        self.recommended_shards = 1
+        self.shard_of: dict[web.WebSocketResponse, tuple[int, int]] = {}
+        self.sync_count = 0
+        self.dispatched_at: dict[str, float] = {}  # interaction token → time.time() it was sent
         self.loop = asyncio.new_event_loop()
         self.port = 0
         self.application_id = "1"
+        self.cdn: dict[str, CdnFile] = {}  # path → a hosted attachment (see attachment())
+        self.cdn_gets: list[tuple[str, int, str]] = []  # (path, status, user agent) of every CDN fetch
 
     # -- lifecycle ---------------------------------------------------------------------------
     def start(self) -> "FakeDiscord":
@@ -86,6 +134,7 @@ class FakeDiscord:
             web.delete("/api/v10/webhooks/{app}/{token}/messages/{message}", self._delete),
             web.post("/api/v10/channels/{channel}/messages", self._channel_post),
             web.get("/gateway", self._gateway),
+            web.get("/attachments/{channel}/{attachment}/{filename}", self._cdn_get),
         ])
         runner = web.AppRunner(app)
         self.loop.run_until_complete(runner.setup())
@@ -141,16 +190,45 @@ class FakeDiscord:
             self.failures.extend((kind, s) for s in statuses)
 
     # -- gateway -----------------------------------------------------------------------------
-    def dispatch(self, event: str, data: dict) -> None:
-        """Send a gateway DISPATCH (op 0) to every connected client."""
-        future = asyncio.run_coroutine_threadsafe(self._dispatch(event, data), self.loop)
-        future.result(5)
+    def dispatch(self, event: str, data: dict, *, shard: int | None = None, wait: bool = True) -> None:
+        """Send a gateway DISPATCH (op 0). As Discord does, an event of a guild goes only to the
+        connection of that guild's shard, ``(guild_id >> 22) % shard_count``; ``shard`` sends it
+        to that shard's connection instead (as after a re-shard); connections that identified
+        without a shard get everything. ``wait=False``: do not wait until it is sent."""
+        future = asyncio.run_coroutine_threadsafe(self._dispatch(event, data, shard), self.loop)
+        if wait:
+            future.result(5)
 
-    async def _dispatch(self, event: str, data: dict) -> None:
+    def shard_for(self, guild_id: int | str, shard_count: int) -> int:
+        return (int(guild_id) >> 22) % shard_count
+
+    def connected_shards(self) -> list[tuple[int, int]]:
+        return sorted(self.shard_of[s] for s in list(self._sockets) if s in self.shard_of and not s.closed)
+
+    def ack_latency(self, token: str) -> float | None:
+        """Seconds from sending the interaction to its callback's answer (None: none yet)."""
+        answers = self.messages("callback", token)
+        sent = self.dispatched_at.get(token)
+        return None if not answers or sent is None else answers[0].at - sent
+
+    async def _dispatch(self, event: str, data: dict, shard: int | None = None) -> None:
         frame = json.dumps({"op": 0, "t": event, "s": next(self._seq), "d": data})
+        guild_id = data.get("guild_id") if isinstance(data, dict) else None
+        targets = []
         for socket in list(self._sockets):
-            if not socket.closed:
-                await socket.send_str(frame)
+            if socket.closed:
+                continue
+            mine = self.shard_of.get(socket)
+            if mine is not None and shard is not None and mine[0] != shard:
+                continue
+            if mine is not None and shard is None and guild_id is not None and \
+                    self.shard_for(guild_id, mine[1]) != mine[0]:
+                continue
+            targets.append(socket)
+        if event == "INTERACTION_CREATE" and isinstance(data, dict) and "token" in data:
+            self.dispatched_at[data["token"]] = time.time()
+        for socket in targets:
+            await socket.send_str(frame)
 
     async def _gateway(self, request: web.Request) -> web.WebSocketResponse:
         socket = web.WebSocketResponse()
@@ -163,20 +241,29 @@ class FakeDiscord:
             if frame["op"] == 1:  # heartbeat
                 await socket.send_str(json.dumps({"op": 11}))
             elif frame["op"] in (2, 6):  # identify / resume
+                # The shard from IDENTIFY; a RESUME names it through its session id.
+                shard = frame["d"].get("shard")
+                session = str(frame["d"].get("session_id") or "")
+                if shard is None and session.startswith("fake-session-"):
+                    shard = [int(n) for n in session.rsplit("-", 2)[-2:]]
+                if shard is not None:
+                    self.shard_of[socket] = (int(shard[0]), int(shard[1]))
                 self._sockets.append(socket)
                 await socket.send_str(json.dumps({"op": 0, "t": "READY", "s": next(self._seq), "d": {
-                    "v": 10, "user": BOT_USER, "guilds": [], "session_id": "fake-session",
-                    "resume_gateway_url": self.gateway_url,
+                    "v": 10, "user": BOT_USER, "guilds": [],
+                    "session_id": f"fake-session-{shard[0]}-{shard[1]}" if shard else "fake-session",
+                    "resume_gateway_url": self.gateway_url, "shard": list(shard or [0, 1]),
                     "application": {"id": frame["d"].get("application_id", "1"), "flags": 0},
                 }}))
                 self.identify_count += 1
                 self.identified.set()
         if socket in self._sockets:
             self._sockets.remove(socket)
+        self.shard_of.pop(socket, None)
         return socket
 
     async def _gateway_info(self, request: web.Request) -> web.Response:
-        return _json({"url": self.gateway_url, "shards": 1,
+        return _json({"url": self.gateway_url, "shards": self.recommended_shards,
                       "session_start_limit": {"total": 1000, "remaining": 1000,
                                               "reset_after": 0, "max_concurrency": 1}})
 
@@ -197,6 +284,7 @@ class FakeDiscord:
                    "options": [], **command} for command in commands]
         with self._lock:
             self.synced_commands = echoed
+            self.sync_count += 1
         return _json(echoed)
 
     async def _callback(self, request: web.Request) -> web.Response:
@@ -232,6 +320,7 @@ class FakeDiscord:
             self._record(Posted("rejected", token, payload))
             return bad
         message = _message(payload, channel_id="0", files=files)
+        self._host_files(message, files)
         self._record(Posted(kind, token, payload, files, message_id or message["id"], message=message))
         return _json(message)
 
@@ -254,10 +343,67 @@ class FakeDiscord:
             if nonce is not None and (channel, nonce) in self._nonces:
                 return _json(self._nonces[(channel, nonce)])
             message = _message(payload, channel_id=channel, files=files)
+            self._host_files(message, files)
             if nonce is not None:
                 self._nonces[(channel, nonce)] = message
         self._record(Posted("channel", channel, payload, files, message["id"]))
         return _json(message)
+
+    # -- CDN: attachments served as Discord's CDN does (signed URLs that expire) ------------
+    def attachment(self, filename: str, data: bytes, content_type: str | None = "image/png", *,
+                   width: int | None = None, height: int | None = None, detect: bool = True,
+                   channel_id: str = "810000000000000001", ttl_s: float = 24 * 3600,
+                   size: int | None = None) -> dict:
+        """Host ``data`` as a user's attachment; returns Discord's attachment object for it, as
+        in an interaction's ``data.resolved.attachments``. Discord sets ``width``/``height`` only
+        for files it reads as images: by default they are read from the bytes (``detect``);
+        pass them to claim something else. ``size``: the size Discord claims (default: real)."""
+        if detect and width is None and height is None:
+            width, height = _image_size(data)
+        attachment_id = snowflake()
+        url = self._cdn_url(channel_id, attachment_id, filename, data, content_type, ttl_s)
+        return {"id": attachment_id, "filename": filename, "size": len(data) if size is None else size,
+                "url": url, "proxy_url": url, "content_type": content_type, "width": width,
+                "height": height, "ephemeral": True}
+
+    def expire_attachment(self, url: str) -> None:
+        """The signed URL's time is up: the CDN answers 404 from now on, as Discord's does."""
+        self.cdn[_cdn_path(url)].expires_at = 0
+
+    def cdn_fetches(self, url: str) -> list[tuple[str, int, str]]:
+        return [got for got in self.cdn_gets if got[0] == _cdn_path(url)]
+
+    def _cdn_url(self, channel_id: str, attachment_id: str, filename: str, data: bytes,
+                 content_type: str | None, ttl_s: float) -> str:
+        path = f"/attachments/{channel_id}/{attachment_id}/{filename}"
+        hosted = CdnFile(data, content_type, time.time() + ttl_s)
+        self.cdn[path] = hosted
+        return f"http://127.0.0.1:{self.port}{path}?{hosted.query(path)}"
+
+    def _host_files(self, message: dict, files: list[tuple[str, bytes]]) -> None:
+        """The files of a message the bot or a worker posted, served from the CDN like users' own."""
+        for attachment, (name, data) in zip(message["attachments"], files):
+            kind = {"png": "image/png", "jpg": "image/jpeg", "jpeg": "image/jpeg",
+                    "webp": "image/webp"}.get(name.rsplit(".", 1)[-1].lower())
+            width, height = _image_size(data)
+            url = self._cdn_url(message["channel_id"], attachment["id"], name, data, kind, 24 * 3600)
+            attachment.update(url=url, proxy_url=url, content_type=kind, width=width, height=height)
+
+    async def _cdn_get(self, request: web.Request) -> web.Response:
+        path = request.path
+        hosted = self.cdn.get(path)
+        agent = request.headers.get("User-Agent", "")
+        if hosted is None or hosted.expires_at < time.time():
+            status, response = 404, web.Response(status=404, text="This content is no longer available.")
+        elif request.query.get("hm") != hosted.signature(path) or request.query.get("ex") != hosted.ex:
+            status, response = 403, web.Response(status=403, text="Forbidden")
+        else:
+            status = 200
+            response = web.Response(body=hosted.data, headers={
+                "Content-Type": hosted.content_type or "application/octet-stream"})
+        with self._lock:
+            self.cdn_gets.append((path, status, agent))
+        return response
 
     # -- helpers -----------------------------------------------------------------------------
     def _record(self, posted: Posted) -> None:
@@ -340,12 +486,18 @@ def _message(payload: dict, channel_id: str, files: list[tuple[str, bytes]] = ()
 def slash_command(name: str, options: dict[str, Any], *, guild_id: str = "800000000000000001",
                   channel_id: str = "810000000000000001", user_id: str = "820000000000000001",
                   application_id: str = "1", permissions: str = "2147483647",
-                  size_limit: int = 10 * 1024 * 1024, nsfw: bool = False) -> dict:
+                  size_limit: int = 10 * 1024 * 1024, nsfw: bool = False,
+                  attachments: dict[str, dict] | None = None) -> dict:
     """An INTERACTION_CREATE payload for a chat-input command, as Discord documents it.
-    ``nsfw``: the channel is age-restricted (``channel.nsfw``)."""
+    ``nsfw``: the channel is age-restricted (``channel.nsfw``). ``attachments``: ATTACHMENT
+    options (type 11), by option name, each an attachment object (:meth:`FakeDiscord.attachment`):
+    the option carries its id, ``data.resolved.attachments`` the object."""
     type_of = {str: 3, int: 4, bool: 5, float: 10}
     data = {"id": snowflake(), "name": name, "type": 1,
             "options": [{"name": k, "type": type_of[type(v)], "value": v} for k, v in options.items()]}
+    if attachments:
+        data["options"] += [{"name": k, "type": 11, "value": a["id"]} for k, a in attachments.items()]
+        data["resolved"] = {"attachments": {a["id"]: a for a in attachments.values()}}
     return _interaction(2, data, guild_id=guild_id, channel_id=channel_id, user_id=user_id,
                         application_id=application_id, permissions=permissions, size_limit=size_limit,
                         nsfw=nsfw)
@@ -378,6 +530,33 @@ def component_interaction(custom_id: str, message: dict[str, Any], *, values: li
         data["values"] = values
     payload = _interaction(3, data, user_id=user_id, permissions=permissions, **where)
     payload["message"] = {**message, "channel_id": payload["channel_id"]}
+    return payload
+
+
+def modal_submit(modal: dict[str, Any], values: dict[str, str], *, message: dict[str, Any] | None = None,
+                 user_id: str = "820000000000000001", permissions: str = MEMBER_PERMISSIONS,
+                 **where: Any) -> dict:
+    """An INTERACTION_CREATE payload for a submitted modal (type 5, MODAL_SUBMIT). ``modal``: the
+    modal the bot sent (the ``data`` of its type 9 callback); every text input comes back with
+    its value, ``values[custom_id]`` where given, else the value it was pre-filled with, nested
+    as it was sent (in a Label, type 18, or an action row, type 1). ``message``: the message
+    whose component opened the modal."""
+    def answered(component: dict) -> dict:
+        if component.get("type") == 4:
+            custom_id = component["custom_id"]
+            return {"type": 4, "id": component.get("id", 0), "custom_id": custom_id,
+                    "value": values.get(custom_id, component.get("value") or "")}
+        if component.get("type") == 18:
+            return {"type": 18, "id": component.get("id", 0), "component": answered(component["component"])}
+        if component.get("type") == 1:
+            return {"type": 1, "id": component.get("id", 0),
+                    "components": [answered(c) for c in component.get("components", [])]}
+        return {"type": component.get("type"), "id": component.get("id", 0)}
+
+    data = {"custom_id": modal["custom_id"], "components": [answered(c) for c in modal.get("components", [])]}
+    payload = _interaction(5, data, user_id=user_id, permissions=permissions, **where)
+    if message is not None:
+        payload["message"] = {**message, "channel_id": payload["channel_id"]}
     return payload
 
 

@@ -1,0 +1,134 @@
+"""Source images from users, checked the same way wherever they arrive (pure; Pillow imported
+only by :func:`inspect_image`, which the bot never calls: it never holds image bytes).
+
+  allowed_hosts / is_attachment_url   which URLs are Discord attachments of the configured API
+                                      (the worker fetches nothing else: no arbitrary URLs)
+  check_attachment                    what Discord claims about an attachment (content type,
+                                      size, width/height, URL), before anything is queued
+  inspect_image                       the bytes themselves (web uploads, worker downloads):
+                                      the real format, animation, pixels read from the header
+                                      before any decode
+
+Each failure is one :class:`InvalidRequest` line, shown to the user as is.
+"""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Iterable
+from dataclasses import dataclass
+from urllib.parse import urlsplit
+
+from core.texts import clip
+from core.validation import InvalidRequest
+
+# Where Discord serves attachments (the API itself is on discord.com).
+DISCORD_CDN_HOSTS = ("cdn.discordapp.com", "media.discordapp.net")
+DISCORD_API_HOSTS = ("discord.com", "discordapp.com", "canary.discord.com", "ptb.discord.com")
+ATTACHMENT_PATHS = ("/attachments/", "/ephemeral-attachments/")
+# MIME type → Pillow format name. Animated GIF/WebP/PNG (APNG) are refused after reading them.
+IMAGE_TYPES = {"image/png": "PNG", "image/jpeg": "JPEG", "image/jpg": "JPEG", "image/webp": "WEBP",
+               "image/gif": "GIF"}
+TYPE_NAMES = "PNG, JPEG, WebP or GIF"
+
+
+def _mib(size: int) -> str:
+    return f"{size / (1 << 20):.1f} MiB"
+
+
+def _megapixels(pixels: int) -> str:
+    return f"{pixels / 1e6:.2f} MP"
+
+
+def allowed_hosts(api_base: str, configured: Iterable[str] = ()) -> frozenset[str]:
+    """The hosts (``host`` or ``host:port``, lower case) attachments may come from: the operator's
+    list when set, else Discord's CDN for Discord's API, else the API's own host (a local
+    Discord-compatible server serves its attachments itself)."""
+    hosts = frozenset(h.strip().lower() for h in configured if h and h.strip())
+    if hosts:
+        return hosts
+    api = urlsplit(api_base)
+    if (api.hostname or "").lower() in DISCORD_API_HOSTS:
+        return frozenset(DISCORD_CDN_HOSTS)
+    return frozenset({api.netloc.lower()})
+
+
+def is_attachment_url(url: str | None, api_base: str, configured: Iterable[str] = ()) -> bool:
+    """Whether ``url`` is a Discord attachment on an allowed host: https (plain http only when the
+    configured API itself is plain http, i.e. a local test server), no credentials, an
+    ``/attachments/…`` path."""
+    if not url or len(url) > 2048:
+        return False
+    try:
+        parts = urlsplit(url)
+        port_ok = parts.port is None or parts.port > 0
+    except ValueError:
+        return False
+    schemes = {"https"} | ({"http"} if urlsplit(api_base).scheme == "http" else set())
+    return (parts.scheme in schemes and port_ok and parts.username is None and parts.password is None
+            and parts.netloc.lower() in allowed_hosts(api_base, configured)
+            and parts.path.startswith(ATTACHMENT_PATHS))
+
+
+def check_attachment(*, filename: str, content_type: str | None, size: int, width: int | None,
+                     height: int | None, url: str | None, max_bytes: int, max_pixels: int,
+                     api_base: str, hosts: Iterable[str] = (), option: str = "image") -> tuple[int, int]:
+    """What Discord says about an attachment, checked before anything is queued; its (width,
+    height). ``max_bytes``: the smaller of the upload limit and the operator's download limit.
+    Nothing here is trusted later: the worker checks the bytes again (:func:`inspect_image`)."""
+    name = clip(filename or "the file", 80)
+    kind = (content_type or "").split(";")[0].strip().lower()
+    if kind not in IMAGE_TYPES:
+        raise InvalidRequest(f"`{option}` must be a {TYPE_NAMES} image (`{name}` is "
+                             f"{clip(kind, 60) or 'of unknown type'}).")
+    if size > max_bytes:
+        raise InvalidRequest(f"`{option}` is {_mib(size)}; the limit is {_mib(max_bytes)}.")
+    if not width or not height:  # Discord sets them only for files it could read as images
+        raise InvalidRequest(f"`{option}`: `{name}` is not a readable image (Discord found no size in it).")
+    if width * height > max_pixels:
+        raise InvalidRequest(f"`{option}` is {width}×{height} ({_megapixels(width * height)}); "
+                             f"the limit is {_megapixels(max_pixels)}.")
+    if not is_attachment_url(url, api_base, hosts):
+        raise InvalidRequest(f"`{option}` must be a file attached to this command (its link is not "
+                             f"on Discord's CDN).")
+    return width, height
+
+
+@dataclass(frozen=True)
+class ImageFacts:
+    width: int
+    height: int
+    format: str  # Pillow's name: PNG, JPEG, WEBP, GIF
+    content_type: str
+
+
+def inspect_image(data: bytes, *, max_bytes: int, max_pixels: int, claimed_type: str | None = None,
+                  option: str = "image") -> ImageFacts:
+    """The real facts of an untrusted image, from its header (no pixel is decoded here): a
+    supported format, the type it claims (when it claims one), a single frame, within the byte
+    and pixel limits. Raises InvalidRequest."""
+    from PIL import (  # web and worker have Pillow; the bot never calls this
+        Image,
+        UnidentifiedImageError,
+    )
+
+    if len(data) > max_bytes:
+        raise InvalidRequest(f"`{option}` is {_mib(len(data))}; the limit is {_mib(max_bytes)}.")
+    try:
+        with Image.open(io.BytesIO(data)) as image:  # reads the header only
+            fmt, (width, height) = image.format or "", image.size
+            frames = getattr(image, "n_frames", 1)
+    except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError):
+        raise InvalidRequest(f"`{option}` is not a {TYPE_NAMES} image.") from None
+    kinds = {mime for mime, name in IMAGE_TYPES.items() if name == fmt}
+    if not kinds:
+        raise InvalidRequest(f"`{option}` must be a {TYPE_NAMES} image (it is {clip(fmt, 20) or 'unknown'}).")
+    claimed = (claimed_type or "").split(";")[0].strip().lower()
+    if claimed and claimed not in kinds:
+        raise InvalidRequest(f"`{option}` claims to be {clip(claimed, 60)} but is a {fmt} image.")
+    if frames > 1:
+        raise InvalidRequest(f"`{option}` is animated ({frames} frames); use a still image.")
+    if width * height > max_pixels:
+        raise InvalidRequest(f"`{option}` is {width}×{height} ({_megapixels(width * height)}); "
+                             f"the limit is {_megapixels(max_pixels)}.")
+    return ImageFacts(width, height, fmt, sorted(kinds)[0] if fmt != "JPEG" else "image/jpeg")
