@@ -54,6 +54,7 @@ def use_discord_endpoints(settings: Settings) -> None:
 
 
 SYNC_LEASE_S = 60  # longest one process may take to sync the command tree
+SYNC_WATCH_S = 5.0  # how often a process that left the sync to another checks it finished
 
 
 class ImagineBot(discord.AutoShardedClient):
@@ -114,21 +115,44 @@ class ImagineBot(discord.AutoShardedClient):
         """Sync the command tree unless this very tree was synced already (another process of
         this deploy, or an earlier start): one process per new tree takes the sync lease, the
         others leave it to that one."""
-        redis = self.services.jobs.redis
         key = f"{self.settings.queue_prefix}:commands:synced:{guild.id if guild else 'global'}"
         tree_hash = self.command_tree_hash(guild)
-        stored = await asyncio.to_thread(redis.get, key)
-        if stored is not None and stored.decode() == tree_hash:
+        if await self._synced(key, tree_hash):
             log.info("commands already synced (tree %s)", tree_hash[:12])
             return
         if not await asyncio.to_thread(self.sync_lease.acquire):
             log.info("another bot process is syncing the commands")
+            # Should that process die mid-sync, its lease runs out: this one then syncs.
+            self._sync_watch = asyncio.create_task(self._sync_when_free(guild, key, tree_hash))
             return
+        await self._sync_holding_lease(guild, key, tree_hash)
+
+    async def _synced(self, key: str, tree_hash: str) -> bool:
+        stored = await asyncio.to_thread(self.services.jobs.redis.get, key)
+        return stored is not None and stored.decode() == tree_hash
+
+    async def _sync_holding_lease(self, guild: discord.abc.Snowflake | None, key: str, tree_hash: str) -> None:
         try:
             await self._sync(guild)
-            await asyncio.to_thread(redis.set, key, tree_hash)
+            await asyncio.to_thread(self.services.jobs.redis.set, key, tree_hash)
         finally:
             await asyncio.to_thread(self.sync_lease.release)
+
+    async def _sync_when_free(self, guild: discord.abc.Snowflake | None, key: str, tree_hash: str) -> None:
+        """Wait for the syncing process to finish (the tree's hash stored) or to vanish (its
+        lease free): then sync here."""
+        interval = min(SYNC_WATCH_S, self.settings.lease_ttl_s)
+        while not self.is_closed():
+            await asyncio.sleep(interval)
+            try:
+                if await self._synced(key, tree_hash):
+                    return
+                if await asyncio.to_thread(self.sync_lease.acquire):
+                    log.warning("the process syncing the commands stopped before it finished; syncing")
+                    await self._sync_holding_lease(guild, key, tree_hash)
+                    return
+            except Exception:
+                log.warning("command sync check failed; retrying in %s s", interval, exc_info=True)
 
     async def _sync(self, guild: discord.abc.Snowflake | None) -> None:
         synced = await self.tree.sync(guild=guild)

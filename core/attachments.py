@@ -30,6 +30,12 @@ ATTACHMENT_PATHS = ("/attachments/", "/ephemeral-attachments/")
 IMAGE_TYPES = {"image/png": "PNG", "image/jpeg": "JPEG", "image/jpg": "JPEG", "image/webp": "WEBP",
                "image/gif": "GIF"}
 TYPE_NAMES = "PNG, JPEG, WebP or GIF"
+# The only Pillow plugins ever run on a user's bytes: no other plugin's header parser sees them
+# (EPS would later call Ghostscript; TIFF, PSD, ICO … have had their own parser bugs).
+PILLOW_FORMATS = ("PNG", "JPEG", "WEBP", "GIF")
+# Other formats named in the refusal, by their magic bytes alone (never opened).
+OTHER_FORMATS = ((b"BM", "BMP"), (b"II*\x00", "TIFF"), (b"MM\x00*", "TIFF"), (b"%!PS", "EPS"),
+                 (b"\xc5\xd0\xd3\xc6", "EPS"), (b"8BPS", "PSD"), (b"\x00\x00\x01\x00", "ICO"), (b"%PDF", "PDF"))
 
 
 def _mib(size: int) -> str:
@@ -58,6 +64,11 @@ def is_attachment_url(url: str | None, api_base: str, configured: Iterable[str] 
     configured API itself is plain http, i.e. a local test server), no credentials, an
     ``/attachments/…`` path."""
     if not url or len(url) > 2048:
+        return False
+    # Only what Discord itself sends: printable ASCII. Python's urlsplit silently drops tabs and
+    # newlines, and parsers disagree on backslashes and Unicode hosts: what is checked here must
+    # be exactly what the HTTP client will connect to.
+    if not url.isascii() or any(ch <= " " or ch in "\\\x7f" for ch in url):
         return False
     try:
         parts = urlsplit(url)
@@ -115,11 +126,16 @@ def inspect_image(data: bytes, *, max_bytes: int, max_pixels: int, claimed_type:
     if len(data) > max_bytes:
         raise InvalidRequest(f"`{option}` is {_mib(len(data))}; the limit is {_mib(max_bytes)}.")
     try:
-        with Image.open(io.BytesIO(data)) as image:  # reads the header only
+        with Image.open(io.BytesIO(data), formats=PILLOW_FORMATS) as image:  # reads the header only
             fmt, (width, height) = image.format or "", image.size
             frames = getattr(image, "n_frames", 1)
     except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError):
+        other = next((name for magic, name in OTHER_FORMATS if data.startswith(magic)), None)
+        if other is not None:
+            raise InvalidRequest(f"`{option}` must be a {TYPE_NAMES} image (it is {other}).") from None
         raise InvalidRequest(f"`{option}` is not a {TYPE_NAMES} image.") from None
+    if fmt == "MPO":  # a JPEG followed by more images (a phone's HDR gain map, a stereo pair):
+        fmt, frames = "JPEG", 1  # the first is the photo, and the only one ever decoded
     kinds = {mime for mime, name in IMAGE_TYPES.items() if name == fmt}
     if not kinds:
         raise InvalidRequest(f"`{option}` must be a {TYPE_NAMES} image (it is {clip(fmt, 20) or 'unknown'}).")

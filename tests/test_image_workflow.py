@@ -505,6 +505,52 @@ def test_modes_are_converted_not_refused():
     assert values == [0, 128, 255]  # scaled, not clipped to white
 
 
+def test_only_the_four_formats_plugins_ever_read_a_users_bytes(monkeypatch):
+    """No other Pillow plugin parses a user's file, not even its header: EPS (Ghostscript on
+    load), TIFF, PSD, ICO, BMP are named from their magic bytes and refused."""
+    from PIL import (
+        BmpImagePlugin,
+        EpsImagePlugin,
+        IcoImagePlugin,
+        PsdImagePlugin,
+        TiffImagePlugin,
+    )
+
+    from core.attachments import inspect_image
+
+    opened = []
+    for plugin in (EpsImagePlugin.EpsImageFile, TiffImagePlugin.TiffImageFile, BmpImagePlugin.BmpImageFile,
+                   IcoImagePlugin.IcoImageFile, PsdImagePlugin.PsdImageFile):
+        monkeypatch.setattr(plugin, "_open", lambda self, name=plugin.__name__: opened.append(name))
+    files = {"EPS": b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 10 10\n%%EndComments\nshowpage\n",
+             "PSD": b"8BPS\x00\x01" + b"\x00" * 40, "ICO": b"\x00\x00\x01\x00\x01\x00" + b"\x00" * 40}
+    for fmt in ("TIFF", "BMP"):
+        buffer = io.BytesIO()
+        noise(8, 8).save(buffer, format=fmt)
+        files[fmt] = buffer.getvalue()
+    for fmt, data in files.items():
+        assert f"must be a PNG, JPEG, WebP or GIF image (it is {fmt})" in refused(data), fmt
+        with pytest.raises(InvalidRequest, match=f"it is {fmt}"):
+            inspect_image(data, max_bytes=10**6, max_pixels=10**6)
+    assert opened == []
+
+
+def test_a_jpeg_with_more_images_after_it_is_its_first_image():
+    """MPO (a JPEG whose APP2 lists more images: phones' HDR gain maps, stereo cameras) is a
+    JPEG to the user: its first image is used, the others are never decoded."""
+    from core.attachments import inspect_image
+
+    buffer = io.BytesIO()
+    Image.new("RGB", (48, 32), "red").save(buffer, format="MPO", save_all=True,
+                                           append_images=[Image.new("RGB", (1500, 1500), "blue")])
+    data = buffer.getvalue()
+    assert Image.open(io.BytesIO(data)).format == "MPO"
+    facts = inspect_image(data, max_bytes=10**6, max_pixels=48 * 32, claimed_type="image/jpeg")
+    assert (facts.format, facts.width, facts.height, facts.content_type) == ("JPEG", 48, 32, "image/jpeg")
+    image, _ = decode(data, "image/jpeg")
+    assert image.size == (48, 32) and image.getpixel((5, 5))[0] > 200
+
+
 def test_exif_rotated_photos_are_turned_as_the_user_sees_them():
     stored = Image.new("RGB", (40, 20), "white")
     stored.paste((255, 0, 0), (0, 0, 10, 20))  # red on the stored left edge
@@ -618,6 +664,36 @@ def test_foreign_hosts_are_refused_without_any_request(cdn):
                         settings_for(cdn.base, attachment_hosts=[elsewhere.base.split("//")[1]])) == cdn.picture
     finally:
         elsewhere.close()
+
+
+@pytest.mark.parametrize("url", [
+    "https://cdn.discord\tapp.com/attachments/1/2/cat.png",  # urlsplit drops the tab; the client may not
+    "https://cdn.discordapp.com\n/attachments/1/2/cat.png",
+    " https://cdn.discordapp.com/attachments/1/2/cat.png",
+    "https://cdn.discordapp.com/attachments/1/2/cat.png\r\nX-Injected: 1",
+    "https://cdn.discordapp.com\\@evil.example/attachments/1/2/cat.png",
+    "https://evil.example\\@cdn.discordapp.com/attachments/1/2/cat.png",
+    "https://cdn.discordapp.com\\.evil.example/attachments/1/2/cat.png",
+    "https://cdn.discord\u0430pp.com/attachments/1/2/cat.png",  # Cyrillic a
+    "https://cdn\u3002discordapp\u3002com/attachments/1/2/cat.png",  # ideographic full stops (IDNA: dots)
+    "https://\uff43dn.discordapp.com/attachments/1/2/cat.png",  # fullwidth c (NFKC: c)
+    "https://cdn.discordapp.com@evil.example/attachments/1/2/cat.png",
+    "https://cdn.discordapp.com:443@evil.example/attachments/1/2/cat.png",
+    "https://cdn.discordapp.com./attachments/1/2/cat.png",
+    "https://cdn.discordapp.com:8443/attachments/1/2/cat.png",
+    "https://cdn.discordapp.com%2eevil.example/attachments/1/2/cat.png",
+    "https://[::1]/attachments/1/2/cat.png",
+    "https://cdn.discordapp.com//attachments/1/2/cat.png",
+    "http://cdn.discordapp.com/attachments/1/2/cat.png",
+    "https://cdn.discordapp.com?x=/attachments/1/2/cat.png",
+    "https://cdn.discordapp.com#/attachments/1/2/cat.png",
+])
+def test_other_spellings_of_the_cdn_are_refused(url):
+    from core.attachments import is_attachment_url
+
+    assert not is_attachment_url(url, "https://discord.com/api/v10")
+    assert is_attachment_url("https://CDN.DiscordApp.com/attachments/1/2/cat.png?ex=1&is=2&hm=3",
+                             "https://discord.com/api/v10")
 
 
 @pytest.mark.parametrize("path, message", [

@@ -124,3 +124,41 @@ def test_the_page_builds(web):
     ui = build_ui(web)
     ids = {block.elem_id for block in ui.blocks.values() if getattr(block, "elem_id", None)}
     assert {"aspect", "image", "vary-subtle", "vary-strong", "upscale", "results", "generate"} <= ids
+
+
+def test_gradio_refuses_an_oversize_upload_while_receiving_it(web):
+    """Gradio stores every upload to disk before any handler runs: without ``max_file_size``
+    anyone could send gigabytes (the image input then reads them into memory)."""
+    import httpx
+
+    from tests.support.stack import free_port
+    from web.app import build_ui, launch_options
+
+    port = free_port()
+    settings = web.settings.model_copy(update={"web_host": "127.0.0.1", "web_port": port})
+    assert launch_options(settings)["max_file_size"] == settings.source_max_bytes
+    ui = build_ui(web)
+    ui.launch(**{**launch_options(settings), "theme": None})
+    try:
+        base = f"http://127.0.0.1:{port}/gradio_api/upload"
+        small = httpx.post(base, files={"files": ("ok.png", encoded(16, 16), "image/png")}, timeout=30)
+        assert small.status_code == 200
+        big = httpx.post(base, files={"files": ("big.png", b"x" * (settings.source_max_bytes * 4), "image/png")},
+                         timeout=30)
+        assert big.status_code == 413
+    finally:
+        ui.close()
+
+
+def test_an_upload_with_a_refused_form_is_deleted_at_once(web):
+    """The upload is stored before the form is read: a refused form (a seed no control sends)
+    must not leave it in Redis until it expires, or repeated posts fill Redis with uploads."""
+    from web.app import build_ui
+
+    ui = build_ui(web)
+    generate = next(block.fn for block in ui.fns.values() if getattr(block.fn, "__name__", "") == "generate")
+    pattern = f"{web.settings.queue_prefix}:images:upload-*"
+    out = list(generate("a cat", "", None, 20, 7.5, "not a number", 1, "auto", "standard", encoded(32, 32), 0.5,
+                        None))
+    assert "Cannot generate" in out[-1][0] and "seed" in out[-1][0]
+    assert list(web.redis.scan_iter(pattern)) == []

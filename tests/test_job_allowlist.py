@@ -132,3 +132,51 @@ def test_functions_resolve_through_the_mapping_so_a_rename_keeps_queued_jobs(mon
     with pytest.raises(RefusedJob):
         foreign.func
     assert foreign.failure_callback is None  # a callback that is not ours is ignored, not imported
+
+
+@pytest.mark.parametrize("data", [b"\x80\x04pickled(os.system)", b"{}", b"[1, 2, 3]", b"[5, null, [], {}]"])
+def test_a_job_whose_data_does_not_deserialize_is_refused_and_the_worker_goes_on(redis_server, data):
+    """A pickled job in a JSON worker's queue (or any hash whose data is not RQ's 4-list) used to
+    raise out of ``allowed()``: RQ's loop ended the worker, the next one met the same job."""
+    from worker.rq_worker import ImagineQueue, ImagineWorker
+
+    redis = Redis.from_url(redis_server.url)
+    prefix = f"undeser{snowflake()[-6:]}"
+    q = ImagineQueue(queue_name("tiny", prefix), connection=redis, serializer=JSONSerializer)
+    bad = q.enqueue(JOB_FUNCTION, {"job_id": "x"}, job_id=f"{prefix}-bad")
+    redis.hset(bad.key, "data", data)
+    worker = ImagineWorker([q], connection=redis, serializer=JSONSerializer, name=f"{prefix}-w")
+    worker.execute_job(Job.fetch(bad.id, connection=redis, serializer=JSONSerializer), q)
+    assert bad.id in q.failed_job_registry.get_job_ids()
+    assert "refused" in Job.fetch(bad.id, connection=redis, serializer=JSONSerializer).latest_result().exc_string
+    assert redis.lrange(q.intermediate_queue_key, 0, -1) == []
+
+
+@pytest.mark.parametrize("version, expected", [
+    (SCHEMA_VERSION + 1, SCHEMA_VERSION + 1), (str(SCHEMA_VERSION + 1), SCHEMA_VERSION + 1),
+    (float(SCHEMA_VERSION + 1), SCHEMA_VERSION + 1), (True, 1), (2.5, 1), ("x", 1), (None, 1), (10**30, 10**30)])
+def test_a_version_reads_as_the_request_parses_it(version, expected):
+    """``"3"`` and ``3.0`` are version 3 to JobRequest (pydantic, lax): a worker must not run them
+    as version 1 and drop their new fields. What no parsing reads as a number fails validation."""
+    from worker.job_functions import schema_of, too_new
+
+    payload = {**request("v").model_dump(mode="json"), "schema_version": version}
+    job = Job.create(JOB_FUNCTION, args=[payload], connection=Redis(), serializer=JSONSerializer)
+    assert schema_of(job) == expected and too_new(job) == (expected > SCHEMA_VERSION)
+    if expected <= SCHEMA_VERSION and version not in (2.5, "x", None):
+        assert JobRequest.model_validate(payload).schema_version == expected
+    odd = Job.create(JOB_FUNCTION, kwargs={}, connection=Redis(), serializer=JSONSerializer)
+    odd._args = {"schema_version": 9}  # args that are not a list: version 1, never a KeyError
+    assert schema_of(odd) == 1
+
+
+@pytest.mark.parametrize("name", [f"{JOB_FUNCTION} ", f" {JOB_FUNCTION}", JOB_FUNCTION.upper(),
+                                  JOB_FUNCTION.replace(".run_imagine", ":run_imagine"),
+                                  JOB_FUNCTION.replace("i", "\u0456"), f"{JOB_FUNCTION}\x00", "worker.tasks"])
+def test_near_spellings_of_the_job_function_are_not_it(name):
+    from worker.job_functions import ImagineJob, allowed
+
+    job = ImagineJob.create(name, args=[{}], connection=Redis(), serializer=JSONSerializer)
+    assert not allowed(job)
+    with pytest.raises(Exception, match="not one of this worker's"):
+        job.func  # noqa: B018 - the property resolves (or refuses) the name

@@ -147,3 +147,20 @@ def test_one_process_runs_every_shard(bots, processes, shard_env, fake, private_
         assert "Queued" in body["data"]["content"]
     # The lease a clean stop gave up (or the dead holder's) is taken by the new process.
     wait_for(lambda: "took the expiry sweep lease" in solo.log(), LEASE_TTL_S * 3, what="sweep lease")
+
+
+def test_a_process_that_died_mid_sync_is_replaced_by_another(bots, processes, shard_env, fake, private_redis):
+    """The sync lease held by a process that died before storing the tree's hash: a starting
+    process leaves the sync to it, then syncs itself once the lease runs out."""
+    processes.stop()
+    wait_for(lambda: not fake.connected_shards(), 10, what="shards disconnected")
+    redis = Redis.from_url(private_redis.url)
+    redis.delete("imagine:commands:synced:global")  # the dead process never finished
+    redis.set("imagine:lease:command-sync", "dead-host:1:gone", px=int(LEASE_TTL_S * 1000))
+    synced_before = fake.sync_count
+    late = start_bot(processes, shard_env, "bot-late")
+    ready(late)
+    assert "another bot process is syncing the commands" in late.log()
+    wait_for(lambda: fake.sync_count == synced_before + 1, LEASE_TTL_S * 4, what="sync after the lease ran out")
+    assert "stopped before it finished; syncing" in late.log()
+    wait_for(lambda: redis.get("imagine:commands:synced:global"), 5, what="tree hash stored")

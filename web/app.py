@@ -180,7 +180,9 @@ def last_job(options: ImagineOptions, request: JobRequest, result: JobResult) ->
 def action_options(last: dict | None, action: str, number) -> ImagineOptions:
     """Vary (``subtle``/``strong``) or Upscale ×2 (``upscale``) of image ``number`` (1-based, in
     the gallery) of the page's latest result: img2img of the stored PNG, the same prompt and
-    model; Vary with new seeds, Upscale at twice the size with that image's seed."""
+    model; Vary with new seeds, Upscale at twice the size with that image's seed. ``last`` is the
+    session's ``gr.State``, kept on the server (a client sends only ``number``): a page varies only
+    the results it was shown itself, never another visitor's by naming its key."""
     if not last or not last.get("images"):
         raise InvalidRequest("Generate an image first, then pick one in the gallery.")
     images = last["images"]
@@ -284,6 +286,7 @@ def build_ui(jobs: WebJobs) -> gr.Blocks:
     def generate(prompt, negative, model, steps, guidance, seed, count, aspect, quality, image, strength,
                  request: gr.Request):
         finished: dict = {}
+        source = None
         try:
             # The upload is checked (format, one frame, bytes and pixels from its header) before
             # it is stored for the worker; nothing else of it is decoded here.
@@ -291,6 +294,7 @@ def build_ui(jobs: WebJobs) -> gr.Blocks:
             options = options_from_form(prompt, negative, model, steps, guidance, seed, count, None, quality,
                                         aspect=aspect, strength=strength, source=source)
         except InvalidRequest as error:
+            _discard_upload(jobs, source)  # stored, but the form was refused: no job will delete it
             yield f"**Cannot generate:** {error}", [], None
             return
         except RedisError as error:
@@ -381,8 +385,7 @@ def main(argv: list[str] | None = None) -> int:
     watchers = settings.web_max_queued or 32
     ui.queue(default_concurrency_limit=watchers, max_size=watchers)
     log.info("web UI on http://%s:%d", settings.web_host, settings.web_port)
-    ui.launch(server_name=settings.web_host, server_port=settings.web_port, ssr_mode=False,
-              theme=THEME, footer_links=[], quiet=True, show_error=False, prevent_thread_lock=True)
+    ui.launch(**launch_options(settings))
     # Serving now. /healthz on its own port: 200 while Redis answers (core.health); SIGTERM
     # (docker stop) closes the server like Ctrl-C, exit code 0.
     serve_health(settings.metrics_host, settings.web_health_port, redis_ready(redis), what="web health",
@@ -391,6 +394,15 @@ def main(argv: list[str] | None = None) -> int:
     ui.block_thread()  # until SIGTERM or Ctrl-C; closes the server
     log.info("web UI stopped")
     return 0
+
+
+def launch_options(settings: Settings) -> dict:
+    """Gradio's ``launch`` arguments. ``max_file_size``: Gradio itself refuses a larger upload
+    (413) while receiving it; without it, anyone could stream any number of gigabytes to the
+    server's disk, and the image input (raw bytes) would then read them all into memory."""
+    return dict(server_name=settings.web_host, server_port=settings.web_port, ssr_mode=False, theme=THEME,
+                footer_links=[], quiet=True, show_error=False, prevent_thread_lock=True,
+                max_file_size=settings.source_max_bytes)
 
 
 def add_demo_notice(ui: gr.Blocks, settings: Settings) -> None:

@@ -19,6 +19,7 @@ import importlib
 import logging
 from collections.abc import Callable
 
+from pydantic import TypeAdapter, ValidationError
 from rq.job import Job
 
 from core.jobs import JOB_FUNCTION, SCHEMA_VERSION
@@ -37,6 +38,9 @@ CALLBACKS: dict[str, tuple[str, str]] = {
 }
 
 
+_VERSION = TypeAdapter(int)  # as JobRequest.schema_version parses it
+
+
 class RefusedJob(Exception):
     """A job naming a function this worker does not run."""
 
@@ -46,16 +50,34 @@ def _load(target: tuple[str, str]) -> Callable:
     return getattr(importlib.import_module(module), attribute)
 
 
+def name_of(job: Job) -> str:
+    """The function a job names, or a placeholder when its data does not even deserialize with
+    the worker's serializer (a pickled job in a JSON worker's queue, a hash missing its data)."""
+    try:
+        name = job.func_name
+    except Exception:  # noqa: BLE001 - RQ's DeserializationError, or whatever a broken hash raises
+        return "<unreadable job data>"
+    return name if isinstance(name, str) else f"<{type(name).__name__}>"
+
+
 def allowed(job: Job) -> bool:
-    return job.func_name in JOB_FUNCTIONS
+    """Never raises: a job whose data cannot be read is refused like a foreign function (raising
+    here would end the worker's loop, and the job would stop the next worker the same way)."""
+    return name_of(job) in JOB_FUNCTIONS
 
 
 def schema_of(job: Job) -> int:
-    """The contract version of a job's request (jobs without one are version 1)."""
+    """The contract version of a job's request (jobs without one are version 1), read as the job
+    function's own parsing (pydantic, lax) will read it: ``"3"`` or ``3.0`` is version 3, not 1
+    (else a newer job would run here and lose its new fields). A version nothing reads as a
+    whole number counts as 1: the request's validation then fails the job."""
     args = job.args
-    payload = args[0] if args else None
+    payload = args[0] if isinstance(args, (list, tuple)) and args else None
     version = payload.get("schema_version", 1) if isinstance(payload, dict) else 1
-    return version if isinstance(version, int) else 1
+    try:
+        return _VERSION.validate_python(version)
+    except ValidationError:
+        return 1
 
 
 def too_new(job: Job) -> bool:

@@ -55,6 +55,7 @@ from worker.failures import Reporter, report_untold_failures
 from worker.job_functions import (
     ImagineJob,
     allowed,
+    name_of,
     return_to_queue,
     schema_of,
     too_new,
@@ -229,14 +230,14 @@ class ImagineWorker(SimpleWorker):
         """A job naming a function that is not ours: failed without running or importing anything
         (no callbacks either), logged with its id and the name, never its arguments."""
         log.warning("refused job %s: %r is not a job function of this worker; moved to the failed "
-                    "registry without running it", job.id, job.func_name, extra={"job_id": job.id})
+                    "registry without running it", job.id, name_of(job), extra={"job_id": job.id})
         with self.connection.pipeline() as pipe:
             pipe.lrem(queue.intermediate_queue_key, 1, job.id)
             if isinstance(queue, FairQueue):
                 queue.taken([job.id], pipe)
             job.set_status(JobStatus.FAILED, pipeline=pipe)
             # RQ's own failure record (failed registry + result), as rq info / rq-dashboard show it.
-            job._handle_failure(f"refused: {job.func_name!r} is not a job function of this worker",
+            job._handle_failure(f"refused: {name_of(job)!r} is not a job function of this worker",
                                 pipeline=pipe, worker_name=self.name)
             pipe.execute()
 

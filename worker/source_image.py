@@ -30,7 +30,12 @@ import numpy as np
 import requests
 from PIL import Image, ImageOps
 
-from core.attachments import allowed_hosts, inspect_image, is_attachment_url
+from core.attachments import (
+    PILLOW_FORMATS,
+    allowed_hosts,
+    inspect_image,
+    is_attachment_url,
+)
 from core.jobs import InputImageError, SourceImage
 from core.validation import InvalidRequest
 from settings.config import Settings
@@ -140,7 +145,7 @@ def decode(data: bytes, settings: Settings, claimed_type: str | None = None) -> 
     """(RGB image as the user sees it, sha256 of ``data``). The header is checked first
     (core.attachments.inspect_image): nothing over the pixel limit is ever decoded."""
     try:  # Pillow's own bomb guard fires on open (header only) far above our limit: say so
-        with Image.open(io.BytesIO(data)):
+        with Image.open(io.BytesIO(data), formats=PILLOW_FORMATS):
             pass
     except Image.DecompressionBombError:
         raise _refuse(f"The image has far too many pixels; the limit is "
@@ -156,7 +161,7 @@ def decode(data: bytes, settings: Settings, claimed_type: str | None = None) -> 
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(io.BytesIO(data), formats=("PNG", "JPEG", "WEBP", "GIF")) as opened:
+            with Image.open(io.BytesIO(data), formats=PILLOW_FORMATS) as opened:
                 width, height = opened.size
                 if width * height > settings.source_max_pixels:  # checked again: never load() a bomb
                     raise _refuse(f"The image is {width}×{height}; the limit is "
