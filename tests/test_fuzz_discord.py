@@ -20,6 +20,7 @@ from rq.serializers import JSONSerializer
 from core.jobs import JobRequest, job_id_for_interaction
 from core.matcher import find_banned
 from tests.support.fake_discord import component_interaction, slash_command, subcommand
+from tests.support.stack import wait_for
 
 GUILD, CHANNEL, ADMIN = "870000000000000001", "810000000000000001", "830000000000000001"
 SCRATCH_GUILD = "870000000000000002"  # the admin fuzz edits this one, never the policy under test
@@ -83,8 +84,9 @@ def test_imagine_answers_once_and_queues_only_what_the_policy_allows(bot, redis_
     if reply["data"].get("flags", 0) & EPHEMERAL:
         return
     assert content.startswith(("Queued", "🎨", "⏳")) or "Queued" in content
-    job = Job.fetch(job_id_for_interaction(int(payload["id"])), connection=Redis.from_url(redis_server.url),
-                    serializer=JSONSerializer)
+    job_id, redis = job_id_for_interaction(int(payload["id"])), Redis.from_url(redis_server.url)
+    wait_for(lambda: Job.exists(job_id, connection=redis), 5, what="enqueued")  # just after the answer
+    job = Job.fetch(job_id, connection=redis, serializer=JSONSerializer)
     request = JobRequest.model_validate(job.args[0])
     assert find_banned(request.prompt, TERMS) is None
     assert request.steps <= 20 and request.count <= 2 and request.guidance >= 2
@@ -140,8 +142,9 @@ def test_settings_set_answers_in_one_ephemeral_line_and_imagine_still_obeys_the_
     assert_clear_refusal_or_answer(reply)
     if reply["data"].get("flags", 0) & EPHEMERAL:
         return
-    job = Job.fetch(job_id_for_interaction(int(imagine["id"])), connection=Redis.from_url(redis_server.url),
-                    serializer=JSONSerializer)
+    job_id, redis = job_id_for_interaction(int(imagine["id"])), Redis.from_url(redis_server.url)
+    wait_for(lambda: Job.exists(job_id, connection=redis), 5, what="enqueued")  # just after the answer
+    job = Job.fetch(job_id, connection=redis, serializer=JSONSerializer)
     request = JobRequest.model_validate(job.args[0])
     assert request.steps <= 20 and request.count <= 2 and request.guidance >= 2
     assert request.negative_prompt.startswith("gore")  # the server's forced part, first

@@ -68,7 +68,13 @@ def job_exists(redis, payload) -> bool:
     return Job.exists(job_id_for_interaction(int(payload["id"])), connection=redis)
 
 
+def queued(redis, payload) -> bool:
+    """The job was enqueued: the answer goes out just before the enqueue, so wait a moment."""
+    return bool(wait_for(lambda: job_exists(redis, payload), 5, what="enqueued"))
+
+
 def fetch(redis, payload) -> Job:
+    queued(redis, payload)
     return Job.fetch(job_id_for_interaction(int(payload["id"])), connection=redis, serializer=JSONSerializer)
 
 
@@ -170,7 +176,7 @@ def test_channel_allowlist(stack, redis, guild):
     assert is_ephemeral(answer) and "server rule: channels" in answer["data"]["content"]
     assert f"<#{CHANNEL}>" in answer["data"]["content"] and not job_exists(redis, payload)
     payload, answer = imagine(stack, guild, prompt="a cat", model="sd-v1-4")
-    assert job_exists(redis, payload)
+    assert queued(redis, payload)
 
 
 def test_model_allowlist(stack, redis, guild):
@@ -223,7 +229,7 @@ def test_rate_limit(stack, redis, guild):
     admin(stack, guild, "limits", rate=2, window=3600)
     for prompt in ("one", "two"):
         payload, answer = imagine(stack, guild, prompt=prompt, model="sd-v1-4")
-        assert job_exists(redis, payload)
+        assert queued(redis, payload)
     payload, answer = imagine(stack, guild, prompt="three", model="sd-v1-4")
     assert is_ephemeral(answer) and "server rule: rate limit" in answer["data"]["content"]
     assert not job_exists(redis, payload)
