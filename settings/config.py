@@ -137,6 +137,12 @@ class Settings(BaseSettings):
     # own (cosine similarity minus each concept's published threshold): 0.0 is the published
     # decision; lower is stricter (-0.02 catches borderline images), higher is laxer.
     safety_threshold: float = 0.0
+    # Upscale ×2 with a dedicated upscaler (worker.upscaler; off when unset): a hub id or local
+    # folder of a StableDiffusionLatentUpscalePipeline, e.g. "stabilityai/sd-x2-latent-upscaler"
+    # (pin upscaler_revision to a hub commit), loaded once at start. It serves SD 1.x-family models
+    # (their VAE latent space); SDXL-family models keep the tiled img2img upscale.
+    upscaler_source: str | None = None
+    upscaler_revision: str | None = None  # ignored for a folder
 
     # Web front end (Gradio) and operations. A metrics port of 0 turns that endpoint off.
     web_host: str = "127.0.0.1"

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import itertools
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING
 
 from pydantic import ValidationError
@@ -125,6 +125,9 @@ def images_for(runtime: WorkerRuntime, request: JobRequest, on_step: StepCallbac
         sources = None
         if request.mode in IMAGE_MODES:
             sources = load_sources(runtime, [request, *companions], entry.native_size)
+            upscaler = pipelines.upscaler  # a dedicated upscaler, for the models it serves
+            if request.mode == "upscale" and upscaler is not None and upscaler.serves(entry):
+                sources = replace(sources, upscaler=upscaler)
             pipe = pipelines.get_img2img(request.model)
         else:
             pipe = pipelines.get(request.model)

@@ -47,6 +47,7 @@ class Generation:
     scheduler: str = ""
     adapter: str | None = None
     source_sha256: str | None = None  # the source image's file hash (image modes)
+    pipeline: str | None = None  # what ran when not the model's own pipeline (the upscaler)
 
     @property
     def actions(self) -> list[ImageAction]:
@@ -222,6 +223,9 @@ class Sources:
 
     images: dict[str, object] = field(default_factory=dict)  # job id → SourceInput
     native_size: int = 512
+    # Upscale jobs run on this dedicated upscaler (worker.upscaler.Upscaler) when set; the
+    # caller sets it for the models it serves (SD 1.x family) only.
+    upscaler: object | None = None
 
 
 def generate_batch(pipe: DiffusionPipeline, requests: list[JobRequest],
@@ -266,8 +270,14 @@ def _generate_batch(pipe: DiffusionPipeline, requests: list[JobRequest], on_step
                    seeds=[seed for r in requests for seed in r.seeds()],
                    images=None if inputs is None else [s.image for s, r in zip(inputs, requests) for _ in r.seeds()])
     started_at, started = time.time(), time.perf_counter()
+    upscaler = sources.upscaler if first.mode == "upscale" else None
     try:
-        if first.mode == "upscale":
+        if upscaler is not None:
+            from worker.upscaler import upscale
+
+            images = upscale(upscaler, batch.images, batch.prompts, batch.negatives,
+                             seeded_generators(batch.seeds), first.steps, first.width, first.height, on_step)
+        elif first.mode == "upscale":
             images = _upscale(pipe, batch, first, on_step, sources.native_size)
         else:
             images = _run_splitting(pipe, batch, first, on_step)
@@ -277,12 +287,15 @@ def _generate_batch(pipe: DiffusionPipeline, requests: list[JobRequest], on_step
         if pipe.device.type == "cuda":
             torch.cuda.synchronize(pipe.device)
         inference_ms = (time.perf_counter() - started) * 1000
+        scheduler = type(upscaler.pipe.scheduler if upscaler else mode.scheduler).__name__
         generations, offset = [], 0
         for index, request in enumerate(requests):
             generations.append(Generation(images[offset:offset + request.count], request.seeds(),
                                           inference_ms, started_at, len(batch.seeds),
-                                          scheduler=type(mode.scheduler).__name__, adapter=mode.adapter,
-                                          source_sha256=None if inputs is None else inputs[index].sha256))
+                                          scheduler=scheduler,
+                                          adapter=None if upscaler else mode.adapter,
+                                          source_sha256=None if inputs is None else inputs[index].sha256,
+                                          pipeline=upscaler.label if upscaler else None))
             offset += request.count
         return generations
     # Free only once the traceback (which pins the failed call's tensors) is gone, so the
@@ -298,7 +311,8 @@ def generate(pipe: DiffusionPipeline, request: JobRequest, on_step: StepCallback
 
 # -- Upscale ×2: the source resized (Lanczos, worker.source_image.fit), then img2img at a low
 # strength; above the model's native pixel count, in overlapping native-size tiles blended with
-# feathered weights, so it runs on the models already loaded at any output size.
+# feathered weights, so it runs on the models already loaded at any output size. (A dedicated
+# upscaler, when configured, serves SD 1.x models instead: worker.upscaler; SDXL stays here.)
 TILE_OVERLAP = 0.25  # of the tile side
 TILE_ALIGN = 8  # tile origins on the VAE's 8-pixel grid
 TILED_ABOVE = 1.5  # × the native pixel count: beyond this, tiles
@@ -393,7 +407,8 @@ def reproducibility(entry: ModelEntry, pipe: DiffusionPipeline, request: JobRequ
     width, height = generation.images[0].size
     return Reproducibility(
         model=entry.key, source=entry.source, revision=entry.revision,
-        pipeline=type(pipe).__name__, scheduler=generation.scheduler or type(pipe.scheduler).__name__,
+        pipeline=generation.pipeline or type(pipe).__name__,
+        scheduler=generation.scheduler or type(pipe.scheduler).__name__,
         diffusers_version=diffusers.__version__, quality=request.quality, adapter=generation.adapter,
         adapter_revision=entry.fast.adapter_revision if generation.adapter and entry.fast else None,
         seeds=generation.seeds, steps=request.steps,

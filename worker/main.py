@@ -102,6 +102,11 @@ def load_pipelines(settings: Settings, safety: SafetyChecker | None = None) -> R
                                   budget_bytes=None if budget is None else int(budget * 2**30))
     for entry in served_models(settings):
         pipelines.load(entry)
+    if settings.upscaler_source:
+        from worker.upscaler import load_upscaler
+
+        pipelines.upscaler = load_upscaler(settings.upscaler_source, settings.upscaler_revision,
+                                           pipelines.device, pipelines.dtype)
     if settings.compile != "none" and budget is not None and len(pipelines.entries) > 1:
         log.warning("compiled models swapped onto the GPU again re-capture their CUDA graphs "
                     "(not measured); prefer one compiled model per GPU")
@@ -238,7 +243,10 @@ def stop_while_loading(health: Health) -> None:
     own handlers (finish the current job, then exit)."""
     def handler(signum, frame):
         log.info("stopping: signal %d while %s", signum, health.phase)
-        raise SystemExit(0)
+        logging.shutdown()  # flush the line above
+        # Nothing is held yet (no job, no Redis state); an ordinary interpreter exit while torch's
+        # loader or compile threads still run can abort in C++ ("terminate called"), rc 134.
+        os._exit(0)
 
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, handler)

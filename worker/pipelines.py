@@ -128,6 +128,9 @@ class ResidentPipelines:
     # Image-to-image pipelines over the resident ones' modules (from_pipe: no second copy of any
     # weight), built on first use; key → (the pipeline it was built over, the img2img pipeline).
     image_pipes: dict[str, tuple[DiffusionPipeline, DiffusionPipeline]] = field(default_factory=dict)
+    # The dedicated Upscale ×2 model (worker.upscaler), when configured: loaded once, always on
+    # the device (outside the memory budget).
+    upscaler: object | None = None
 
     def load(self, entry: ModelEntry) -> None:
         parked = self.budget_bytes is not None

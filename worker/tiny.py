@@ -25,6 +25,7 @@ import torch
 from diffusers import (
     AutoencoderKL,
     EulerDiscreteScheduler,
+    StableDiffusionLatentUpscalePipeline,
     StableDiffusionPipeline,
     StableDiffusionXLPipeline,
     UNet2DConditionModel,
@@ -125,6 +126,30 @@ def tiny_sdxl() -> StableDiffusionXLPipeline:
         text_encoder=CLIPTextModel(_text_config()), tokenizer=tokenizer,
         text_encoder_2=CLIPTextModelWithProjection(_text_config()), tokenizer_2=tokenizer,
     )
+
+
+def tiny_latent_upscaler() -> StableDiffusionLatentUpscalePipeline:
+    """StableDiffusionLatentUpscalePipeline at toy size (the K-diffusion UNet of diffusers' own
+    tests; its K blocks norm in groups of 32 channels): 4 noisy + 4 image latents in, 4 + 1
+    (unused variance) out; its time condition is a 128-wide noise-level embedding plus the
+    pooled text embedding."""
+    unet = UNet2DConditionModel(
+        act_fn="gelu", attention_head_dim=8, norm_num_groups=None, block_out_channels=(32, 32, 64, 64),
+        time_cond_proj_dim=128 + TEXT_DIM, conv_in_kernel=1, conv_out_kernel=1, cross_attention_dim=TEXT_DIM,
+        down_block_types=("KDownBlock2D",) + ("KCrossAttnDownBlock2D",) * 3, in_channels=8, mid_block_type=None,
+        only_cross_attention=False, out_channels=5, resnet_time_scale_shift="scale_shift",
+        time_embedding_type="fourier", timestep_post_act="gelu",
+        up_block_types=("KCrossAttnUpBlock2D",) * 3 + ("KUpBlock2D",),
+    )
+    return StableDiffusionLatentUpscalePipeline(vae=_vae(), text_encoder=CLIPTextModel(_text_config()),
+                                                tokenizer=build_tokenizer(), unet=unet, scheduler=_scheduler())
+
+
+def write_tiny_upscaler(folder: Path, seed: int = 0) -> Path:
+    """A random tiny latent upscaler, saved where ``IMAGINE_UPSCALER_SOURCE`` can point."""
+    torch.manual_seed(seed)
+    tiny_latent_upscaler().save_pretrained(Path(folder))
+    return Path(folder)
 
 
 SAFETY_IMAGE_SIZE = 32
