@@ -588,6 +588,13 @@ class Cdn:
                 status, body = files.get(self.path.split("?")[0], (404, b"Not Found"))
                 if self.path.startswith("/attachments/slow"):
                     time.sleep(delay_s)
+                if self.path.startswith("/attachments/headdrip"):  # headers a byte at a time
+                    self.wfile.write(b"HTTP/1.1 200 OK\r\n")
+                    for byte in b"X-Slow: " + b"y" * 40:
+                        self.wfile.write(bytes([byte]))
+                        self.wfile.flush()
+                        time.sleep(0.1)
+                    return
                 self.send_response(status)
                 if not self.path.startswith(("/attachments/nolength", "/attachments/drip")):
                     self.send_header("Content-Length", str(len(body)))
@@ -620,7 +627,7 @@ def cdn_server():
                   "/attachments/1/2/denied.png": (403, b"expired"), "/attachments/slow/2/cat.png": (200, picture),
                   "/attachments/1/2/big.png": (200, b"x" * 300_000),
                   "/attachments/nolength/2/big.png": (200, b"x" * 300_000),
-                  "/attachments/drip/2/cat.png": (200, b""),
+                  "/attachments/drip/2/cat.png": (200, b""), "/attachments/headdrip/2/cat.png": (200, b""),
                   "/attachments/1/2/moved.png": (302, b"")}, delay_s=2.0)
     server.picture = picture
     yield server
@@ -704,6 +711,7 @@ def test_other_spellings_of_the_cdn_are_refused(url):
     ("/attachments/nolength/2/big.png", "over the limit of 0.2 MiB"),
     ("/attachments/slow/2/cat.png", "longer than 0.5 s"),
     ("/attachments/drip/2/cat.png", "longer than 0.5 s"),
+    ("/attachments/headdrip/2/cat.png", "longer than 0.5 s"),  # never done sending its headers
 ])
 def test_download_failures_are_one_line(cdn, path, message):
     from worker.source_image import download

@@ -21,8 +21,10 @@ import hashlib
 import io
 import logging
 import re
+import threading
 import time
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 from urllib.parse import urlsplit
 
@@ -44,6 +46,7 @@ log = logging.getLogger(__name__)
 
 CHUNK = 64 * 1024
 EXPIRED_STATUSES = (401, 403, 404, 410)  # Discord's CDN: a signed URL past its expiry, or deleted
+DEADLINE_GRACE = 1.5  # the whole download may take this × source_timeout_s (the body alone: 1 ×)
 SIXTEEN_BIT = ("I;16", "I;16B", "I;16L", "I;16N", "I")
 
 
@@ -80,33 +83,61 @@ def download(url: str, settings: Settings, session: requests.Session | None = No
         log.warning("refused to fetch a source image from %r (allowed: %s)", host[:100],
                     sorted(allowed_hosts(settings.discord_api_base, settings.attachment_hosts)))
         raise _refuse("The image link is not a Discord attachment, so it was not fetched.")
-    limit = settings.source_max_bytes
-    get = (session or requests).get
-    # requests' timeout bounds each wait for bytes; this bounds the whole download (a server
-    # dripping a byte at a time cannot hold the worker).
-    deadline = time.monotonic() + settings.source_timeout_s
     try:
-        with get(url, stream=True, timeout=settings.source_timeout_s, allow_redirects=False) as response:
-            if response.status_code in EXPIRED_STATUSES:
-                raise _refuse("The image's link has expired or the file was deleted; attach it again.")
-            if response.status_code != 200:
-                raise _refuse(f"The image could not be downloaded (Discord answered {response.status_code}).")
-            declared = response.headers.get("Content-Length")
-            if declared and declared.isdigit() and int(declared) > limit:
-                raise _refuse(f"The image is {_mib(int(declared))}; the limit is {_mib(limit)}.")
-            data = bytearray()
-            while chunk := _read_some(response):
-                data += chunk
-                if len(data) > limit:
-                    raise _refuse(f"The image is over the limit of {_mib(limit)}.")
-                if time.monotonic() > deadline:
-                    raise requests.Timeout()
-            return bytes(data)
+        # The whole download, headers included, within the deadline: requests' own timeout bounds
+        # each wait for bytes, so a server trickling its headers would otherwise hold the worker.
+        return _within(settings.source_timeout_s * DEADLINE_GRACE, lambda: _fetch(url, settings, session))
     except requests.Timeout:
         raise _refuse(f"The image took longer than {settings.source_timeout_s:g} s to download.") from None
     except requests.RequestException as error:
         log.warning("source image download failed: %s", type(error).__name__)
         raise _refuse("The image could not be downloaded; attach it again.") from None
+
+
+def _fetch(url: str, settings: Settings, session: requests.Session | None) -> bytes:
+    limit = settings.source_max_bytes
+    get = (session or requests).get
+    # requests' timeout bounds each wait for bytes; this bounds the body (a server dripping a
+    # byte at a time cannot hold the worker).
+    deadline = time.monotonic() + settings.source_timeout_s
+    with get(url, stream=True, timeout=settings.source_timeout_s, allow_redirects=False) as response:
+        if response.status_code in EXPIRED_STATUSES:
+            raise _refuse("The image's link has expired or the file was deleted; attach it again.")
+        if response.status_code != 200:
+            raise _refuse(f"The image could not be downloaded (Discord answered {response.status_code}).")
+        declared = response.headers.get("Content-Length")
+        if declared and declared.isdigit() and int(declared) > limit:
+            raise _refuse(f"The image is {_mib(int(declared))}; the limit is {_mib(limit)}.")
+        data = bytearray()
+        while chunk := _read_some(response):
+            data += chunk
+            if len(data) > limit:
+                raise _refuse(f"The image is over the limit of {_mib(limit)}.")
+            if time.monotonic() > deadline:
+                raise requests.Timeout()
+        return bytes(data)
+
+
+def _within(seconds: float, work: Callable[[], bytes]) -> bytes:
+    """``work()`` in a daemon thread, waited for at most ``seconds`` (then requests.Timeout). A
+    thread still stuck in a read is left behind; requests' per-read timeout or the server's
+    close ends it."""
+    outcome: dict[str, object] = {}
+
+    def run() -> None:
+        try:
+            outcome["value"] = work()
+        except BaseException as error:  # handed to the caller as is
+            outcome["error"] = error
+
+    thread = threading.Thread(target=run, name="source-download", daemon=True)
+    thread.start()
+    thread.join(seconds)
+    if thread.is_alive():
+        raise requests.Timeout()
+    if "error" in outcome:
+        raise outcome["error"]  # type: ignore[misc]
+    return outcome["value"]  # type: ignore[return-value]
 
 
 def stored_image(redis, key: str, prefix: str) -> bytes:
