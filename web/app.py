@@ -125,14 +125,15 @@ def _whole(name: str, value, *, optional: bool = False) -> int | None:
 AUTO_ASPECT = "auto"  # the aspect dropdown's default: square, or the uploaded image's ratio
 
 
-def _strength(value) -> float:
+def _finite(name: str, value) -> float:
+    """A form field as a finite number; InvalidRequest naming the field otherwise."""
     try:
-        strength = float(value)
+        number = float(value)
     except (TypeError, ValueError, OverflowError):
-        raise InvalidRequest("`strength` must be a number.") from None
-    if not math.isfinite(strength):
-        raise InvalidRequest("`strength` must be a number.")
-    return strength
+        raise InvalidRequest(f"`{name}` must be a number.") from None
+    if not math.isfinite(number):
+        raise InvalidRequest(f"`{name}` must be a number.")
+    return number
 
 
 def options_from_form(prompt, negative, model, steps, guidance, seed, count, size=None,
@@ -143,12 +144,7 @@ def options_from_form(prompt, negative, model, steps, guidance, seed, count, siz
     ``aspect``: a preset ratio (AUTO_ASPECT or empty: square, or the image's ratio). ``source``:
     the uploaded image (:meth:`WebJobs.store_upload`); ``strength`` is sent only with one.
     (The web knows no user, so ``/settings`` defaults do not apply here.)"""
-    try:
-        guidance = float(guidance)
-    except (TypeError, ValueError, OverflowError):
-        raise InvalidRequest("`guidance` must be a number.") from None
-    if not math.isfinite(guidance):
-        raise InvalidRequest("`guidance` must be a number.")
+    guidance = _finite("guidance", guidance)
     seed = _whole("seed", seed, optional=True)
     fast = str(quality or "standard") == "fast"
     return ImagineOptions(prompt=str(prompt or ""), negative_prompt=str(negative) if negative else None,
@@ -159,7 +155,7 @@ def options_from_form(prompt, negative, model, steps, guidance, seed, count, siz
                           quality=str(quality) if quality else None,
                           aspect=None if not aspect or str(aspect) == AUTO_ASPECT else str(aspect),
                           source=source,
-                          strength=None if source is None or strength is None else _strength(strength))
+                          strength=None if source is None or strength is None else _finite("strength", strength))
 
 
 def shown_images(result: JobResult) -> list[dict]:
