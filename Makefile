@@ -37,12 +37,15 @@ tiny-model: models/tiny-sd/model_index.json
 run: setup
 	$(PY) -m launch
 
-# GPU benchmark of the four seed architectures (random weights; no download), ~10 min on an
-# H100: the eager table, then the 512² models with CUDA graphs. JSON and logs in out/.
-#   make bench-gpu            (on a CUDA host; installs a CUDA torch into .venv)
+# GPU benchmark of the four seed architectures (random weights; no download), in stages of a
+# few minutes each (bench/gpu.sh says which): round one's seed table, then round two's speed
+# options, profile and cold start. JSON after every model and logs in out/.
+#   make bench-gpu                      (on a CUDA host; installs a CUDA torch into .venv)
+#   make bench-gpu STAGES=round2        (or any stage names; DEADLINE=540 ends within 9 min)
+STAGES ?=
 bench-gpu:
 	$(MAKE) setup TORCH=torch
-	OUT_DIR=out PYTHON=$(PY) bench/gpu.sh
+	OUT_DIR=out PYTHON=$(PY) bench/gpu.sh $(STAGES)
 
 # Freeze the tested venv into docker/constraints.txt (after changing pyproject.toml); the
 # dashboard's pins (after "# dashboard") are kept.

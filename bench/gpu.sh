@@ -1,30 +1,69 @@
 #!/usr/bin/env bash
-# The GPU benchmark in one go (docs/benchmarks.md): the seed table for the four models on
-# Imagine's eager worker path, then the 512² models with CUDA graphs (torch.compile
-# "reduce-overhead"), each against plain diffusers in the same process. JSON and logs land in
-# $OUT_DIR (default out/). Stages can be named: bench/gpu.sh eager compiled-bk compiled-sd
-# (eager-xl: only the two 1024² models; compiled-xl: them with CUDA graphs, not in the default
-# run: compiling at 1024² takes minutes per shape).
-# Extra seed_table flags go in $BENCH_ARGS (e.g. "--tiny --steps 2" for a CPU smoke run).
+# The GPU benchmark in one go (docs/benchmarks.md). JSON and logs land in $OUT_DIR (default
+# out/); every script rewrites its JSON after each model, so a run cut short keeps its rows.
+# Stages can be named: bench/gpu.sh eager compiled-bk compiled-sd
+#   seed table (round one):  eager, eager-xl, compiled-bk, compiled-sd, compiled-xl
+#   round two (issue 19):    speed-compiled-bk  (CUDA graphs, empty compile cache: a first start;
+#                                                per image, depth 16, profile of one call)
+#                            speed-restart-bk   (the same in a fresh process on the warm cache:
+#                                                a restart on the same host)
+#                            speed-eager        (all four models: eager, quantized, VAE vs tiny
+#                                                autoencoder, fast mode)
+#                            speed-compiled-xl  (the 1024² models with CUDA graphs, batches of 1 and 4)
+#                            cold-start-bk      (not in round2: bench.cold_start, first start and
+#                                                restart through the worker's own warm-up)
+#   round1 = eager compiled-bk compiled-sd;  round2 = speed-eager speed-compiled-bk
+#   speed-restart-bk speed-compiled-xl;  no stage named: round1 then round2 (make bench-gpu).
+# $DEADLINE (seconds after this script starts) stops stages that would start after it and cuts
+# the running one there, so a fixed time slot always ends with its files written.
+# Extra flags for seed_table and gpu_speed go in $BENCH_ARGS (e.g. "--tiny --steps 2": a CPU
+# smoke run).
 set -u
 out=${OUT_DIR:-out}
 py=${PYTHON:-python}
+cache=${COMPILE_CACHE:-$out/compile-cache}
 mkdir -p "$out"
 export PYTHONUNBUFFERED=1
 
-stage() {  # name, then seed_table arguments
-  local name=$1; shift
+run() {  # name, module, then its arguments
+  local name=$1 module=$2; shift 2
+  local limit=()
+  if [ -n "${DEADLINE:-}" ]; then
+    local left=$((DEADLINE - SECONDS))
+    if [ "$left" -lt 20 ]; then echo "skipped $name: deadline" | tee -a "$out/skipped.log"; return; fi
+    limit=(timeout --signal=INT "$left")
+  fi
+  echo "== $name"
   # shellcheck disable=SC2086  # BENCH_ARGS is a list of flags
-  "$py" -m bench.seed_table "$@" ${BENCH_ARGS:-} --json "$out/$name.json" 2>&1 | tee "$out/$name.log"
+  "${limit[@]}" "$py" -m "bench.$module" "$@" ${BENCH_ARGS:-} --json "$out/$name.json" 2>&1 | tee "$out/$name.log"
 }
 
-for one in ${*:-eager compiled-bk compiled-sd}; do
+stage() { local name=$1; shift; run "$name" seed_table "$@"; }
+bk_sizes=$(seq -s, 1 16)  # docker/compose.yaml's bk-sdm-small worker: batches of up to 16
+
+round1="eager compiled-bk compiled-sd"
+round2="speed-eager speed-compiled-bk speed-restart-bk speed-compiled-xl"
+# shellcheck disable=SC2086  # stage lists split on spaces
+set -- $(echo "${*:-round1 round2}" | sed "s/round1/$round1/; s/round2/$round2/")
+for one in "$@"; do
   case $one in
     eager) stage eager --runs 2 ;;
     eager-xl) stage eager-xl --models ssd-1b,sdxl-base --runs 2 ;;
     compiled-bk) stage compiled-bk --models bk-sdm-small --batch 16 --compile reduce-overhead --runs 2 ;;
     compiled-sd) stage compiled-sd --models sd-v1-4 --batch 8 --compile reduce-overhead --runs 2 ;;
     compiled-xl) stage compiled-xl --models ssd-1b,sdxl-base --batch 4 --compile reduce-overhead --runs 2 ;;
-    *) echo "unknown stage: $one (eager, eager-xl, compiled-bk, compiled-sd, compiled-xl)" >&2; exit 2 ;;
+    speed-compiled-bk|speed-restart-bk)
+      [ "$one" = speed-compiled-bk ] && rm -rf "$cache"  # a first start: the cache starts empty
+      run "$one" gpu_speed --stage compiled --models bk-sdm-small --batch-sizes "$bk_sizes" \
+        --cache-dir "$cache" --profile "$out" --trace ;;
+    speed-eager) run speed-eager gpu_speed --stage eager --runs 2 ;;
+    speed-compiled-xl)
+      run speed-compiled-xl gpu_speed --stage compiled --models ssd-1b,sdxl-base --batch-sizes 1,4 \
+        --depth 8 --runs 2 --cache-dir "$cache" ;;
+    cold-start-bk)
+      rm -rf "$out/cold-start-cache"
+      run cold-start-bk cold_start --real --model bk-sdm-small --compile reduce-overhead \
+        --batch-sizes "$bk_sizes" --cache-dir "$out/cold-start-cache" ;;
+    *) echo "unknown stage: $one (see the comment at the top of bench/gpu.sh)" >&2; exit 2 ;;
   esac
 done

@@ -47,7 +47,7 @@ until docker exec "$RUN-worker" python -m core.probe 9102 2>/dev/null; do
 done
 echo "smoke: /healthz 200 after $(( $(date +%s) - started )) s"
 docker exec "${ENV[@]}" "$RUN-worker" python docker/smoke_job.py --timeout 300
-docker exec "$RUN-worker" sh -c 'ls /models/compile-cache/inductor >/dev/null' || { echo "smoke: no compile cache on the model volume" >&2; exit 1; }
+docker exec "$RUN-worker" sh -c 'ls /compile-cache/inductor /compile-cache/artifacts-torch-*.bin >/dev/null' || { echo "smoke: no compile cache in /compile-cache" >&2; exit 1; }
 docker stop -t 30 "$RUN-worker" >/dev/null
 code=$(docker inspect -f '{{.State.ExitCode}}' "$RUN-worker")
 [ "$code" = 0 ] || { docker logs --tail 50 "$RUN-worker"; echo "smoke: worker exited $code on docker stop" >&2; exit 1; }

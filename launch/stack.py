@@ -74,12 +74,15 @@ def start_redis(url: str, data_dir: Path) -> subprocess.Popen:
 
 def tiny_env(settings: Settings, folder: Path) -> dict[str, str]:
     """Serve (and default to) the tiny model; other catalog entries stay listed."""
-    if not all((folder / name).exists() for name in ("model_index.json", "safety_checker", RANDOM_WEIGHTS_MARKER)):
+    if not all((folder / name).exists()
+               for name in ("model_index.json", "safety_checker", "tiny-vae", RANDOM_WEIGHTS_MARKER)):
         say(f"writing the tiny demo model to {folder}")
         subprocess.run([sys.executable, "-m", "worker.tiny", str(folder)], check=True,
                        stdout=subprocess.DEVNULL)
     tiny = {"source": str(folder.resolve()), "pipeline": "StableDiffusionPipeline", "native_size": 64,
-            "default_steps": 4, "variant": None, "description": "tiny random demo model (no download)"}
+            "default_steps": 4, "variant": None, "description": "tiny random demo model (no download)",
+            # Its own tiny autoencoder (decoded previews, IMAGINE_FAST_DECODE): no download either.
+            "tiny_vae_source": str((folder / "tiny-vae").resolve())}
     return {"IMAGINE_MODELS": json.dumps({**settings.models, TINY_MODEL: tiny}),
             "IMAGINE_WORKER_MODELS": json.dumps([TINY_MODEL]), "IMAGINE_DEFAULT_MODEL": TINY_MODEL,
             "IMAGINE_MIN_SIZE": str(min(settings.min_size, 64)),

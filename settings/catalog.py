@@ -5,6 +5,14 @@ Operators add or override entries without code through ``IMAGINE_MODELS`` (JSON)
 ``{"sd-v1-4": {"source": "/mnt/weights/sd-v1-4"}}`` to load a local copy. A nested ``fast``
 object is merged field by field: ``{"sd-v1-4": {"fast": {"adapter": "/models/lcm-lora-sdv1-5"}}}``
 changes only where the adapter comes from; ``{"ssd-1b": {"fast": null}}`` turns fast mode off.
+
+The built-in entries name companion weights on the hub: an fp16-safe VAE for the SDXL models
+(``vae_source``) and a tiny autoencoder for every model (``tiny_vae_source``: TAESD / TAESDXL,
+used for decoded previews and IMAGINE_FAST_DECODE). They belong to the built-in ``source``: an
+override that changes ``source`` (a local copy, a fine-tune) drops them unless it names them
+itself, so ``{"ssd-1b": {"source": "/mnt/ssd-1b"}}`` downloads nothing more, and
+``{"ssd-1b": {"source": "/mnt/ssd-1b", "vae_source": "/mnt/sdxl-vae-fp16-fix"}}`` keeps the
+fp16-safe VAE from a local copy. ``null`` turns one off: ``{"sd-v1-4": {"tiny_vae_source": null}}``.
 """
 
 from __future__ import annotations
@@ -18,6 +26,7 @@ PipelineName = Literal["StableDiffusionPipeline", "StableDiffusionXLPipeline"]
 # the multistep solvers for a model with no adapter that fits.
 FastScheduler = Literal["LCMScheduler", "DPMSolverMultistepScheduler", "UniPCMultistepScheduler"]
 Quality = Literal["standard", "fast"]
+Quantize = Literal["none", "fp8", "int8", "auto"]  # ModelEntry.quantize (worker.quantize)
 QUALITIES: tuple[str, ...] = ("standard", "fast")
 
 
@@ -67,8 +76,16 @@ class ModelEntry(BaseModel):
     # An fp16-safe VAE (e.g. madebyollin/sdxl-vae-fp16-fix) replaces the pipeline's VAE, so SDXL
     # decodes in half precision instead of upcasting to fp32.
     vae_source: str | None = None
+    vae_revision: str | None = None  # a hub commit (pin it) or branch of vae_source; None: the default branch
+    # A tiny autoencoder (diffusers AutoencoderTiny: TAESD for SD 1.x, TAESDXL for SDXL; hub id or
+    # local folder): decoded progress previews and, with IMAGINE_FAST_DECODE, the final decode.
+    tiny_vae_source: str | None = None
+    tiny_vae_revision: str | None = None
     description: str = ""
     fast: FastMode | None = None  # None: no fast mode for this model (``quality: fast`` refused)
+    # Low-precision UNet linears (worker.quantize, torchao): "auto" is fp8 where the GPU has fp8
+    # tensor cores (compute capability 8.9+), else none. IMAGINE_QUANTIZE overrides it per worker.
+    quantize: Quantize = "none"
 
     @property
     def family(self) -> Family:
@@ -92,6 +109,16 @@ SDXL_BUCKETS: tuple[tuple[int, int], ...] = (
 SDXL_BUCKET_NATIVE = 1024
 
 
+# Companion weights of the built-in models (hub ids). Not pinned to a commit (vae_revision,
+# tiny_vae_revision stay None: no verified commit here); pin one with IMAGINE_MODELS, e.g.
+# {"ssd-1b": {"vae_revision": "<commit>"}}. SDXL_FP16_VAE: the SDXL VAE fine-tuned to decode in
+# fp16 without overflow (ssd-1b and sdxl-base share SDXL's VAE, so it fits both).
+SDXL_FP16_VAE = "madebyollin/sdxl-vae-fp16-fix"
+TAESD = "madebyollin/taesd"  # tiny autoencoder for SD 1.x latents
+TAESDXL = "madebyollin/taesdxl"  # tiny autoencoder for SDXL latents
+# Dropped by an override that changes ``source`` unless it names them (module docstring).
+COMPANIONS = ("vae_source", "vae_revision", "tiny_vae_source", "tiny_vae_revision")
+
 # Revisions: hub commits (reproducible builds; issue 18). An override's own "revision" (or null:
 # the default branch) replaces them; a local folder ignores them.
 BUILTIN_MODELS: tuple[ModelEntry, ...] = (
@@ -103,6 +130,7 @@ BUILTIN_MODELS: tuple[ModelEntry, ...] = (
         native_size=512,
         variant=None,  # the repo ships no fp16 variant; weights are cast at load
         description="BK-SDM small: SD v1.4 distilled, blocks removed",
+        tiny_vae_source=TAESD,
         # No LCM-LoRA fits: the SD 1.5 one is shaped for the full UNet, and loading it into this
         # one fails on the layers whose shapes changed (docs/operations.md, "Fast mode"). A
         # multistep solver at fewer steps instead; CFG kept, so negatives work as usual.
@@ -115,6 +143,7 @@ BUILTIN_MODELS: tuple[ModelEntry, ...] = (
         pipeline="StableDiffusionPipeline",
         native_size=512,
         description="Stable Diffusion v1.4 (teacher of bk-sdm-small)",
+        tiny_vae_source=TAESD,
         # Trained on SD 1.5, which shares v1.4's architecture and its v1-2 ancestor.
         fast=FastMode(adapter="latent-consistency/lcm-lora-sdv1-5"),
     ),
@@ -125,6 +154,8 @@ BUILTIN_MODELS: tuple[ModelEntry, ...] = (
         pipeline="StableDiffusionXLPipeline",
         native_size=1024,
         description="Segmind SSD-1B: SDXL distilled",
+        vae_source=SDXL_FP16_VAE,
+        tiny_vae_source=TAESDXL,
         fast=FastMode(adapter="latent-consistency/lcm-lora-ssd-1b"),
     ),
     ModelEntry(
@@ -134,6 +165,8 @@ BUILTIN_MODELS: tuple[ModelEntry, ...] = (
         pipeline="StableDiffusionXLPipeline",
         native_size=1024,
         description="Stable Diffusion XL base 1.0 (teacher of ssd-1b)",
+        vae_source=SDXL_FP16_VAE,
+        tiny_vae_source=TAESDXL,
         fast=FastMode(adapter="latent-consistency/lcm-lora-sdxl"),
     ),
 )
@@ -147,5 +180,7 @@ def build_catalog(overrides: dict[str, dict] | None = None) -> dict[str, ModelEn
         fields = dict(fields)
         if isinstance(fields.get("fast"), dict) and isinstance(base.get("fast"), dict):
             fields["fast"] = {**base["fast"], **fields["fast"]}  # change one field, keep the rest
+        if base and fields.get("source", base["source"]) != base["source"]:
+            base = {**base, **dict.fromkeys(COMPANIONS)}  # the built-in weights' companions go with them
         catalog[key] = ModelEntry.model_validate({**base, **fields, "key": key})
     return catalog

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+from pathlib import Path
 from typing import Annotated, Literal
 
 from pydantic import Field, SecretStr, ValidationError, field_validator
@@ -121,10 +122,18 @@ class Settings(BaseSettings):
     channels_last: bool = True
     fuse_qkv: bool = True
     compile: Literal["none", "default", "reduce-overhead", "max-autotune"] = "none"
+    # UNet quantization for every model this worker serves (worker.quantize); "catalog": each
+    # model's own ``quantize`` field. A mode the GPU lacks (fp8 below compute capability 8.9)
+    # stops the worker at start with one line.
+    quantize: Literal["catalog", "none", "fp8", "int8", "auto"] = "catalog"
     # Shapes warmed (compiled, CUDA graphs captured) at start when compiling. Unset batch sizes:
     # every count from 1 to max_batch_images, so batching never meets an uncompiled shape.
     compile_batch_sizes: list[int] | None = None
     compile_sizes: list[int] = Field(default_factory=list)  # image sizes beyond each model's native one
+    # torch.compile's caches (worker.compile_cache): a restarted compiled worker loads its graphs
+    # from here instead of compiling every shape again. None: torch's default under /tmp, which a
+    # container restart loses. docker/compose.yaml mounts a volume here.
+    compile_cache_dir: Path | None = None
     gpu_memory_budget_gb: float | None = None  # None: keep every served model on the GPU
     starvation_s: float = 20.0  # a job for a model not on the GPU waits at most this before a swap
     # Output moderation (worker.safety): one classifier for every model, loaded at worker start
@@ -185,6 +194,14 @@ class Settings(BaseSettings):
     progress_interval_s: float = Field(
         default=1.5, description="At most one edit of a user's message per this many seconds.")
     progress_preview: bool = False  # attach a tiny latent preview to progress edits
+    # What draws that preview: the model's tiny autoencoder (catalog tiny_vae_source, TAESD: a
+    # real decode) or the linear latent→RGB projection (no model). A model without a tiny
+    # autoencoder, or whose one failed to load (one log line at start), gets the projection.
+    progress_preview_decoder: Literal["tiny-vae", "latent"] = "tiny-vae"
+    # Final images decoded by the tiny autoencoder instead of the full VAE: a faster decode,
+    # visibly less detail (opt-in; docs/operations.md, "Fast decode and previews"). Image input
+    # still encodes with the full VAE; Upscale ×2 decodes with it too.
+    fast_decode: bool = False
     record_ttl_s: int = 7 * 24 * 3600  # how long result buttons keep working
     latency_samples: int = 200  # recent jobs per model kept for p50/p95 and ETAs
     eta_min_samples: int = 3  # no ETA is shown before this many jobs have run on a model

@@ -91,3 +91,18 @@ def test_ack_load_smoke_measures_real_bot_acks(tmp_path):
         assert row["answered"] == row["sent"] > 0 and row["refused"] == 0
         assert 0 < row["p50_ms"] <= row["p99_ms"] <= row["max_ms"] < 3000
     assert "| processes | rate (/min) |" in printed
+
+
+@pytest.mark.e2e
+def test_gpu_speed_eager_stage_measures_every_option(tmp_path):
+    out = tmp_path / "speed.json"
+    printed = bench("gpu_speed", "--tiny", "--stage", "eager", "--models", "sd-v1-4", "--steps", "1",
+                    "--runs", "1", "--json", str(out))
+    row = json.loads(out.read_text())["rows"][0]
+    assert row["model"] == "sd-v1-4" and row["plain_ms"] > 0 and row["eager_ms"] > 0
+    # On CPU the quantized row is int8 (fp8 needs an Ada/Hopper GPU); it still draws the image.
+    assert row["quantized"] == "int8" and row["quantized_ms"] > 0 and row["quantized_psnr"] > 20
+    assert row["vae_decode_ms"] > 0 and row["tiny_decode_ms"] > 0
+    assert row["fast_scheduler"] == "LCMScheduler" and row["fast_steps"] == 4 and row["fast_ms"] > 0
+    assert row["fast_tiny_decode_ms"] > 0
+    assert "fast+tiny" in printed

@@ -257,11 +257,14 @@ def test_dependency_layers_come_before_the_source():
                 assert "--no-deps" in stage[stage.index("COPY . ."):], name
 
 
-def test_the_worker_image_can_compile_and_keeps_its_caches_on_the_model_volume():
+def test_the_worker_image_can_compile_and_keeps_its_caches_on_a_volume():
     worker = DOCKERFILES["Dockerfile.worker"]
     assert "build-essential" in worker  # torch.compile builds C/Triton code at run time
-    assert "TORCHINDUCTOR_CACHE_DIR=/models/" in worker and "TRITON_CACHE_DIR=/models/" in worker
-    assert all("model-cache:/models" in w["volumes"] for w in WORKERS.values())
+    assert "IMAGINE_COMPILE_CACHE_DIR=/compile-cache " in worker  # worker.compile_cache
+    assert "TORCHINDUCTOR_CACHE_DIR=/compile-cache/" in worker and "TRITON_CACHE_DIR=/compile-cache/" in worker
+    assert "chown imagine /models /compile-cache" in worker  # a fresh named volume takes this owner
+    for w in WORKERS.values():
+        assert {"model-cache:/models", "compile-cache:/compile-cache"} <= set(w["volumes"])
 
 
 def test_one_torch_version_everywhere():

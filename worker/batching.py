@@ -132,7 +132,7 @@ def images_for(runtime: WorkerRuntime, request: JobRequest, on_step: StepCallbac
         else:
             pipe = pipelines.get(request.model)
         generations = generate_batch(pipe, [request, *companions], _each(steps) if steps else None,
-                                     entry.fast, sources)
+                                     entry.fast, sources, pipelines.final_decoder(request.model))
     finally:
         for reporter in reporters:
             reporter.close()  # nothing may land after their results

@@ -48,6 +48,7 @@ class Generation:
     adapter: str | None = None
     source_sha256: str | None = None  # the source image's file hash (image modes)
     pipeline: str | None = None  # what ran when not the model's own pipeline (the upscaler)
+    decoder: str | None = None  # the tiny autoencoder that decoded the images (fast decode); None: the VAE
 
     @property
     def actions(self) -> list[ImageAction]:
@@ -173,27 +174,35 @@ def step_callback_kwargs(on_step: StepCallback | None) -> dict:
     return {"callback_on_step_end": callback, "callback_on_step_end_tensor_inputs": ["latents"]}
 
 
-def _run(pipe: DiffusionPipeline, batch: _Batch, first: JobRequest, on_step: StepCallback | None) -> list[Image]:
+def _run(pipe: DiffusionPipeline, batch: _Batch, first: JobRequest, on_step: StepCallback | None,
+         decoder: torch.nn.Module | None = None) -> list[Image]:
+    """``decoder``: a tiny autoencoder (worker.fast_decode) decoding the latents instead of the
+    pipeline's VAE (which still encodes image input)."""
     if batch.images is None:
         shape = {"height": first.height, "width": first.width}
     else:  # img2img: the size is the source images' (fitted to the job's width × height)
         shape = {"image": batch.images, "strength": first.strength}
+    latent = {} if decoder is None else {"output_type": "latent"}  # the VAE decodes nothing
     with torch.inference_mode():
         output = pipe(
             prompt=batch.prompts, negative_prompt=batch.negatives, num_inference_steps=schedule_steps(first),
             guidance_scale=first.guidance, num_images_per_prompt=1, generator=seeded_generators(batch.seeds),
-            **shape, **step_callback_kwargs(on_step),
+            **shape, **step_callback_kwargs(on_step), **latent,
         )
-    return list(output.images)
+    if decoder is None:
+        return list(output.images)
+    from worker.fast_decode import decode_images
+
+    return decode_images(decoder, output.images)
 
 
 def _run_splitting(pipe: DiffusionPipeline, batch: _Batch, first: JobRequest,
-                   on_step: StepCallback | None) -> list[Image]:
+                   on_step: StepCallback | None, decoder: torch.nn.Module | None = None) -> list[Image]:
     """All images in one call; on CUDA out-of-memory, free memory and make the images in two
     halves (recursively, down to one per call). Each image keeps its own seed's generator, so
     the split changes no pixels. A single image that does not fit raises for the caller."""
     try:
-        return _run(pipe, batch, first, on_step)
+        return _run(pipe, batch, first, on_step, decoder)
     except torch.cuda.OutOfMemoryError:
         if len(batch.seeds) == 1:
             raise
@@ -201,7 +210,7 @@ def _run_splitting(pipe: DiffusionPipeline, batch: _Batch, first: JobRequest,
     # Outside the except block, so the exception's traceback (and the tensors it holds) is gone.
     free_memory(pipe.device)
     low, high = batch.halves()
-    return _run_splitting(pipe, low, first, on_step) + _run_splitting(pipe, high, first, on_step)
+    return _run_splitting(pipe, low, first, on_step, decoder) + _run_splitting(pipe, high, first, on_step, decoder)
 
 
 def img2img_pipeline(pipe: DiffusionPipeline) -> DiffusionPipeline:
@@ -230,12 +239,14 @@ class Sources:
 
 def generate_batch(pipe: DiffusionPipeline, requests: list[JobRequest],
                    on_step: StepCallback | None = None, fast: FastMode | None = None,
-                   sources: Sources | None = None) -> list[Generation]:
+                   sources: Sources | None = None, decoder: torch.nn.Module | None = None) -> list[Generation]:
     """One pipeline call for several compatible requests; one Generation per request.
     ``on_step(done, total, latents)`` is called after each denoising step (progress).
     ``fast``: the model's fast-mode configuration (its catalog entry's), needed by fast jobs.
     Image jobs (img2img, vary, upscale) need ``sources`` and run on the image-to-image
     pipeline: ``pipe`` itself when it is one, else one built over ``pipe``'s modules.
+    ``decoder``: a tiny autoencoder that decodes the final images instead of the VAE (fast
+    decode, worker.fast_decode); Upscale ×2 always decodes with the VAE (detail is its point).
 
     The call runs on a shallow view of ``pipe`` holding its own fresh scheduler, so the shared
     pipeline's scheduler and call state never change; the fast adapter (if any) is switched on
@@ -255,14 +266,15 @@ def generate_batch(pipe: DiffusionPipeline, requests: list[JobRequest],
     if mode.adapter:
         set_fast_adapter(pipe, True)
     try:
-        return _generate_batch(view, requests, on_step, mode, sources or Sources())
+        return _generate_batch(view, requests, on_step, mode, sources or Sources(),
+                               None if first.mode == "upscale" else decoder)
     finally:
         if mode.adapter:
             set_fast_adapter(pipe, False)
 
 
 def _generate_batch(pipe: DiffusionPipeline, requests: list[JobRequest], on_step: StepCallback | None,
-                    mode: Mode, sources: Sources) -> list[Generation]:
+                    mode: Mode, sources: Sources, decoder: torch.nn.Module | None = None) -> list[Generation]:
     first = requests[0]
     inputs = [sources.images[r.job_id] for r in requests] if first.mode in IMAGE_MODES else None
     batch = _Batch(prompts=[r.prompt for r in requests for _ in r.seeds()],
@@ -280,7 +292,7 @@ def _generate_batch(pipe: DiffusionPipeline, requests: list[JobRequest], on_step
         elif first.mode == "upscale":
             images = _upscale(pipe, batch, first, on_step, sources.native_size)
         else:
-            images = _run_splitting(pipe, batch, first, on_step)
+            images = _run_splitting(pipe, batch, first, on_step, decoder)
     except torch.cuda.OutOfMemoryError as error:
         message = str(error)
     else:
@@ -295,7 +307,8 @@ def _generate_batch(pipe: DiffusionPipeline, requests: list[JobRequest], on_step
                                           scheduler=scheduler,
                                           adapter=None if upscaler else mode.adapter,
                                           source_sha256=None if inputs is None else inputs[index].sha256,
-                                          pipeline=upscaler.label if upscaler else None))
+                                          pipeline=upscaler.label if upscaler else None,
+                                          decoder=_decoder_label(decoder)))
             offset += request.count
         return generations
     # Free only once the traceback (which pins the failed call's tensors) is gone, so the
@@ -305,8 +318,17 @@ def _generate_batch(pipe: DiffusionPipeline, requests: list[JobRequest], on_step
 
 
 def generate(pipe: DiffusionPipeline, request: JobRequest, on_step: StepCallback | None = None,
-             fast: FastMode | None = None, sources: Sources | None = None) -> Generation:
-    return generate_batch(pipe, [request], on_step, fast, sources)[0]
+             fast: FastMode | None = None, sources: Sources | None = None,
+             decoder: torch.nn.Module | None = None) -> Generation:
+    return generate_batch(pipe, [request], on_step, fast, sources, decoder)[0]
+
+
+def _decoder_label(decoder: torch.nn.Module | None) -> str | None:
+    if decoder is None:
+        return None
+    from worker.fast_decode import label
+
+    return label(decoder)
 
 
 # -- Upscale ×2: the source resized (Lanczos, worker.source_image.fit), then img2img at a low
@@ -407,7 +429,8 @@ def reproducibility(entry: ModelEntry, pipe: DiffusionPipeline, request: JobRequ
     width, height = generation.images[0].size
     return Reproducibility(
         model=entry.key, source=entry.source, revision=entry.revision,
-        pipeline=generation.pipeline or type(pipe).__name__,
+        pipeline=_quantized(pipe, generation,
+                            _pipeline_label(entry, generation.pipeline or type(pipe).__name__, generation.decoder)),
         scheduler=generation.scheduler or type(pipe.scheduler).__name__,
         diffusers_version=diffusers.__version__, quality=request.quality, adapter=generation.adapter,
         adapter_revision=entry.fast.adapter_revision if generation.adapter and entry.fast else None,
@@ -417,3 +440,21 @@ def reproducibility(entry: ModelEntry, pipe: DiffusionPipeline, request: JobRequ
         source_sha256=generation.source_sha256,
         withheld=generation.withheld if generation.moderation is not None else [],
     )
+
+
+def _quantized(pipe: DiffusionPipeline, generation: Generation, label: str) -> str:
+    """``label``, and the UNet's quantization when the model's own UNet ran quantized
+    (worker.quantize): ℹ Info and the PNG text then say the weights were not full precision."""
+    from worker.quantize import applied_mode
+
+    mode = "none" if generation.pipeline else applied_mode(pipe)  # the upscaler has its own UNet
+    return label if mode == "none" else f"{label}, UNet {mode} (torchao)"
+
+
+def _pipeline_label(entry: ModelEntry, pipeline: str, decoder: str | None) -> str:
+    """The pipeline class, and the tiny autoencoder when one decoded the images (fast decode):
+    ℹ Info and the PNG text then say the full VAE did not."""
+    if decoder is None:
+        return pipeline
+    revision = f"@{entry.tiny_vae_revision}" if entry.tiny_vae_revision else ""
+    return f"{pipeline}, decoded by {decoder}{revision}"

@@ -29,6 +29,12 @@ from core.redis_connection import connect_worker
 from settings.catalog import ModelEntry
 from settings.config import Settings, load_settings
 from worker import metrics
+from worker.compile_cache import (
+    cache_counts,
+    describe_counts,
+    save_compile_cache,
+    use_compile_cache,
+)
 from worker.delivery import use_api_base
 from worker.failures import Reporter
 from worker.generate import generate
@@ -94,12 +100,21 @@ def speed_options(settings: Settings) -> SpeedOptions:
                         compile=settings.compile)
 
 
+def tiny_vaes_wanted(settings: Settings) -> bool:
+    """Whether the models' tiny autoencoders are loaded: only for what uses them (a download)."""
+    return settings.fast_decode or (settings.progress_preview and settings.progress_preview_decoder == "tiny-vae")
+
+
 def load_pipelines(settings: Settings, safety: SafetyChecker | None = None) -> ResidentPipelines:
+    cache = settings.compile_cache_dir if settings.compile != "none" else None
+    if cache is not None:  # before the first compile (torch.compile compiles on the first call)
+        use_compile_cache(cache)
     device = resolve_device(settings.device)
     budget = settings.gpu_memory_budget_gb
     pipelines = ResidentPipelines(device=device, dtype=resolve_dtype(settings.dtype, device),
-                                  speed=speed_options(settings),
-                                  budget_bytes=None if budget is None else int(budget * 2**30))
+                                  speed=speed_options(settings), quantize=settings.quantize,
+                                  budget_bytes=None if budget is None else int(budget * 2**30),
+                                  tiny_vaes_wanted=tiny_vaes_wanted(settings), fast_decode=settings.fast_decode)
     for entry in served_models(settings):
         pipelines.load(entry)
     if settings.upscaler_source:
@@ -112,6 +127,8 @@ def load_pipelines(settings: Settings, safety: SafetyChecker | None = None) -> R
                     "(not measured); prefer one compiled model per GPU")
     if settings.warmup:
         warm_up(pipelines, settings, safety)
+        if cache is not None:
+            save_compile_cache(cache)
     return pipelines
 
 
@@ -274,6 +291,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="exit after N jobs (recycling; deferred while no other ready worker serves "
                              "the same models, unless IMAGINE_RECYCLE_NEEDS_PEER=false)")
     args = parser.parse_args(argv)
+    started = time.monotonic()
     settings = load_settings()
     configure_logging("worker", json_lines=settings.log_format == "json", level=settings.log_level,
                       secrets=secrets_of(settings), current_job_id=current_job_id)
@@ -297,7 +315,9 @@ def main(argv: list[str] | None = None) -> int:
     runtime = WorkerRuntime(pipelines=pipelines, redis=redis, settings=settings, bot_token=token, safety=safety,
                             outcomes=Outcomes(redis, settings.queue_prefix, settings.failure_ttl_s))
     install_runtime(runtime)
-    log.info("ready: serving %s on %s", ", ".join(pipelines.keys()), pipelines.device)
+    compiled = f" (compile cache: {describe_counts(cache_counts())})" if settings.compile != "none" else ""
+    log.info("ready in %.0f s%s: serving %s on %s", time.monotonic() - started, compiled,
+             ", ".join(pipelines.keys()), pipelines.device)
     tiny_warning(settings)
     serve(settings, pipelines.keys(), redis, Reporter(runtime.outcomes, runtime.session, token),
           burst=args.burst, max_jobs=args.max_jobs, health=health)

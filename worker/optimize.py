@@ -1,5 +1,6 @@
 """Make a loaded pipeline fast on GPU: channels-last, fused QKV projections, an fp16-safe VAE,
-optional torch.compile. SDPA attention is diffusers' default processor on torch 2.
+optional UNet quantization (worker.quantize), optional torch.compile. SDPA attention is
+diffusers' default processor on torch 2.
 
 Each step is a no-op where it does not apply (CPU, fp32), so the same code runs in tests.
 """
@@ -12,6 +13,8 @@ from dataclasses import dataclass
 import torch
 from diffusers import DiffusionPipeline
 
+from worker.quantize import quantize_pipeline
+
 log = logging.getLogger(__name__)
 
 
@@ -21,6 +24,7 @@ class SpeedOptions:
     fuse_qkv: bool = True
     compile: str = "none"  # "none" | "default" | "reduce-overhead" (CUDA graphs) | "max-autotune"
     fp16_vae: bool = False  # the VAE is known to be fp16-safe (fp16-fix weights)
+    quantize: str = "none"  # worker.quantize.Quantization: "none" | "fp8" | "int8" (the UNet's linears)
 
     @classmethod
     def plain(cls) -> "SpeedOptions":
@@ -38,6 +42,10 @@ def optimize(pipe: DiffusionPipeline, options: SpeedOptions) -> DiffusionPipelin
         pipe.fuse_qkv_projections()
     if options.fp16_vae and getattr(pipe.vae.config, "force_upcast", False):
         pipe.vae.register_to_config(force_upcast=False)  # decode in fp16, skip the fp32 round trip
+    if options.quantize != "none":
+        # After fusing (to_qkv is built from plain weights), before compiling (traces the
+        # quantized matmuls).
+        quantize_pipeline(pipe, options.quantize)
     if options.compile != "none":  # also on CPU (inductor's C++ backend), where tests check it
         mode = None if options.compile == "default" else options.compile
         pipe.unet = torch.compile(pipe.unet, mode=mode, fullgraph=True)

@@ -18,6 +18,7 @@ from diffusers import AutoencoderKL, DiffusionPipeline
 
 from settings.catalog import ModelEntry
 from worker.optimize import SpeedOptions, optimize
+from worker.quantize import QuantizationError, applied_mode, check_mode, resolve_mode
 
 log = logging.getLogger(__name__)
 
@@ -74,7 +75,7 @@ def load_pipeline(entry: ModelEntry, device: torch.device, dtype: torch.dtype) -
     log.info("loading %s from %s (%s on %s)", entry.key, entry.source, dtype, device)
     try:
         if entry.vae_source:
-            kwargs["vae"] = AutoencoderKL.from_pretrained(entry.vae_source, dtype=dtype)
+            kwargs["vae"] = AutoencoderKL.from_pretrained(entry.vae_source, revision=entry.vae_revision, dtype=dtype)
         pipe = _from_pretrained(entry, kwargs, use_variant=dtype == torch.float16 and bool(entry.variant))
     except (OSError, ValueError) as error:  # missing files, unreachable hub, bad repo id
         first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
@@ -119,6 +120,8 @@ class ResidentPipelines:
     device: torch.device
     dtype: torch.dtype
     speed: SpeedOptions = field(default_factory=SpeedOptions.plain)
+    # IMAGINE_QUANTIZE: one mode for every model, or "catalog" (each entry's ``quantize``).
+    quantize: str = "catalog"
     budget_bytes: int | None = None  # GPU bytes for weights; None = everything stays on device
     entries: dict[str, ModelEntry] = field(default_factory=dict)
     pipes: dict[str, DiffusionPipeline] = field(default_factory=dict)
@@ -131,14 +134,53 @@ class ResidentPipelines:
     # The dedicated Upscale ×2 model (worker.upscaler), when configured: loaded once, always on
     # the device (outside the memory budget).
     upscaler: object | None = None
+    # Tiny autoencoders (worker.fast_decode), key → AutoencoderTiny, for the models whose catalog
+    # entry names one, loaded when previews or fast decode use them (``tiny_vaes_wanted``). Kept
+    # on the device, outside the budget and never parked: ~10 MB each, and a preview decoded on
+    # the CPU while the model runs on the GPU would take seconds at 1024 px.
+    tiny_vaes_wanted: bool = False
+    fast_decode: bool = False  # final images decoded by the tiny autoencoder (IMAGINE_FAST_DECODE)
+    tiny_vaes: dict[str, torch.nn.Module] = field(default_factory=dict)
 
     def load(self, entry: ModelEntry) -> None:
+        self.quantization(entry)  # a mode this worker cannot run stops it before the weights load
         parked = self.budget_bytes is not None
         self.pipes[entry.key] = load_pipeline(entry, CPU if parked else self.device, self.dtype)
         self.entries[entry.key] = entry
+        if self.tiny_vaes_wanted:
+            self._load_tiny_vae(entry)
         if not parked:
             self.on_device[entry.key] = weight_bytes(self.pipes[entry.key])
             self._optimize(entry.key)
+
+    def _load_tiny_vae(self, entry: ModelEntry) -> None:
+        """Never fails the worker: previews fall back to the latent projection and fast decode
+        to the full VAE, with one log line."""
+        from worker.fast_decode import load_tiny_vae
+
+        if not entry.tiny_vae_source:
+            log.info("%s has no tiny autoencoder (catalog tiny_vae_source): latent-projection previews, "
+                     "full-VAE decode", entry.key)
+            return
+        try:
+            self.tiny_vaes[entry.key] = load_tiny_vae(entry.tiny_vae_source, self.device, self.dtype,
+                                                      entry.tiny_vae_revision)
+        except ModelLoadError as error:
+            log.warning("%s: %s; latent-projection previews, full-VAE decode", entry.key, error)
+
+    def final_decoder(self, key: str) -> torch.nn.Module | None:
+        """The tiny autoencoder that decodes ``key``'s final images, when fast decode is on."""
+        return self.tiny_vaes.get(key) if self.fast_decode else None
+
+    def quantization(self, entry: ModelEntry) -> str:
+        """The UNet quantization ``entry`` runs here (worker.quantize); ModelLoadError (one line)
+        when the device cannot run it or torchao is missing."""
+        mode = resolve_mode(self.quantize, entry.quantize, self.device)
+        try:
+            check_mode(mode, self.device)
+        except QuantizationError as error:
+            raise ModelLoadError(f"model {entry.key!r}: {error}") from None
+        return mode
 
     def _optimize(self, key: str) -> None:
         """Once, on the device: compiled graphs and memory layouts belong to the device."""
@@ -150,7 +192,9 @@ class ResidentPipelines:
                 # to_q/to_k/to_v: fast mode would silently lose its adapter there.
                 log.info("%s: QKV projections not fused (the fast-mode adapter sits on them)", key)
                 speed = SpeedOptions(**{**speed.__dict__, "fuse_qkv": False})
+            speed = SpeedOptions(**{**speed.__dict__, "quantize": self.quantization(entry)})
             self.pipes[key] = optimize(self.pipes[key], speed)
+            log.info("%s: UNet quantization %s", key, applied_mode(self.pipes[key]))
             self.optimized.add(key)
 
     def get(self, key: str) -> DiffusionPipeline:

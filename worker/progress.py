@@ -196,11 +196,23 @@ def discord_progress(runtime: WorkerRuntime, request: JobRequest) -> ProgressRep
         edit_original(delivery, runtime.session, text,
                       None if preview is None or name is None else [Upload(preview, name)])
 
-    xl = "XL" in runtime.pipelines.entries[request.model].pipeline
-    preview = (lambda latents: latent_preview(latents, xl)) \
+    preview = preview_function(runtime, request.model) \
         if runtime.settings.progress_preview and name is not None else None
     return ProgressReporter(send, runtime.settings.progress_interval_s,
                             gate=lambda: gate.acquire(request.job_id), preview=preview)
+
+
+def preview_function(runtime: WorkerRuntime, model: str) -> Callable[[torch.Tensor], bytes]:
+    """Latents → preview PNG: the model's tiny autoencoder when the settings ask for it and it is
+    loaded (worker.pipelines logged once at start when not), else the linear projection."""
+    tiny_vae = runtime.pipelines.tiny_vaes.get(model) \
+        if runtime.settings.progress_preview_decoder == "tiny-vae" else None
+    if tiny_vae is not None:
+        from worker.fast_decode import preview_png
+
+        return lambda latents: preview_png(tiny_vae, latents, PREVIEW_PX)
+    xl = "XL" in runtime.pipelines.entries[model].pipeline
+    return lambda latents: latent_preview(latents, xl)
 
 
 def meta_progress(job: Job | None) -> StepCallback | None:

@@ -10,7 +10,9 @@ repositories ship theirs (``IMAGINE_SAFETY_SOURCE`` can point at the folder).
     python -m worker.tiny models/tiny-sdxl --xl     # StableDiffusionXLPipeline, 64 px
 
 Each folder also holds ``fast-lora/``: a tiny random LoRA in the published LCM-LoRAs' layout,
-for fast mode offline (catalog ``"fast": {"adapter": "models/tiny-sd/fast-lora"}``).
+for fast mode offline (catalog ``"fast": {"adapter": "models/tiny-sd/fast-lora"}``), and
+``tiny-vae/``: a tiny random AutoencoderTiny for decoded previews and fast decode offline
+(catalog ``"tiny_vae_source": "models/tiny-sd/tiny-vae"``).
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from pathlib import Path
 import torch
 from diffusers import (
     AutoencoderKL,
+    AutoencoderTiny,
     EulerDiscreteScheduler,
     StableDiffusionLatentUpscalePipeline,
     StableDiffusionPipeline,
@@ -87,6 +90,23 @@ def _vae() -> AutoencoderKL:
         down_block_types=["DownEncoderBlock2D"] * 2, up_block_types=["UpDecoderBlock2D"] * 2,
         norm_num_groups=2, sample_size=TINY_SIZE,
     )
+
+
+TINY_VAE = "tiny-vae"  # the tiny autoencoder's folder inside a tiny pipeline's folder
+
+
+def tiny_autoencoder() -> AutoencoderTiny:
+    """TAESD's architecture at toy size: two stages, so it scales by 2 like the tiny VAE above
+    (TAESD's four scale by 8), on the same 4 latent channels."""
+    return AutoencoderTiny(encoder_block_out_channels=(8, 8), decoder_block_out_channels=(8, 8),
+                           num_encoder_blocks=(1, 1), num_decoder_blocks=(1, 1), latent_channels=4)
+
+
+def write_tiny_autoencoder(folder: Path, seed: int = 0) -> Path:
+    """A random tiny AutoencoderTiny, saved where catalog ``tiny_vae_source`` can point."""
+    torch.manual_seed(seed)
+    tiny_autoencoder().save_pretrained(Path(folder))
+    return Path(folder)
 
 
 def _scheduler() -> EulerDiscreteScheduler:
@@ -209,13 +229,15 @@ def write_tiny_lora(folder: Path, pipe: StableDiffusionPipeline | StableDiffusio
 
 def write_tiny_pipeline(folder: Path, xl: bool = False, seed: int = 0) -> Path:
     """Build a random tiny pipeline and ``save_pretrained`` it into ``folder``, with a tiny
-    output classifier beside it and a tiny random fast-mode LoRA in ``folder/fast-lora``."""
+    output classifier beside it, a tiny random fast-mode LoRA in ``folder/fast-lora`` and a tiny
+    random AutoencoderTiny in ``folder/tiny-vae``."""
     torch.manual_seed(seed)
     folder = Path(folder)
     pipe = tiny_sdxl() if xl else tiny_sd()
     pipe.save_pretrained(folder)
     write_tiny_safety_checker(folder, seed)
     write_tiny_lora(folder / TINY_LORA, pipe, seed)
+    write_tiny_autoencoder(folder / TINY_VAE, seed)
     (folder / RANDOM_WEIGHTS_MARKER).write_text(NOTICE + "\n")  # read by core.demo.random_weights
     return folder
 

@@ -1,0 +1,133 @@
+"""torch.compile's caches on a persistent directory, so a compiled worker restarted on the same
+host loads its compiled graphs instead of compiling every warm-up shape again.
+
+Two layers, both under one directory (a volume in docker/compose.yaml):
+
+- inductor's own on-disk caches (FX graph cache, AOTAutograd cache, Triton kernels): found by
+  key on the next start as long as the directory survives;
+- the portable "mega cache" (``torch.compiler.save_cache_artifacts``): one file with every
+  artifact this process compiled or loaded, written after warm-up and loaded back into the
+  on-disk caches at start. It restores them after the directory's inner files were pruned or
+  when the file alone was copied to a fresh host.
+
+Sharing one directory between workers of the same image is safe. Every entry is found by a key
+that hashes the graph, its inputs' shapes/strides/dtypes, the inductor config, the torch version
+and the device (GPU model, CUDA and Triton versions), and torch's code hash: a different GPU,
+torch build or model code never reads another's entry, it misses and compiles. torch writes each
+entry to a temporary file and renames it, so concurrent workers only ever race to write the same
+content. The artifact file is replaced the same way (``save_compile_cache``): the last worker to
+finish warming up wins, with a complete file; its name carries the torch version so workers of
+two images on one volume do not overwrite each other's.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+from pathlib import Path
+
+import torch
+
+log = logging.getLogger(__name__)
+
+
+def artifact_path(directory: Path) -> Path:
+    """The mega-cache file: one per torch version (its entries are useless to another)."""
+    return Path(directory) / f"artifacts-torch-{torch.__version__}.bin"
+
+
+def use_compile_cache(directory: Path) -> None:
+    """Point torch.compile's caches at ``directory``; call before the first compile. Loads the
+    artifact file saved by an earlier start, if any; an unreadable one is logged and ignored."""
+    directory = Path(directory).absolute()
+    try:
+        (directory / "inductor").mkdir(parents=True, exist_ok=True)
+    except OSError as error:  # e.g. a volume mounted read-only or owned by another user
+        log.warning("compile cache: cannot use %s (%s); torch's default cache (lost on restart)",
+                    directory, error)
+        return
+    # Environment as well as config: inductor's compile subprocesses read the variables.
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(directory / "inductor")
+    os.environ["TRITON_CACHE_DIR"] = str(directory / "triton")
+    os.environ["TORCHINDUCTOR_FX_GRAPH_CACHE"] = "1"
+    os.environ["TORCHINDUCTOR_AUTOGRAD_CACHE"] = "1"
+    # On by default in open-source torch; forced here so a build that defaults them off still caches.
+    import torch._functorch.config
+    import torch._inductor.config
+
+    torch._inductor.config.fx_graph_cache = True
+    torch._functorch.config.enable_autograd_cache = True
+    load_artifacts(artifact_path(directory))
+
+
+def load_artifacts(path: Path) -> int:
+    """Hot-load a saved artifact file into the on-disk caches; the number of artifacts loaded
+    (0 when there is none or it cannot be read: the worker then compiles from scratch)."""
+    if not path.exists():
+        log.info("compile cache: no artifact file at %s yet (first start compiles)", path)
+        return 0
+    try:
+        info = torch.compiler.load_cache_artifacts(path.read_bytes())
+    except Exception as error:  # a cache must never stop the worker: compiling is the fallback
+        log.warning("compile cache: ignoring unreadable %s (%s); compiling from scratch", path, error)
+        return 0
+    if info is None:  # torch logged why it could not deserialize the file
+        log.warning("compile cache: ignoring unreadable %s; compiling from scratch", path)
+        return 0
+    count = sum(len(keys) for keys in getattr(info, "artifacts", {}).values())
+    log.info("compile cache: loaded %d artifact(s) from %s", count, path)
+    return count
+
+
+def save_compile_cache(directory: Path) -> Path | None:
+    """After warm-up: write every artifact this process compiled or loaded to the artifact file,
+    atomically (temporary file + rename), so a crash mid-write leaves the old file or none."""
+    try:
+        saved = torch.compiler.save_cache_artifacts()
+    except Exception as error:
+        log.warning("compile cache: could not serialize artifacts (%s); not saved", error)
+        return None
+    if saved is None:  # nothing compiled or loaded in this process
+        return None
+    target = artifact_path(directory)
+    try:
+        if target.exists() and target.read_bytes() == saved[0]:
+            return target  # a cached start loaded exactly this: no rewrite by every worker
+        write_atomic(target, saved[0])
+    except OSError as error:  # full or read-only volume: the next start compiles, nothing worse
+        log.warning("compile cache: could not write %s (%s)", target, error)
+        return None
+    log.info("compile cache: saved %d byte(s) to %s", len(saved[0]), target)
+    return target
+
+
+def write_atomic(target: Path, content: bytes) -> None:
+    """A unique temporary file in the same directory (same file system), renamed over ``target``."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    handle, temporary = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(handle, "wb") as file:
+            file.write(content)
+            file.flush()
+            os.fsync(file.fileno())
+        os.chmod(temporary, 0o644)  # mkstemp's 0600 would hide it from workers run as another user
+        os.replace(temporary, target)
+    except BaseException:
+        Path(temporary).unlink(missing_ok=True)
+        raise
+
+
+def cache_counts() -> dict[str, int]:
+    """This process's cache lookups so far: FX graph (inductor) and AOTAutograd hits/misses."""
+    from torch._dynamo.utils import counters
+
+    return {"fxgraph_hit": counters["inductor"]["fxgraph_cache_hit"],
+            "fxgraph_miss": counters["inductor"]["fxgraph_cache_miss"],
+            "autograd_hit": counters["aot_autograd"]["autograd_cache_hit"],
+            "autograd_miss": counters["aot_autograd"]["autograd_cache_miss"]}
+
+
+def describe_counts(counts: dict[str, int]) -> str:
+    return (f"{counts['fxgraph_hit']} hit(s) / {counts['fxgraph_miss']} miss(es) FX graph, "
+            f"{counts['autograd_hit']} / {counts['autograd_miss']} AOTAutograd")
