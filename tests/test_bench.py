@@ -106,3 +106,19 @@ def test_gpu_speed_eager_stage_measures_every_option(tmp_path):
     assert row["fast_scheduler"] == "LCMScheduler" and row["fast_steps"] == 4 and row["fast_ms"] > 0
     assert row["fast_tiny_decode_ms"] > 0
     assert "fast+tiny" in printed
+
+
+def gpu_sh(tmp_path, *stages: str, **env: str) -> subprocess.CompletedProcess:
+    return subprocess.run(["bash", "bench/gpu.sh", *stages], cwd=ROOT, capture_output=True, text=True, timeout=60,
+                          env={"PATH": "/usr/bin:/bin", "OUT_DIR": str(tmp_path), "PYTHON": "false", **env})
+
+
+def test_gpu_script_skips_stages_past_its_deadline_and_names_unknown_ones(tmp_path):
+    # A fixed GPU slot: nothing starts once the deadline is near, and the run still ends cleanly.
+    done = gpu_sh(tmp_path, "round2", DEADLINE="0")
+    assert done.returncode == 0, done.stderr
+    skipped = (tmp_path / "skipped.log").read_text().splitlines()
+    assert skipped == [f"skipped {name}: deadline" for name in
+                       ("speed-eager", "speed-compiled-bk", "speed-restart-bk", "speed-compiled-xl")]
+    unknown = gpu_sh(tmp_path, "speed-eagre")
+    assert unknown.returncode == 2 and "unknown stage: speed-eagre" in unknown.stderr
