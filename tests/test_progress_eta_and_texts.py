@@ -105,6 +105,23 @@ def test_progress_reporter_sends_latest_step_at_most_once_per_interval():
     assert not [t for t in threading.enumerate() if t.name == "progress" and t.is_alive()]
 
 
+def test_a_failing_preview_decoder_costs_the_picture_not_the_step_bar(caplog):
+    sent: list[tuple[int, bytes | None]] = []
+
+    def broken_decoder(latents: torch.Tensor) -> bytes:
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory")
+
+    reporter = ProgressReporter(lambda step, total, png: sent.append((step, png)), interval_s=0,
+                                preview=broken_decoder)
+    reporter.on_step(3, 10, torch.zeros(1, 4, 2, 2))
+    deadline = time.monotonic() + 5
+    while not sent and time.monotonic() < deadline:
+        time.sleep(0.01)
+    reporter.close()
+    assert sent and sent[0] == (3, None)  # the edit went out, without a preview
+    assert "progress preview failed" in caplog.text
+
+
 def test_a_position_edit_in_flight_holds_the_result_back_and_a_final_job_gets_none(redis_server):
     from core.position_edits import PositionEdits
 

@@ -135,12 +135,23 @@ class ProgressReporter:
             if pending is None or self._closed.is_set() or not self.gate():
                 continue
             step, total, latents = pending
+            png = self._preview_of(latents)
             try:
-                png = self.preview(latents) if latents is not None and self.preview else None
                 self.send(step, total, png)
             except Exception as error:  # progress is a nicety: never fail the job for it
                 log.warning("progress edit failed: %s", error)
             self._last_sent = time.monotonic()
+
+    def _preview_of(self, latents: torch.Tensor | None) -> bytes | None:
+        """The preview PNG, or None: a decoder that fails (out of memory, a broken tiny VAE)
+        costs the picture, never the step bar."""
+        if latents is None or self.preview is None:
+            return None
+        try:
+            return self.preview(latents)
+        except Exception as error:
+            log.warning("progress preview failed: %s", error)
+            return None
 
     def stop(self) -> None:
         """No more edits start; one in flight may still finish (see :meth:`close`)."""
