@@ -340,6 +340,11 @@ def compiled_row(key: str, args, device: torch.device, dtype: torch.dtype) -> di
     sync(device)
     row["imagine_img_per_s"] = round(len(jobs) / (time.perf_counter() - started), 2)
     row["speedup_depth"] = round(row["imagine_img_per_s"] / row["plain_img_per_s"], 2)
+    fast = build_catalog()[key].fast
+    if fast is not None and not fast.adapter:  # same graphs as standard (a solver, CFG kept)
+        quick = job(key, size, fast.steps, quality="fast")
+        row["fast_steps"], row["fast_scheduler"] = fast.steps, fast.scheduler
+        row["fast_ms"] = timed_ms(lambda: generate(pipe, quick, fast=fast), device, args.runs)
     if args.profile:
         log(f"{key}: profiling one compiled call")
         try:
@@ -374,12 +379,12 @@ def print_eager(rows: list[dict]) -> None:
 
 def print_compiled(rows: list[dict], depth: int) -> None:
     print(f"{'model':<13}{'quant':>6}{'plain ms':>9}{'imagine ms':>11}{'×':>6}{f'plain/s@{depth}':>12}"
-          f"{f'imagine/s@{depth}':>14}{'×':>6}{'PSNR':>6}{'warm-up s':>10}{'ready s':>8}")
+          f"{f'imagine/s@{depth}':>14}{'×':>6}{'PSNR':>6}{'warm-up s':>10}{'ready s':>8}{'fast ms':>8}")
     for r in rows:
         print(f"{r['model']:<13}{r['quantize']:>6}{fmt(r['plain_ms']):>9}{fmt(r['imagine_ms']):>11}"
               f"{fmt(r['speedup_1img'], '.2f'):>6}{fmt(r['plain_img_per_s'], '.2f'):>12}"
               f"{fmt(r['imagine_img_per_s'], '.2f'):>14}{fmt(r['speedup_depth'], '.2f'):>6}"
-              f"{fmt(r['psnr']):>6}{fmt(r['warmup_s']):>10}{fmt(r['ready_s']):>8}")
+              f"{fmt(r['psnr']):>6}{fmt(r['warmup_s']):>10}{fmt(r['ready_s']):>8}{fmt(r.get('fast_ms')):>8}")
         if "profile" in r:
             p = r["profile"]
             print(f"  profile: {p['wall_per_step_ms']} ms/step wall, GPU busy {p['gpu_busy_fraction']:.0%} "

@@ -88,7 +88,8 @@ def warm_up(pipelines: ResidentPipelines, settings: Settings, safety: SafetyChec
             started = time.perf_counter()
             generation = generate(pipelines.get(key), JobRequest(
                 job_id="warmup", model=key, prompt="warm up", steps=2, guidance=guidance, seed=0,
-                size=size, count=count, quality=quality), fast=entry.fast)
+                size=size, count=count, quality=quality), fast=entry.fast,
+                decoder=pipelines.final_decoder(key))  # fast decode's tiny autoencoder warms too
             if safety is not None:
                 classify(safety, generation.images)
             log.info("warmed %s (%s) at %d px × %d image(s) in %.1f s", key, quality, size, count,
