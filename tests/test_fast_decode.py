@@ -223,3 +223,21 @@ def test_the_worker_wires_fast_decode_from_its_settings(tiny_model_dir):
     assert set(runtime.pipelines.tiny_vaes) == {"tiny"}
     generation = images_for(runtime, request(), None)
     assert generation.decoder is not None and generation.images[0].size == (64, 64)
+
+
+def test_warm_up_decodes_with_the_tiny_vae_when_fast_decode_is_on(tiny_model_dir, monkeypatch):
+    """The first user job must not be the first call of the fast decoder (CUDA initialisation,
+    cuDNN's algorithm search)."""
+    import worker.fast_decode
+    from worker.main import warm_up
+
+    decoded = []
+    original = worker.fast_decode.decode_images
+    monkeypatch.setattr(worker.fast_decode, "decode_images",
+                        lambda tiny_vae, latents: decoded.append(latents.shape) or original(tiny_vae, latents))
+    settings = Settings(_env_file=None, device="cpu", fast_decode=True)
+    warm_up(resident(tiny_model_dir, fast_decode=True), settings)
+    assert decoded
+    decoded.clear()
+    warm_up(resident(tiny_model_dir, fast_decode=False), settings)
+    assert not decoded
