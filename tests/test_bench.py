@@ -122,3 +122,22 @@ def test_gpu_script_skips_stages_past_its_deadline_and_names_unknown_ones(tmp_pa
                        ("speed-eager", "speed-compiled-bk", "speed-restart-bk", "speed-compiled-xl")]
     unknown = gpu_sh(tmp_path, "speed-eagre")
     assert unknown.returncode == 2 and "unknown stage: speed-eagre" in unknown.stderr
+
+
+@pytest.mark.e2e
+def test_gpu_speed_compiled_stage_times_and_profiles_each_model(tmp_path):
+    # --compile none: the stage's whole flow in seconds (a real compile takes minutes on CPU).
+    out = tmp_path / "compiled.json"
+    printed = bench("gpu_speed", "--tiny", "--stage", "compiled", "--compile", "none", "--models",
+                    "bk-sdm-small,sd-v1-4", "--steps", "2", "--runs", "1", "--depth", "4", "--batch-sizes", "1,2",
+                    "--cache-dir", str(tmp_path / "cache"), "--profile", str(tmp_path), "--trace",
+                    "--json", str(out))
+    first, second = json.loads(out.read_text())["rows"]
+    assert first["imagine_ms"] > 0 and first["imagine_img_per_s"] > 0 and first["batch_sizes"] == [1, 2]
+    assert first["ready_s"] >= first["warmup_s"] > 0 and second["ready_s"] is None  # only a process's first model starts it
+    profile = first["profile"]
+    assert profile["steps"] == 2 and profile["wall_ms"] > 0 and profile["scheduler_step_cpu_ms_per_step"] > 0
+    assert (tmp_path / "bk-sdm-small.trace.json").stat().st_size > 0
+    assert first["fast_scheduler"] == "DPMSolverMultistepScheduler" and first["fast_ms"] > 0  # no adapter: same graphs
+    assert "fast_ms" not in second  # sd-v1-4's fast mode needs its LoRA: not in this stage
+    assert "profile:" in printed and "ready s" in printed
