@@ -28,10 +28,8 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import gc
 import json
 import os
-import statistics
 import tempfile
 import time
 from pathlib import Path
@@ -41,14 +39,12 @@ import numpy as np
 import torch
 import transformers
 
+from bench.seed_table import NEGATIVE, PROMPT, free, log, psnr, sync, timed_ms
 from core.jobs import JobRequest
 from settings.catalog import build_catalog
 from tests.support.architectures import SIZES, UNETS, build_random_pipeline
 from worker.generate import generate, generate_batch
 from worker.optimize import SpeedOptions, optimize
-
-PROMPT = "an orange cat staring off with pretty eyes, striking image, 8K, desktop background"
-NEGATIVE = "ugly, poorly rendered face, low resolution, poorly drawn feet, blurry, watermark"
 
 
 def process_age_s() -> float:
@@ -61,34 +57,6 @@ def process_age_s() -> float:
     return round(up_s - started_ticks / os.sysconf("SC_CLK_TCK"), 1)
 
 
-def log(message: str) -> None:
-    print(f"[{time.strftime('%H:%M:%S')}] {message}", flush=True)
-
-
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def timed_ms(fn, device: torch.device, runs: int) -> float:
-    """Median wall time of ``fn`` after one warm-up call, the GPU synchronised around each."""
-    fn()
-    samples = []
-    for _ in range(runs):
-        sync(device)
-        started = time.perf_counter()
-        fn()
-        sync(device)
-        samples.append((time.perf_counter() - started) * 1000)
-    return round(statistics.median(samples), 1)
-
-
-def psnr(a: np.ndarray, b: np.ndarray) -> float | None:
-    """Peak signal-to-noise ratio in dB; None when the images are identical (infinite)."""
-    mse = float(np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2))
-    return None if mse == 0 else round(10 * np.log10(255**2 / mse), 1)
-
-
 def job(key: str, size: int, steps: int, seed: int = 0, count: int = 1, **extra) -> JobRequest:
     return JobRequest(job_id=f"g{seed}", model=key, prompt=f"{PROMPT} #{seed}", negative_prompt=NEGATIVE,
                       steps=steps, guidance=7.5, seed=seed, count=count, width=size, height=size, **extra)
@@ -98,17 +66,11 @@ def image_of(pipe, request: JobRequest, **kwargs) -> np.ndarray:
     return np.asarray(generate(pipe, request, **kwargs).images[0])
 
 
-def free(device: torch.device) -> None:
-    gc.collect()
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
-
-
 def quantization_for(device: torch.device) -> str:
     """fp8 where the GPU has float8 matrix units (Ada/Hopper), else int8."""
-    if device.type == "cuda" and torch.cuda.get_device_capability(device) >= (8, 9):
-        return "fp8"
-    return "int8"
+    from worker.quantize import supported
+
+    return "fp8" if supported("fp8", device) else "int8"
 
 
 # -- eager stage -------------------------------------------------------------------------------
