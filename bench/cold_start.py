@@ -119,8 +119,9 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     kind.add_argument("--real", action="store_true", help="the model's real architecture, random weights")
     parser.add_argument("--device", default=None, help="default: cpu with --tiny, cuda with --real")
     parser.add_argument("--model", default="bk-sdm-small", help="catalog key (its architecture)")
-    parser.add_argument("--compile", default=None, choices=["default", "reduce-overhead", "max-autotune"],
-                        help="default: 'default' with --tiny, reduce-overhead with --real")
+    parser.add_argument("--compile", default=None, choices=["none", "default", "reduce-overhead", "max-autotune"],
+                        help="default: 'default' with --tiny, reduce-overhead with --real (none: the flow "
+                             "without compiling, for tests)")
     parser.add_argument("--batch-sizes", default=None,
                         help="images-per-call counts warmed, comma-separated (IMAGINE_COMPILE_BATCH_SIZES); "
                              "default: 1,2 with --tiny, 1..--max-batch-images with --real")

@@ -138,6 +138,24 @@ def test_a_restarted_process_loads_the_compiled_graph_from_the_directory(tmp_pat
     assert from_file["fxgraph_hit"] > 0 and from_file["fxgraph_miss"] == 0
 
 
+@pytest.mark.e2e  # starts the benchmark's processes
+def test_cold_start_benchmark_times_two_fresh_starts(tmp_path):
+    # --compile none: the benchmark's flow in seconds (the cache across processes is tested above).
+    out = tmp_path / "cold.json"
+    done = subprocess.run([sys.executable, "-m", "bench.cold_start", "--tiny", "--compile", "none",
+                           "--cache-dir", str(tmp_path / "cache"), "--json", str(out)],
+                          cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    report = json.loads(out.read_text())
+    first, cached = report["starts"]
+    assert first["ready_s"] > first["warm_up_s"] > 0 and cached["ready_s"] > 0 and report["ratio"] > 0
+    assert first["shapes"] == [[64, 1]]  # an eager worker warms one small run
+    assert "cached start s" in done.stdout
+    refused = subprocess.run([sys.executable, "-m", "bench.cold_start", "--cache-dir", str(tmp_path / "cache")],
+                             cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert refused.returncode != 0 and "is not empty" in refused.stderr  # a first start must be cold
+
+
 @pytest.mark.parametrize("compile_mode", ["default", "none"])
 def test_a_compiled_worker_uses_the_cache_before_compiling_and_saves_it_after_warm_up(
         tmp_path, monkeypatch, tiny_model_dir, compile_mode):
