@@ -75,15 +75,20 @@ def quantization_for(device: torch.device) -> str:
 
 # -- eager stage -------------------------------------------------------------------------------
 
+def random_tiny_autoencoder(device: torch.device, dtype: torch.dtype):
+    """TAESD's architecture (AutoencoderTiny's defaults) with random weights, on ``device``."""
+    from diffusers import AutoencoderTiny
+
+    with torch.device(device):
+        return AutoencoderTiny().to(device, dtype).eval()
+
+
 def decode_ms(pipe, device: torch.device, size: int, runs: int) -> tuple[float, float]:
     """Full VAE decode vs the tiny autoencoder (TAESD architecture, random weights) on the same
     latents, in the pipeline's dtype."""
-    from diffusers import AutoencoderTiny
-
     side = size // pipe.vae_scale_factor  # the latents the UNet makes at this image size
     latents = torch.randn(1, 4, side, side, device=device, dtype=pipe.unet.dtype)
-    with torch.device(device):
-        tiny = AutoencoderTiny().to(device, pipe.unet.dtype)
+    tiny = random_tiny_autoencoder(device, pipe.unet.dtype)
     with torch.inference_mode():
         vae_ms = timed_ms(lambda: pipe.vae.decode(latents / pipe.vae.config.scaling_factor), device, runs)
         tiny_ms = timed_ms(lambda: tiny.decode(latents), device, runs)
@@ -110,52 +115,31 @@ def fast_mode_row(key: str, args, device: torch.device, dtype: torch.dtype, scra
     quick = job(key, size, fast.steps, quality="fast").model_copy(update={"guidance": guidance})
     row = {"fast_steps": fast.steps, "fast_scheduler": fast.scheduler, "fast_guidance": guidance,
            "fast_ms": timed_ms(lambda: generate(pipe, quick, fast=fast), device, args.runs)}
-    # Fast decode: the denoising loop's latents, then the tiny autoencoder instead of the VAE.
-    from diffusers import AutoencoderTiny
-
-    with torch.device(device):
-        tiny = AutoencoderTiny().to(device, dtype)
-
-    def latents_then_tiny() -> None:
-        from worker.generate import set_fast_adapter
-
-        set_fast_adapter(pipe, bool(fast.adapter))
-        try:
-            with torch.inference_mode():
-                latents = pipe(prompt=quick.prompt, negative_prompt=quick.negative_prompt,
-                               num_inference_steps=fast.steps, guidance_scale=guidance, height=size, width=size,
-                               output_type="latent").images
-                tiny.decode(latents)
-        finally:
-            set_fast_adapter(pipe, False)
-
-    from diffusers import (
-        DPMSolverMultistepScheduler,
-        LCMScheduler,
-        UniPCMultistepScheduler,
-    )
-
-    schedulers = {c.__name__: c for c in (LCMScheduler, DPMSolverMultistepScheduler, UniPCMultistepScheduler)}
-    pipe.scheduler = schedulers[fast.scheduler].from_config(pipe.scheduler.config)
-    row["fast_tiny_decode_ms"] = timed_ms(latents_then_tiny, device, args.runs)
+    # Fast decode (worker.fast_decode): the tiny autoencoder decodes instead of the VAE.
+    tiny = random_tiny_autoencoder(device, dtype)
+    row["fast_tiny_decode_ms"] = timed_ms(lambda: generate(pipe, quick, fast=fast, decoder=tiny), device, args.runs)
     pipe = tiny = None  # the closures above hold them: release before the next model
     free(device)
     return row
 
 
-def eager_row(key: str, args, device: torch.device, dtype: torch.dtype, scratch: Path) -> dict:
+def plain_baseline(key: str, args, device: torch.device, dtype: torch.dtype) -> tuple:
+    """A fresh pipeline of ``key``'s architecture, its row with plain diffusers' per-image time
+    (the seed article's call), the job the row times, and that job's image before any option."""
     log(f"{key}: building")
     pipe = build_random_pipeline(key, device, dtype, tiny=args.tiny)
     size = 64 if args.tiny else SIZES[key]
     one = job(key, size, args.steps)
-    row: dict = {"model": key, "size": size, "steps": args.steps}
-
-    def plain_one() -> None:  # the seed article's call
-        pipe(PROMPT, negative_prompt=NEGATIVE, num_inference_steps=args.steps, height=size, width=size)
-
+    row: dict = {"model": key, "size": size, "steps": args.steps, "built_at_s": process_age_s()}
     log(f"{key}: plain diffusers")
-    row["plain_ms"] = timed_ms(plain_one, device, args.runs)
-    reference = image_of(pipe, one)
+    row["plain_ms"] = timed_ms(lambda: pipe(PROMPT, negative_prompt=NEGATIVE, num_inference_steps=args.steps,
+                                            height=size, width=size), device, args.runs)
+    return pipe, row, one, image_of(pipe, one)
+
+
+def eager_row(key: str, args, device: torch.device, dtype: torch.dtype, scratch: Path) -> dict:
+    pipe, row, one, reference = plain_baseline(key, args, device, dtype)
+    size = row["size"]
     row["vae_decode_ms_plain"] = decode_ms(pipe, device, size, args.runs)[0]
 
     log(f"{key}: eager worker path")
@@ -253,19 +237,9 @@ def profile_summary(pipe, request: JobRequest, device: torch.device, trace: Path
 
 def compiled_row(key: str, args, device: torch.device, dtype: torch.dtype, first: bool) -> dict:
     """``first``: the process's first model, whose ready time is a worker start's."""
-    log(f"{key}: building")
-    pipe = build_random_pipeline(key, device, dtype, tiny=args.tiny)
-    size = 64 if args.tiny else SIZES[key]
-    one = job(key, size, args.steps)
-    row: dict = {"model": key, "size": size, "steps": args.steps, "compile": args.compile,
-                 "batch_sizes": args.batch_sizes, "built_at_s": process_age_s()}
-
-    def plain_one() -> None:
-        pipe(PROMPT, negative_prompt=NEGATIVE, num_inference_steps=args.steps, height=size, width=size)
-
-    log(f"{key}: plain diffusers")
-    row["plain_ms"] = timed_ms(plain_one, device, args.runs)
-    reference = image_of(pipe, one)
+    pipe, row, one, reference = plain_baseline(key, args, device, dtype)
+    size = row["size"]
+    row.update(compile=args.compile, batch_sizes=args.batch_sizes)
     jobs = [job(key, size, args.steps, seed=i) for i in range(args.depth)]
     sync(device)
     started = time.perf_counter()
