@@ -39,7 +39,7 @@ run() {  # name, module, then its arguments
 }
 
 stage() { local name=$1; shift; run "$name" seed_table "$@"; }
-bk_sizes=$(seq -s, 1 16)  # docker/compose.yaml's bk-sdm-small worker: batches of up to 16
+bk_sizes=${BK_BATCH_SIZES:-$(seq -s, 1 16)}  # compose's bk-sdm-small worker: batches of up to 16
 
 round1="eager compiled-bk compiled-sd"
 round2="speed-eager speed-compiled-bk speed-restart-bk speed-compiled-xl"
