@@ -12,10 +12,11 @@ folder=${1:-.whl}
 python=${2:-3.12}
 cd "$(dirname "$0")/.."
 # The benchmark's imports (worker/, settings/, core/) beyond torch, transformers, accelerate, numpy,
-# pillow, requests and click, which such images carry; cold-start-bk also imports rq and redis.
+# pillow, requests, click and aiohttp, which such images carry; cold-start-bk also imports rq
+# and redis; bench.seed_table imports worker.progress, which imports discord.py (REST delivery).
 packages=(diffusers pydantic pydantic_core pydantic-settings annotated-types typing-inspection
           python-dotenv importlib_metadata torchao prometheus_client redis rq croniter
-          python-dateutil)
+          python-dateutil discord.py)
 mkdir -p "$folder"
 for name in "${packages[@]}"; do
   pin=$(grep -i -E "^${name//[-_]/[-_]}==" docker/constraints.txt | head -1)
