@@ -30,6 +30,7 @@ import argparse
 import contextlib
 import json
 import os
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -200,8 +201,11 @@ def profile_summary(pipe, request: JobRequest, device: torch.device, trace: Path
     events = prof.events()
     call = next(e for e in events if e.name == "imagine::call")
     start, end = call.time_range.start, call.time_range.end
+    # GPU activity: kernels, copies, memsets; not the GPU-side ranges of our own record_function
+    # annotations, which span whole calls (counting them made the first H200 profile read 92 % busy).
     kernels = sorted((e.time_range.start, e.time_range.end, e.name) for e in events
-                     if e.device_type == torch.autograd.DeviceType.CUDA and e.time_range.end > e.time_range.start)
+                     if e.device_type == torch.autograd.DeviceType.CUDA and e.time_range.end > e.time_range.start
+                     and not getattr(e, "is_user_annotation", False) and not e.name.startswith("imagine::"))
     busy, cursor = 0.0, None
     for k_start, k_end, _ in kernels:  # union of intervals (overlapping streams counted once)
         if cursor is None or k_start > cursor:
@@ -233,6 +237,32 @@ def profile_summary(pipe, request: JobRequest, device: torch.device, trace: Path
         trace.parent.mkdir(parents=True, exist_ok=True)
         prof.export_chrome_trace(str(trace))
     return summary
+
+
+def trace_summary(path: Path, steps: int) -> dict:
+    """The same summary from a saved Chrome trace (``--trace``), on any machine: GPU kernel time
+    against the profiled call's wall time, the idle gaps between kernels, kernel time by kind."""
+    events = json.loads(Path(path).read_text())["traceEvents"]
+    call = next(e for e in events if e.get("name") == "imagine::call" and e.get("cat") == "user_annotation")
+    kernels = sorted((e["ts"], e["ts"] + e["dur"], e["name"]) for e in events if e.get("cat") == "kernel")
+    busy, cursor, gaps = 0.0, None, []
+    for start, end, _ in kernels:
+        if cursor is not None and start > cursor:
+            gaps.append(start - cursor)
+        busy += max(0.0, end - max(start, cursor or start))
+        cursor = end if cursor is None else max(cursor, end)
+    kinds: dict[str, float] = {}
+    for start, end, name in kernels:
+        kind = ("attention" if "sdpa" in name or "flash" in name else "convolution" if "fprop" in name
+                else "matmul" if "nvjet" in name or "gemm" in name.lower() else
+                "fused (triton)" if name.startswith("triton") else "other")
+        kinds[kind] = kinds.get(kind, 0.0) + (end - start) / 1000
+    wall = call["dur"] / 1000
+    return {"steps": steps, "wall_ms": round(wall, 1), "kernel_busy_ms": round(busy / 1000, 1),
+            "gpu_busy_fraction": round(busy / 1000 / wall, 3), "idle_ms": round(wall - busy / 1000, 1),
+            "gaps_over_50us": sum(1 for g in gaps if g > 50),
+            "gaps_over_50us_ms": round(sum(g for g in gaps if g > 50) / 1000, 1),
+            "kernels": len(kernels), "kernel_ms_by_kind": {k: round(v, 1) for k, v in sorted(kinds.items())}}
 
 
 def compiled_row(key: str, args, device: torch.device, dtype: torch.dtype, first: bool) -> dict:
@@ -348,7 +378,15 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--profile", help="compiled: profile one call; folder for the trace with --trace")
     parser.add_argument("--trace", action="store_true", help="also write a Chrome trace per model")
     parser.add_argument("--json", help="write the report here after every model")
+    parser.add_argument("--trace-summary", metavar="TRACE",
+                        help="only summarise a saved Chrome trace (--trace) of a --steps call, then exit")
+    if argv is None and "--trace-summary" in sys.argv:  # needs no --stage
+        argv = sys.argv[1:] + ["--stage", "compiled"]
     args = parser.parse_args(argv)
+    if args.trace_summary:
+        summary = trace_summary(Path(args.trace_summary), args.steps)
+        print(json.dumps(summary, indent=1))
+        return summary
     args.batch_sizes = sorted({int(n) for n in args.batch_sizes.split(",")})
     diffusers.utils.logging.set_verbosity_error()
     transformers.utils.logging.set_verbosity_error()
