@@ -10,7 +10,8 @@ The built-in entries name companion weights on the hub: an fp16-safe VAE for the
 (``vae_source``) and a tiny autoencoder for every model (``tiny_vae_source``: TAESD / TAESDXL,
 used for decoded previews and IMAGINE_FAST_DECODE). They belong to the built-in ``source``: an
 override that changes ``source`` (a local copy, a fine-tune) drops them unless it names them
-itself, so ``{"ssd-1b": {"source": "/mnt/ssd-1b"}}`` downloads nothing more, and
+itself, so ``{"ssd-1b": {"source": "/mnt/ssd-1b"}}`` downloads no VAE (fast mode's ``adapter``
+is not a companion: override it too, or ``"fast": null``, on an offline host), and
 ``{"ssd-1b": {"source": "/mnt/ssd-1b", "vae_source": "/mnt/sdxl-vae-fp16-fix"}}`` keeps the
 fp16-safe VAE from a local copy. ``null`` turns one off: ``{"sd-v1-4": {"tiny_vae_source": null}}``.
 """

@@ -62,13 +62,27 @@ def test_an_unreadable_artifact_file_is_logged_and_ignored(tmp_path, isolated, c
     assert any("ignoring unreadable" in r.getMessage() for r in caplog.records)
 
 
-def test_an_unusable_directory_is_logged_and_torch_keeps_its_default(tmp_path, isolated, caplog):
-    blocked = tmp_path / "a file"
-    blocked.write_text("not a directory")
+@pytest.mark.parametrize("damage", ["a file in the way", "read-only"])
+def test_an_unusable_directory_is_logged_and_the_worker_compiles_into_a_fresh_one(tmp_path, isolated, caplog,
+                                                                                  monkeypatch, damage):
+    if damage == "a file in the way":
+        (tmp_path / "a file").write_text("not a directory")
+        cache = tmp_path / "a file" / "cache"
+    else:  # mkdir(exist_ok=True) succeeds on a read-only volume whose folders exist; writes fail
+        cache = tmp_path / "cache"
+        (cache / "inductor").mkdir(parents=True)
+
+        def read_only(*args, **kwargs):
+            raise PermissionError(30, "Read-only file system")
+
+        monkeypatch.setattr("worker.compile_cache.tempfile.TemporaryFile", read_only)
     with caplog.at_level(logging.WARNING, logger="worker.compile_cache"):
-        use_compile_cache(blocked / "cache")
-    assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == "unset-by-test"
-    assert any("cannot use" in r.getMessage() for r in caplog.records)
+        use_compile_cache(cache)
+    # Never left pointing at the unusable place (the image's environment names it).
+    inductor = Path(os.environ["TORCHINDUCTOR_CACHE_DIR"])
+    assert not inductor.is_relative_to(cache) and inductor.parent.is_dir()
+    assert not Path(os.environ["TRITON_CACHE_DIR"]).is_relative_to(cache)
+    assert any("cannot write" in r.getMessage() for r in caplog.records)
 
 
 class FakeInfo:

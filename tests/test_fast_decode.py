@@ -241,3 +241,14 @@ def test_warm_up_decodes_with_the_tiny_vae_when_fast_decode_is_on(tiny_model_dir
     decoded.clear()
     warm_up(resident(tiny_model_dir, fast_decode=False), settings)
     assert not decoded
+
+
+def test_a_tiny_vae_source_holding_another_autoencoder_falls_back(tiny_model_dir, caplog):
+    # An operator's slip: the model's own vae/ (an AutoencoderKL) named as its tiny autoencoder.
+    from worker.generate import generate
+
+    with caplog.at_level(logging.WARNING, logger="worker.pipelines"):
+        pipelines = resident(tiny_model_dir, tiny_vae_source=str(tiny_model_dir / "vae"))
+    assert pipelines.tiny_vaes == {} and pipelines.final_decoder("tiny") is None
+    assert any("latent-projection previews" in r.getMessage() for r in caplog.records)
+    assert generate(pipelines.get("tiny"), request()).images[0].size == (64, 64)  # the worker still serves

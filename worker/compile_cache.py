@@ -41,12 +41,14 @@ def use_compile_cache(directory: Path) -> None:
     """Point torch.compile's caches at ``directory``; call before the first compile. Loads the
     artifact file saved by an earlier start, if any; an unreadable one is logged and ignored."""
     directory = Path(directory).absolute()
-    try:
-        (directory / "inductor").mkdir(parents=True, exist_ok=True)
-    except OSError as error:  # e.g. a volume mounted read-only or owned by another user
-        log.warning("compile cache: cannot use %s (%s); torch's default cache (lost on restart)",
-                    directory, error)
-        return
+    problem = unwritable(directory)
+    if problem is not None:  # e.g. a volume mounted read-only or owned by another user
+        # Not torch's default: the image's environment may name this very directory, and
+        # inductor would fail there at the first compile. A fresh one, lost on restart.
+        fallback = Path(tempfile.mkdtemp(prefix="imagine-compile-cache-"))
+        log.warning("compile cache: cannot write %s (%s); compiling into %s (lost on restart)",
+                    directory, problem, fallback)
+        directory = fallback
     # Environment as well as config: inductor's compile subprocesses read the variables.
     os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(directory / "inductor")
     os.environ["TRITON_CACHE_DIR"] = str(directory / "triton")
@@ -59,6 +61,19 @@ def use_compile_cache(directory: Path) -> None:
     torch._inductor.config.fx_graph_cache = True
     torch._functorch.config.enable_autograd_cache = True
     load_artifacts(artifact_path(directory))
+
+
+def unwritable(directory: Path) -> str | None:
+    """Why the cache cannot be written there (None when it can): a real file written and removed,
+    since a read-only or foreign-owned volume lets ``mkdir(exist_ok=True)`` succeed."""
+    try:
+        for sub in ("inductor", "triton"):
+            (directory / sub).mkdir(parents=True, exist_ok=True)
+            with tempfile.TemporaryFile(dir=directory / sub):
+                pass
+    except OSError as error:
+        return str(error)
+    return None
 
 
 def load_artifacts(path: Path) -> int:

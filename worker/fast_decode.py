@@ -27,11 +27,12 @@ def load_tiny_vae(source: str, device: torch.device, dtype: torch.dtype,
     )
 
     try:
-        tiny_vae = AutoencoderTiny.from_pretrained(source, revision=revision, dtype=dtype)
-    except (OSError, ValueError, RuntimeError) as error:  # missing files, unreachable hub, wrong shapes
+        # Inside the try: a folder of another autoencoder (a model's vae/, the fp16-fix VAE) loads
+        # half-empty and fails only when moved ("Cannot copy out of meta tensor").
+        return AutoencoderTiny.from_pretrained(source, revision=revision, dtype=dtype).to(device).eval()
+    except (OSError, ValueError, RuntimeError, NotImplementedError) as error:  # missing files, hub, shapes
         first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise ModelLoadError(f"cannot load the tiny autoencoder from {source}: {first_line}") from error
-    return tiny_vae.to(device).eval()
 
 
 def label(tiny_vae: AutoencoderTiny) -> str:

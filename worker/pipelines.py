@@ -165,8 +165,9 @@ class ResidentPipelines:
         try:
             self.tiny_vaes[entry.key] = load_tiny_vae(entry.tiny_vae_source, self.device, self.dtype,
                                                       entry.tiny_vae_revision)
-        except ModelLoadError as error:
-            log.warning("%s: %s; latent-projection previews, full-VAE decode", entry.key, error)
+        except Exception as error:  # whatever the folder holds: a preview decoder never stops a worker
+            log.warning("%s: %s; latent-projection previews, full-VAE decode", entry.key,
+                        str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__)
 
     def final_decoder(self, key: str) -> torch.nn.Module | None:
         """The tiny autoencoder that decodes ``key``'s final images, when fast decode is on."""
