@@ -93,6 +93,9 @@ def test_commands_are_answered_by_their_guilds_shard(bots, fake):
 def test_buttons_and_cancel_work_on_the_other_shard(bots, fake):
     guild, user = guild_on(0), "820000000000000201"
     payload, body, job_id = imagine(fake, guild, user)
+    # The "Queued" answer goes out just before the job and its record are written: a click
+    # within those milliseconds would find no record (no person clicks that fast).
+    wait_for(lambda: f"queued {job_id}" in bots[0].log(), 5, what=f"{job_id} queued by bot-0")
     message = fake.messages("callback", payload["token"])[0].message
 
     def on(custom_id: str) -> dict:  # discord.py matches a click against the message's components
