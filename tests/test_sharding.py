@@ -112,6 +112,7 @@ def test_buttons_and_cancel_work_on_the_other_shard(bots, fake):
     assert "Cancelled" in cancelled["data"]["content"]
     # /cancel received by shard 1 for another job made through shard 0.
     _, _, second = imagine(fake, guild, user)
+    wait_for(lambda: f"queued {second}" in bots[0].log(), 5, what=f"{second} queued by bot-0")
     body = answer(fake, slash_command("cancel", {"job": second}, guild_id=guild, user_id=user), shard=1)
     assert "Cancelled 1 waiting job" in body["data"]["content"]
     assert "img:cancel" not in bots[0].log()  # shard 0 never saw the clicks
