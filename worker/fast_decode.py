@@ -22,8 +22,9 @@ def load_tiny_vae(source: str, device: torch.device, dtype: torch.dtype,
                   revision: str | None = None) -> AutoencoderTiny:
     """``from_pretrained`` on a hub id or local folder, on ``device``; a ModelLoadError (one
     line) when the weights are missing or do not fit."""
-    from worker.pipelines import (
-        ModelLoadError,  # here: worker.pipelines imports this module
+    from worker.pipelines import (  # here: worker.pipelines imports this module
+        ModelLoadError,
+        first_line,
     )
 
     try:
@@ -31,8 +32,7 @@ def load_tiny_vae(source: str, device: torch.device, dtype: torch.dtype,
         # half-empty and fails only when moved ("Cannot copy out of meta tensor").
         return AutoencoderTiny.from_pretrained(source, revision=revision, dtype=dtype).to(device).eval()
     except (OSError, ValueError, RuntimeError, NotImplementedError) as error:  # missing files, hub, shapes
-        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise ModelLoadError(f"cannot load the tiny autoencoder from {source}: {first_line}") from error
+        raise ModelLoadError(f"cannot load the tiny autoencoder from {source}: {first_line(error)}") from error
 
 
 def label(tiny_vae: AutoencoderTiny) -> str:

@@ -51,6 +51,12 @@ class ModelLoadError(RuntimeError):
     """Weights missing or unreadable; the message is one line for operators."""
 
 
+def first_line(error: BaseException) -> str:
+    """An error's first line for a one-line message (its class name when it says nothing)."""
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
+
+
 def _from_pretrained(entry: ModelEntry, kwargs: dict, use_variant: bool) -> DiffusionPipeline:
     """With the fp16 weight variant (half the download) where the weights have one; a local copy
     saved without it loads its full-precision files, cast to ``dtype``."""
@@ -78,8 +84,7 @@ def load_pipeline(entry: ModelEntry, device: torch.device, dtype: torch.dtype) -
             kwargs["vae"] = AutoencoderKL.from_pretrained(entry.vae_source, revision=entry.vae_revision, dtype=dtype)
         pipe = _from_pretrained(entry, kwargs, use_variant=dtype == torch.float16 and bool(entry.variant))
     except (OSError, ValueError) as error:  # missing files, unreachable hub, bad repo id
-        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise ModelLoadError(f"cannot load model {entry.key!r} from {entry.source}: {first_line}") from error
+        raise ModelLoadError(f"cannot load model {entry.key!r} from {entry.source}: {first_line(error)}") from error
     pipe.set_progress_bar_config(disable=True)
     load_fast_adapter(pipe, entry)
     return pipe.to(device)
@@ -102,9 +107,8 @@ def load_fast_adapter(pipe: DiffusionPipeline, entry: ModelEntry) -> None:
     try:
         pipe.load_lora_weights(fast.adapter, **kwargs)
     except (OSError, ValueError, RuntimeError) as error:  # missing files, no peft, shapes that do not fit
-        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise ModelLoadError(f"cannot load the fast-mode adapter of {entry.key!r} from {fast.adapter}: "
-                             f"{first_line}") from error
+                             f"{first_line(error)}") from error
     set_fast_adapter(pipe, False)
 
 
@@ -166,8 +170,7 @@ class ResidentPipelines:
             self.tiny_vaes[entry.key] = load_tiny_vae(entry.tiny_vae_source, self.device, self.dtype,
                                                       entry.tiny_vae_revision)
         except Exception as error:  # whatever the folder holds: a preview decoder never stops a worker
-            log.warning("%s: %s; latent-projection previews, full-VAE decode", entry.key,
-                        str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__)
+            log.warning("%s: %s; latent-projection previews, full-VAE decode", entry.key, first_line(error))
 
     def final_decoder(self, key: str) -> torch.nn.Module | None:
         """The tiny autoencoder that decodes ``key``'s final images, when fast decode is on."""

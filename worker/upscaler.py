@@ -44,14 +44,13 @@ class Upscaler:
 def load_upscaler(source: str, revision: str | None, device: torch.device, dtype: torch.dtype) -> Upscaler:
     """``from_pretrained`` on a hub id (+ revision) or a local folder, moved to ``device``; a
     ModelLoadError (one line) when it cannot be loaded."""
-    from worker.pipelines import ModelLoadError
+    from worker.pipelines import ModelLoadError, first_line
 
     log.info("loading upscaler from %s (%s on %s)", source, dtype, device)
     try:
         pipe = StableDiffusionLatentUpscalePipeline.from_pretrained(source, revision=revision, dtype=dtype)
     except (OSError, ValueError) as error:  # missing files, unreachable hub, bad repo id
-        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise ModelLoadError(f"cannot load the upscaler from {source}: {first_line}") from error
+        raise ModelLoadError(f"cannot load the upscaler from {source}: {first_line(error)}") from error
     pipe.set_progress_bar_config(disable=True)
     return Upscaler(pipe.to(device), source, revision)
 
