@@ -47,16 +47,18 @@ def one_start(args: argparse.Namespace) -> dict:
 
     from tests.support.architectures import build_random_pipeline
     from worker.compile_cache import cache_counts, save_compile_cache, use_compile_cache
-    from worker.main import speed_options, warm_up, warm_up_shapes
+    from worker.main import warm_up, warm_up_shapes
     from worker.pipelines import (
         ResidentPipelines,
         resolve_device,
         resolve_dtype,
+        speed_options,
         weight_bytes,
     )
 
     settings = settings_for(args)
-    use_compile_cache(args.cache_dir)  # as load_pipelines does, before anything compiles
+    # As load_pipelines does (worker.pipelines.resident_pipelines), before anything compiles.
+    use_compile_cache(args.cache_dir, [args.model], args.compile)
     device = resolve_device(settings.device)
     dtype = resolve_dtype(settings.dtype, device)
     entry = settings.catalog()[args.model]
@@ -72,7 +74,7 @@ def one_start(args: argparse.Namespace) -> dict:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     warm_up_s = time.perf_counter() - warm_started
-    save_compile_cache(args.cache_dir)
+    save_compile_cache(args.cache_dir, [args.model], args.compile)
     return {"ready_s": round(time.time() - float(os.environ[SPAWNED]), 1), "warm_up_s": round(warm_up_s, 1),
             "shapes": warm_up_shapes(settings, entry), "cache": cache_counts(),
             "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU",

@@ -12,7 +12,9 @@
 #                            speed-compiled-xl  (the 1024² models with CUDA graphs, batches of 1 and 4)
 #                            cold-start-bk      (not in round2: bench.cold_start, first start and
 #                                                restart through the worker's own warm-up)
-#   round1 = eager compiled-bk compiled-sd;  round2 = speed-eager speed-compiled-bk
+#                            step-kernels       (bench.fused_step: the scheduler step alone, diffusers'
+#                                                vs fused: kernels and syncs per step; seconds)
+#   round1 = eager compiled-bk compiled-sd;  round2 = step-kernels speed-eager speed-compiled-bk
 #   speed-restart-bk speed-compiled-xl;  no stage named: round1 then round2 (make bench-gpu).
 # $DEADLINE (seconds after this script starts) stops stages that would start after it and cuts
 # the running one there, so a fixed time slot always ends with its files written.
@@ -42,7 +44,7 @@ stage() { local name=$1; shift; run "$name" seed_table "$@"; }
 bk_sizes=${BK_BATCH_SIZES:-$(seq -s, 1 16)}  # compose's bk-sdm-small worker: batches of up to 16
 
 round1="eager compiled-bk compiled-sd"
-round2="speed-eager speed-compiled-bk speed-restart-bk speed-compiled-xl"
+round2="step-kernels speed-eager speed-compiled-bk speed-restart-bk speed-compiled-xl"
 # shellcheck disable=SC2086  # stage lists split on spaces
 set -- $(echo "${*:-round1 round2}" | sed "s/round1/$round1/; s/round2/$round2/")
 for one in "$@"; do
@@ -57,6 +59,7 @@ for one in "$@"; do
       run "$one" gpu_speed --stage compiled --models bk-sdm-small --batch-sizes "$bk_sizes" \
         --cache-dir "$cache" --profile "$out" --trace ;;
     speed-eager) run speed-eager gpu_speed --stage eager --runs 2 ;;
+    step-kernels) BENCH_ARGS='' run step-kernels fused_step --runs 5 ;;  # takes no model flags
     speed-compiled-xl)
       run speed-compiled-xl gpu_speed --stage compiled --models ssd-1b,sdxl-base --batch-sizes 1,4 \
         --depth 8 --runs 2 --cache-dir "$cache" ;;

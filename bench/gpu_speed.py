@@ -181,15 +181,23 @@ def profile_summary(pipe, request: JobRequest, device: torch.device, trace: Path
     step and the pipeline's Python between UNet calls."""
     from torch.profiler import ProfilerActivity, profile, record_function
 
+    from worker.fused_step import LinearStep
+
     scheduler_class = type(pipe.scheduler)
-    original_step = scheduler_class.step
+    original_step, original_fused = scheduler_class.step, LinearStep.__call__
 
     def step(self, *a, **k):
+        if isinstance(self.step, LinearStep):  # the fused step's probe: inside its own range
+            return original_step(self, *a, **k)
         with record_function("imagine::scheduler_step"):
             return original_step(self, *a, **k)
 
+    def fused(self, *a, **k):
+        with record_function("imagine::scheduler_step"):
+            return original_fused(self, *a, **k)
+
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
-    scheduler_class.step = step
+    scheduler_class.step, LinearStep.__call__ = step, fused
     try:
         generate(pipe, request)  # untimed: the profiler's own first-call costs stay out
         with profile(activities=activities) as prof:
@@ -197,7 +205,7 @@ def profile_summary(pipe, request: JobRequest, device: torch.device, trace: Path
                 generate(pipe, request)
             sync(device)
     finally:
-        scheduler_class.step = original_step
+        scheduler_class.step, LinearStep.__call__ = original_step, original_fused
     events = prof.events()
     call = next(e for e in events if e.name == "imagine::call")
     start, end = call.time_range.start, call.time_range.end
@@ -283,6 +291,10 @@ def compiled_row(key: str, args, device: torch.device, dtype: torch.dtype, first
     started = time.perf_counter()
     optimize(pipe, SpeedOptions(channels_last=True, fuse_qkv=True, fp16_vae=True, compile=args.compile,
                                 **({"quantize": quantize} if quantize != "none" else {})))
+    if args.compile == "none":  # the flow of a compiled worker for tests: with the fused step
+        from worker import fused_step
+
+        fused_step.mark(pipe.unet)
     for count in args.batch_sizes:  # as the worker warms up: short calls of each batch size
         generate_batch(pipe, [job(key, size, 2, seed=i) for i in range(count)])
     sync(device)
@@ -290,7 +302,7 @@ def compiled_row(key: str, args, device: torch.device, dtype: torch.dtype, first
     if args.cache_dir:  # as the worker does after its warm-up
         from worker.compile_cache import cache_counts, save_compile_cache
 
-        save_compile_cache(Path(args.cache_dir))
+        save_compile_cache(Path(args.cache_dir), args.models.split(","), args.compile)
         row["compile_cache"] = cache_counts()
     # A worker's start: imports + pipeline build + warm-up (the plain timings above left out).
     row["ready_s"] = round(row["built_at_s"] + row["warmup_s"], 1) if first else None
@@ -298,6 +310,7 @@ def compiled_row(key: str, args, device: torch.device, dtype: torch.dtype, first
     log(f"{key}: warm in {row['warmup_s']} s; timing")
     row["imagine_ms"] = timed_ms(lambda: generate(pipe, one), device, args.runs)
     row["psnr"] = psnr(reference, image_of(pipe, one))
+    row.update(diffusers_step(pipe, one, device, args.runs, row["imagine_ms"]))
     row["speedup_1img"] = round(row["plain_ms"] / row["imagine_ms"], 2)
     batch = max(args.batch_sizes)
     sync(device)
@@ -326,6 +339,22 @@ def compiled_row(key: str, args, device: torch.device, dtype: torch.dtype, first
     return row
 
 
+def diffusers_step(pipe, one: JobRequest, device: torch.device, runs: int, fused_ms: float) -> dict:
+    """The same compiled pipeline with diffusers' own scheduler step instead of the fused one
+    (worker.fused_step), side by side: what the fused step gains per image."""
+    from worker import fused_step
+
+    if not fused_step.wanted(pipe):
+        return {}
+    unet = getattr(pipe.unet, "_orig_mod", pipe.unet)
+    delattr(unet, fused_step.MARKER)
+    try:
+        unfused = timed_ms(lambda: generate(pipe, one), device, runs)
+    finally:
+        fused_step.mark(pipe.unet)
+    return {"diffusers_step_ms": unfused, "fused_step_gain": round(unfused / fused_ms, 3)}
+
+
 # -- tables ------------------------------------------------------------------------------------
 
 def fmt(value, spec: str = ".1f") -> str:
@@ -346,12 +375,14 @@ def print_eager(rows: list[dict]) -> None:
 
 def print_compiled(rows: list[dict], depth: int) -> None:
     print(f"{'model':<13}{'quant':>6}{'plain ms':>9}{'imagine ms':>11}{'×':>6}{f'plain/s@{depth}':>12}"
-          f"{f'imagine/s@{depth}':>14}{'×':>6}{'PSNR':>6}{'warm-up s':>10}{'ready s':>8}{'fast ms':>8}")
+          f"{f'imagine/s@{depth}':>14}{'×':>6}{'PSNR':>6}{'warm-up s':>10}{'ready s':>8}{'fast ms':>8}"
+          f"{'unfused ms':>11}")
     for r in rows:
         print(f"{r['model']:<13}{r['quantize']:>6}{fmt(r['plain_ms']):>9}{fmt(r['imagine_ms']):>11}"
               f"{fmt(r['speedup_1img'], '.2f'):>6}{fmt(r['plain_img_per_s'], '.2f'):>12}"
               f"{fmt(r['imagine_img_per_s'], '.2f'):>14}{fmt(r['speedup_depth'], '.2f'):>6}"
-              f"{fmt(r['psnr']):>6}{fmt(r['warmup_s']):>10}{fmt(r['ready_s']):>8}{fmt(r.get('fast_ms')):>8}")
+              f"{fmt(r['psnr']):>6}{fmt(r['warmup_s']):>10}{fmt(r['ready_s']):>8}{fmt(r.get('fast_ms')):>8}"
+              f"{fmt(r.get('diffusers_step_ms')):>11}")
         if "profile" in r:
             p = r["profile"]
             print(f"  profile: {p['wall_per_step_ms']} ms/step wall, GPU busy {p['gpu_busy_fraction']:.0%} "
@@ -395,7 +426,7 @@ def main(argv: list[str] | None = None) -> dict:
     if args.stage == "compiled" and args.cache_dir:
         from worker.compile_cache import use_compile_cache
 
-        use_compile_cache(Path(args.cache_dir))
+        use_compile_cache(Path(args.cache_dir), args.models.split(","), args.compile)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
     print(f"device: {name}, torch {torch.__version__}, diffusers {diffusers.__version__}, {dtype}, "
           f"{args.steps} steps, CFG 7.5, {'tiny configs' if args.tiny else 'real architectures, random weights'}")

@@ -175,7 +175,9 @@ def info_embed(record: JobRecord) -> discord.Embed:
             embed.add_field(name="Source image (sha256)", value=f"`{info.source_sha256}`", inline=False)
     embed.add_field(name="Model", value=f"{info.model}\n`{info.source}` @ {info.revision or 'default revision'}",
                     inline=False)
-    embed.add_field(name="Pipeline", value=info.pipeline)
+    # The catalog's replacement VAE, when it made pixels (same line style as the fast LoRA's).
+    embed.add_field(name="Pipeline", value=info.pipeline if not info.vae else
+                    f"{info.pipeline}\nVAE `{info.vae}` @ {info.vae_revision or 'default revision'}"[:1024])
     embed.add_field(name="Scheduler", value=info.scheduler)
     embed.add_field(name="Quality", value=info.quality if not info.adapter else
                     f"{info.quality}\nLoRA `{info.adapter}` @ {info.adapter_revision or 'default revision'}")

@@ -187,6 +187,11 @@ class Reproducibility(BaseModel):
     quality: Quality = "standard"
     adapter: str | None = None  # the step-distillation LoRA fast mode ran with (hub id or folder)
     adapter_revision: str | None = None
+    # The catalog's replacement VAE (``vae_source``: hub id or folder) when it made pixels: it
+    # decoded the images, or encoded the source image. None: the pipeline's own VAE, or none ran
+    # (worker.generate.reproducibility). Records stored before these fields load with None.
+    vae: str | None = None
+    vae_revision: str | None = None
     seeds: list[int]
     steps: int
     guidance: float

@@ -122,6 +122,10 @@ class Settings(BaseSettings):
     channels_last: bool = True
     fuse_qkv: bool = True
     compile: Literal["none", "default", "reduce-overhead", "max-autotune"] = "none"
+    # With compile: the scheduler step as one compiled kernel, computed from the scheduler's own
+    # step without its per-step wait for the GPU (worker.fused_step). Same latents within float
+    # rounding; false keeps diffusers' step.
+    fused_step: bool = True
     # UNet quantization for every model this worker serves (worker.quantize); "catalog": each
     # model's own ``quantize`` field. A mode the GPU lacks (fp8 below compute capability 8.9)
     # stops the worker at start with one line.

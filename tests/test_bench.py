@@ -119,7 +119,8 @@ def test_gpu_script_skips_stages_past_its_deadline_and_names_unknown_ones(tmp_pa
     assert done.returncode == 0, done.stderr
     skipped = (tmp_path / "skipped.log").read_text().splitlines()
     assert skipped == [f"skipped {name}: deadline" for name in
-                       ("speed-eager", "speed-compiled-bk", "speed-restart-bk", "speed-compiled-xl")]
+                       ("step-kernels", "speed-eager", "speed-compiled-bk", "speed-restart-bk",
+                        "speed-compiled-xl")]
     unknown = gpu_sh(tmp_path, "speed-eagre")
     assert unknown.returncode == 2 and "unknown stage: speed-eagre" in unknown.stderr
 
@@ -138,6 +139,22 @@ def test_gpu_speed_compiled_stage_times_and_profiles_each_model(tmp_path):
     profile = first["profile"]
     assert profile["steps"] == 2 and profile["wall_ms"] > 0 and profile["scheduler_step_cpu_ms_per_step"] > 0
     assert (tmp_path / "bk-sdm-small.trace.json").stat().st_size > 0
+    # The fused scheduler step against diffusers' own, in the same process.
+    assert first["diffusers_step_ms"] > 0 and first["fused_step_gain"] > 0 and "unfused ms" in printed
     assert first["fast_scheduler"] == "DPMSolverMultistepScheduler" and first["fast_ms"] > 0  # no adapter: same graphs
     assert "fast_ms" not in second  # sd-v1-4's fast mode needs its LoRA: not in this stage
     assert "profile:" in printed and "ready s" in printed
+
+
+@pytest.mark.e2e
+def test_fused_step_bench_compares_the_step_alone(tmp_path):
+    out = tmp_path / "step.json"
+    printed = bench("fused_step", "--device", "cpu", "--size", "128", "--steps", "6", "--runs", "1",
+                    "--json", str(out))
+    rows = json.loads(out.read_text())["rows"]
+    assert [r["scheduler"] for r in rows] == ["PNDMScheduler", "EulerDiscreteScheduler",
+                                              "DPMSolverMultistepScheduler"]
+    for row in rows:
+        assert row["plain_step_ms"] > 0 and row["fused_step_ms"] > 0 and row["max_abs_diff"] < 1e-3
+        assert row["plain_kernels_per_step"] is None  # kernels and syncs are counted on CUDA only
+    assert "| PNDMScheduler | n/a (CPU) |" in printed

@@ -118,6 +118,38 @@ def test_nothing_compiled_writes_nothing(tmp_path, monkeypatch):
     assert save_compile_cache(tmp_path) is None and not artifact_path(tmp_path).exists()
 
 
+def test_workers_serving_other_models_keep_their_own_artifact_file(tmp_path, monkeypatch, isolated):
+    """One volume, workers of other models: none overwrites another's file, so each one's restart
+    after a pruned directory finds its own graphs."""
+    def save_as(models: list[str], mode: str, content: bytes) -> Path:
+        monkeypatch.setattr(torch.compiler, "save_cache_artifacts", lambda: (content, FakeInfo()))
+        return save_compile_cache(tmp_path, models, mode)
+
+    a = save_as(["sdxl-base"], "reduce-overhead", b"A's graphs")
+    b = save_as(["bk-sdm-small", "sd-1.5"], "reduce-overhead", b"B's graphs")
+    assert a.name == f"artifacts-torch-{torch.__version__}-reduce-overhead-sdxl-base.bin"
+    assert a != b and a.read_bytes() == b"A's graphs" and b.read_bytes() == b"B's graphs"
+    # The same models listed in another order: the same file (workers of one set share it).
+    assert save_as(["sd-1.5", "bk-sdm-small", "sd-1.5"], "reduce-overhead", b"B's graphs, later") == b
+    # Another compile mode compiles other graphs: a file of its own.
+    assert save_as(["sdxl-base"], "max-autotune", b"A tuned") not in (a, b)
+    assert len(list(tmp_path.glob("*.bin"))) == 3 and a.read_bytes() == b"A's graphs"
+    loaded = []
+    monkeypatch.setattr(torch.compiler, "load_cache_artifacts", lambda data: loaded.append(data) or FakeInfo())
+    use_compile_cache(tmp_path, ["sd-1.5", "bk-sdm-small"], "reduce-overhead")  # B restarts
+    assert loaded == [b"B's graphs, later"]
+
+
+def test_the_artifact_file_name_stays_short_and_stable(tmp_path):
+    many = [f"model-{index}" for index in range(30)]
+    path = artifact_path(tmp_path, many, "default")
+    assert path == artifact_path(tmp_path, reversed(many), "default") and len(path.name) < 100
+    assert path != artifact_path(tmp_path, many[:-1], "default")
+    assert artifact_path(tmp_path, ["../x"], "default").parent == tmp_path  # never outside the directory
+    # Neither given (bench.gpu_speed): the file every caller shared before.
+    assert artifact_path(tmp_path).name == f"artifacts-torch-{torch.__version__}.bin"
+
+
 COMPILE_ONCE = """
 import json, sys
 import torch
@@ -177,9 +209,10 @@ def test_a_compiled_worker_uses_the_cache_before_compiling_and_saves_it_after_wa
     from worker import main
 
     calls = []
-    monkeypatch.setattr(main, "use_compile_cache", lambda directory: calls.append(("use", directory)))
+    # Used where the worker's pipelines are built (worker.pipelines.resident_pipelines, the CLI's too).
+    monkeypatch.setattr(compile_cache, "use_compile_cache", lambda *args: calls.append(("use", *args)))
     monkeypatch.setattr(main, "warm_up", lambda *args: calls.append(("warm up",)))
-    monkeypatch.setattr(main, "save_compile_cache", lambda directory: calls.append(("save", directory)))
+    monkeypatch.setattr(main, "save_compile_cache", lambda *args: calls.append(("save", *args)))
     settings = Settings(_env_file=None, device="cpu", compile=compile_mode, compile_cache_dir=tmp_path,
                         worker_models=["tiny"],
                         models={"tiny": {"source": str(tiny_model_dir), "pipeline": "StableDiffusionPipeline",
@@ -187,5 +220,6 @@ def test_a_compiled_worker_uses_the_cache_before_compiling_and_saves_it_after_wa
     main.load_pipelines(settings)
     if compile_mode == "none":  # nothing to cache
         assert calls == [("warm up",)]
-    else:
-        assert calls == [("use", tmp_path), ("warm up",), ("save", tmp_path)]
+    else:  # the artifact file of what this worker serves (artifact_path)
+        assert calls == [("use", tmp_path, ["tiny"], compile_mode), ("warm up",),
+                         ("save", tmp_path, ["tiny"], compile_mode)]

@@ -158,7 +158,7 @@ def test_a_broken_tiny_vae_falls_back_with_one_log_line(tiny_model_dir, tmp_path
 
 
 def test_tiny_vaes_load_only_for_what_uses_them(tiny_model_dir):
-    from worker.main import tiny_vaes_wanted
+    from worker.pipelines import tiny_vaes_wanted
 
     assert Settings().progress_preview_decoder == "tiny-vae" and Settings().fast_decode is False
     assert not tiny_vaes_wanted(Settings())

@@ -125,12 +125,16 @@ def test_local_copy_without_fp16_files_loads_in_half_precision(tiny_model_dir):
 
 @pytest.mark.slow  # torch.compile on CPU: minutes
 def test_compiled_pipeline_draws_the_same_image(tiny_xl_model_dir):
-    """torch.compile (fullgraph, as the worker does at start) with fused QKV: same pixels."""
+    """torch.compile (fullgraph, as the worker does at start) with fused QKV and the fused
+    scheduler step (its combine compiled too, not fallen back to eager): same pixels."""
+    from worker import fused_step
     from worker.optimize import SpeedOptions, optimize
 
     entry = ModelEntry(key="tiny", source=str(tiny_xl_model_dir), pipeline="StableDiffusionXLPipeline")
     pipe = load_pipeline(entry, CPU, torch.float32)
     eager = pixels(generate(pipe, request(seed=21, count=2)))
     optimize(pipe, SpeedOptions(fuse_qkv=True, compile="default"))
+    assert fused_step.wanted(pipe)
     compiled = pixels(generate(pipe, request(seed=21, count=2)))
     assert all(np.abs(a - b).max() <= 2 for a, b in zip(eager, compiled))
+    assert fused_step._compiled not in (None, fused_step._combine_eager)

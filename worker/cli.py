@@ -3,6 +3,10 @@
     python -m worker.cli "an orange cat" --model bk-sdm-small --seed 7 --out cat.png
     python -m worker.cli "a watercolour" --image photo.jpg --strength 0.6 --out paint.png
     python -m worker.cli "a watercolour" --image paint.png --upscale --out paint-2x.png
+
+The model is loaded and optimized as the worker does it, from the same IMAGINE_* settings
+(device, compile, quantization, fast decode: worker.pipelines.resident_pipelines). A PNG
+output carries the generation record as text, like the worker's attachments.
 """
 
 from __future__ import annotations
@@ -11,8 +15,9 @@ import argparse
 import logging
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from core.jobs import SourceImage
+from core.jobs import IMAGE_MODES, SourceImage
 from core.validation import (
     ImagineOptions,
     InvalidRequest,
@@ -20,6 +25,9 @@ from core.validation import (
     upscale_dimensions,
 )
 from settings.config import load_settings
+
+if TYPE_CHECKING:
+    from PIL.Image import Image
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -103,17 +111,16 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     logging.basicConfig(level=logging.WARNING)
     # Imported here so that option errors answer instantly, before torch loads.
-    from worker.generate import generate
-    from worker.pipelines import (
-        ModelLoadError,
-        load_pipeline,
-        resolve_device,
-        resolve_dtype,
-    )
+    from worker.generate import generate, reproducibility
+    from worker.pipelines import ModelLoadError, resident_pipelines
 
+    entry = catalog[request.model]
     try:
-        device = resolve_device(settings.device)
-        pipe = load_pipeline(catalog[request.model], device, resolve_dtype(settings.dtype, device))
+        # Built as the worker builds its own, from the same settings (IMAGINE_COMPILE,
+        # IMAGINE_QUANTIZE, IMAGINE_FAST_DECODE, the compile cache …): a local run is a job's run.
+        pipelines = resident_pipelines(settings, [entry.key])
+        pipelines.load(entry)
+        pipe = pipelines.get_img2img(entry.key) if request.mode in IMAGE_MODES else pipelines.get(entry.key)
     except ModelLoadError as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
@@ -123,19 +130,31 @@ def main(argv: list[str] | None = None) -> int:
         from worker.source_image import SourceInput, fit
 
         fitted = SourceInput(fit(source.image, request.width, request.height), source.sha256, source.original_size)
-        sources = Sources({request.job_id: fitted}, catalog[request.model].native_size)
-    generation = generate(pipe, request, fast=catalog[request.model].fast, sources=sources)
+        sources = Sources({request.job_id: fitted}, entry.native_size)
+    generation = generate(pipe, request, fast=entry.fast, sources=sources, decoder=pipelines.final_decoder(entry.key))
+    record = reproducibility(entry, pipe, request, generation)
     for path, image, seed in zip(output_paths(args.out, request.count), generation.images, generation.seeds):
         try:
-            image.save(path)
+            save_image(image, path, record.png_text(seed))
         except OSError as error:
             print(f"error: cannot write {path} ({error.strerror or error})", file=sys.stderr)
             return 1
         print(f"{path}  seed={seed}")
     if source is not None:
         print(f"{request.mode} from {args.image} (sha256 {source.sha256[:12]}, strength {request.strength:g})")
-    print(f"inference {generation.inference_ms:.0f} ms on {device}")
+    print(f"pipeline: {record.pipeline}")  # names the tiny autoencoder (fast decode) and quantization
+    print(f"inference {generation.inference_ms:.0f} ms on {pipelines.device}")
     return 0
+
+
+def save_image(image: Image, path: Path, text: dict[str, str]) -> None:
+    """A PNG carries the generation record as text, like the worker's attachments (worker.images)."""
+    if path.suffix.lower() == ".png":
+        from worker.images import png_bytes
+
+        path.write_bytes(png_bytes(image, text))
+    else:
+        image.save(path)
 
 
 if __name__ == "__main__":

@@ -8,7 +8,8 @@ Two layers, both under one directory (a volume in docker/compose.yaml):
 - the portable "mega cache" (``torch.compiler.save_cache_artifacts``): one file with every
   artifact this process compiled or loaded, written after warm-up and loaded back into the
   on-disk caches at start. It restores them after the directory's inner files were pruned or
-  when the file alone was copied to a fresh host.
+  when the file alone was copied to a fresh host. One file per torch version and what the
+  worker serves (:func:`artifact_path`: its models and compile mode).
 
 Sharing one directory between workers of the same image is safe. Every entry is found by a key
 that hashes the graph, its inputs' shapes/strides/dtypes, the inductor config, the torch version
@@ -16,15 +17,20 @@ and the device (GPU model, CUDA and Triton versions), and torch's code hash: a d
 torch build or model code never reads another's entry, it misses and compiles. torch writes each
 entry to a temporary file and renames it, so concurrent workers only ever race to write the same
 content. The artifact file is replaced the same way (``save_compile_cache``): the last worker to
-finish warming up wins, with a complete file; its name carries the torch version so workers of
-two images on one volume do not overwrite each other's.
+finish warming up wins, with a complete file. Its name carries the torch version, the compile
+mode and the served models, so a worker never overwrites the file of another image or of workers
+serving other models (whose restart after a pruned directory would then compile everything);
+workers serving the same models share one, listed in any order.
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
+import re
 import tempfile
+from collections.abc import Iterable
 from pathlib import Path
 
 import torch
@@ -32,14 +38,25 @@ import torch
 log = logging.getLogger(__name__)
 
 
-def artifact_path(directory: Path) -> Path:
-    """The mega-cache file: one per torch version (its entries are useless to another)."""
-    return Path(directory) / f"artifacts-torch-{torch.__version__}.bin"
+SAFE_NAME = re.compile(r"[A-Za-z0-9._+-]{1,80}")
 
 
-def use_compile_cache(directory: Path) -> None:
+def artifact_path(directory: Path, models: Iterable[str] = (), compile_mode: str | None = None) -> Path:
+    """The mega-cache file of one torch version (its entries are useless to another) and of what
+    a worker serves: its models' catalog keys, sorted (the order they are listed in does not
+    matter), and its compile mode, e.g. ``artifacts-torch-2.9.1-reduce-overhead-a+b.bin``.
+    Neither given: the one file every caller shared before (bench scripts)."""
+    served = "+".join(sorted(set(models)))
+    if served and not SAFE_NAME.fullmatch(served):  # many models, or keys not made for file names
+        served = hashlib.sha256(served.encode()).hexdigest()[:16]
+    name = "-".join(part for part in (f"artifacts-torch-{torch.__version__}", compile_mode, served) if part)
+    return Path(directory) / f"{name}.bin"
+
+
+def use_compile_cache(directory: Path, models: Iterable[str] = (), compile_mode: str | None = None) -> None:
     """Point torch.compile's caches at ``directory``; call before the first compile. Loads the
-    artifact file saved by an earlier start, if any; an unreadable one is logged and ignored."""
+    artifact file saved by an earlier start serving the same models (:func:`artifact_path`), if
+    any; an unreadable one is logged and ignored."""
     directory = Path(directory).absolute()
     problem = unwritable(directory)
     if problem is not None:  # e.g. a volume mounted read-only or owned by another user
@@ -60,7 +77,7 @@ def use_compile_cache(directory: Path) -> None:
 
     torch._inductor.config.fx_graph_cache = True
     torch._functorch.config.enable_autograd_cache = True
-    load_artifacts(artifact_path(directory))
+    load_artifacts(artifact_path(directory, models, compile_mode))
 
 
 def unwritable(directory: Path) -> str | None:
@@ -95,9 +112,10 @@ def load_artifacts(path: Path) -> int:
     return count
 
 
-def save_compile_cache(directory: Path) -> Path | None:
-    """After warm-up: write every artifact this process compiled or loaded to the artifact file,
-    atomically (temporary file + rename), so a crash mid-write leaves the old file or none."""
+def save_compile_cache(directory: Path, models: Iterable[str] = (), compile_mode: str | None = None) -> Path | None:
+    """After warm-up: write every artifact this process compiled or loaded to the artifact file
+    of what it serves (:func:`artifact_path`), atomically (temporary file + rename), so a crash
+    mid-write leaves the old file or none."""
     try:
         saved = torch.compiler.save_cache_artifacts()
     except Exception as error:
@@ -105,7 +123,7 @@ def save_compile_cache(directory: Path) -> Path | None:
         return None
     if saved is None:  # nothing compiled or loaded in this process
         return None
-    target = artifact_path(directory)
+    target = artifact_path(directory, models, compile_mode)
     try:
         if target.exists() and target.read_bytes() == saved[0]:
             return target  # a cached start loaded exactly this: no rewrite by every worker

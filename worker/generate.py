@@ -119,12 +119,23 @@ def mode_for(pipe: DiffusionPipeline, request: JobRequest, fast: FastMode | None
     """A fresh scheduler per call (a scheduler holds per-call state; the pipeline's own is never
     touched): the pipeline's class for standard jobs, the catalog's for fast ones."""
     if request.quality != "fast":
-        return Mode(type(pipe.scheduler).from_config(pipe.scheduler.config))
+        return Mode(_fresh(type(pipe.scheduler), pipe))
     if fast is None:
         raise ValueError(f"fast mode requested, but model {request.model!r} has no fast configuration")
     if fast.adapter and not has_fast_adapter(pipe):
         raise ValueError(f"fast mode needs the adapter {fast.adapter!r}, which is not loaded on this worker")
-    return Mode(getattr(diffusers, fast.scheduler).from_config(pipe.scheduler.config), fast)
+    return Mode(_fresh(getattr(diffusers, fast.scheduler), pipe), fast)
+
+
+def _fresh(scheduler_class: type, pipe: DiffusionPipeline) -> object:
+    """A new scheduler from the pipeline's config; with the fused step (worker.fused_step) when
+    the pipeline was compiled with it and the scheduler's step allows it."""
+    from worker import fused_step
+
+    scheduler = scheduler_class.from_config(pipe.scheduler.config)
+    if fused_step.wanted(pipe):
+        fused_step.install(scheduler)
+    return scheduler
 
 
 def _tuner_layers(pipe: DiffusionPipeline) -> list:
@@ -434,12 +445,26 @@ def reproducibility(entry: ModelEntry, pipe: DiffusionPipeline, request: JobRequ
         scheduler=generation.scheduler or type(pipe.scheduler).__name__,
         diffusers_version=diffusers.__version__, quality=request.quality, adapter=generation.adapter,
         adapter_revision=entry.fast.adapter_revision if generation.adapter and entry.fast else None,
+        **_replacement_vae(entry, request, generation),
         seeds=generation.seeds, steps=request.steps,
         guidance=request.guidance, width=width, height=height, prompt=request.prompt,
         negative_prompt=request.negative_prompt, mode=request.mode, strength=request.strength,
         source_sha256=generation.source_sha256,
         withheld=generation.withheld if generation.moderation is not None else [],
     )
+
+
+def _replacement_vae(entry: ModelEntry, request: JobRequest, generation: Generation) -> dict[str, str | None]:
+    """The record's ``vae`` / ``vae_revision``: the catalog's replacement VAE (``vae_source``,
+    loaded as the pipeline's ``vae`` by worker.pipelines) when it made pixels. Rule: the model's
+    own pipeline ran (``generation.pipeline`` None; the dedicated upscaler has its own VAE), and
+    that VAE decoded the images (``generation.decoder`` None; a tiny autoencoder is named in the
+    pipeline label instead) or encoded the source image (image modes: fast decode still encodes
+    with the full VAE). Otherwise both None."""
+    ran = generation.pipeline is None and (generation.decoder is None or request.mode in IMAGE_MODES)
+    if not (entry.vae_source and ran):
+        return {"vae": None, "vae_revision": None}
+    return {"vae": entry.vae_source, "vae_revision": entry.vae_revision}
 
 
 def _quantized(pipe: DiffusionPipeline, generation: Generation, label: str) -> str:

@@ -29,20 +29,15 @@ from core.redis_connection import connect_worker
 from settings.catalog import ModelEntry
 from settings.config import Settings, load_settings
 from worker import metrics
-from worker.compile_cache import (
-    cache_counts,
-    describe_counts,
-    save_compile_cache,
-    use_compile_cache,
-)
+from worker.compile_cache import cache_counts, describe_counts, save_compile_cache
 from worker.delivery import use_api_base
 from worker.failures import Reporter
 from worker.generate import generate
-from worker.optimize import SpeedOptions
 from worker.outcomes import Outcomes
 from worker.pipelines import (
     ModelLoadError,
     ResidentPipelines,
+    resident_pipelines,
     resolve_device,
     resolve_dtype,
 )
@@ -96,26 +91,8 @@ def warm_up(pipelines: ResidentPipelines, settings: Settings, safety: SafetyChec
                      time.perf_counter() - started)
 
 
-def speed_options(settings: Settings) -> SpeedOptions:
-    return SpeedOptions(channels_last=settings.channels_last, fuse_qkv=settings.fuse_qkv,
-                        compile=settings.compile)
-
-
-def tiny_vaes_wanted(settings: Settings) -> bool:
-    """Whether the models' tiny autoencoders are loaded: only for what uses them (a download)."""
-    return settings.fast_decode or (settings.progress_preview and settings.progress_preview_decoder == "tiny-vae")
-
-
 def load_pipelines(settings: Settings, safety: SafetyChecker | None = None) -> ResidentPipelines:
-    cache = settings.compile_cache_dir if settings.compile != "none" else None
-    if cache is not None:  # before the first compile (torch.compile compiles on the first call)
-        use_compile_cache(cache)
-    device = resolve_device(settings.device)
-    budget = settings.gpu_memory_budget_gb
-    pipelines = ResidentPipelines(device=device, dtype=resolve_dtype(settings.dtype, device),
-                                  speed=speed_options(settings), quantize=settings.quantize,
-                                  budget_bytes=None if budget is None else int(budget * 2**30),
-                                  tiny_vaes_wanted=tiny_vaes_wanted(settings), fast_decode=settings.fast_decode)
+    pipelines = resident_pipelines(settings, settings.worker_models)  # the CLI's too
     for entry in served_models(settings):
         pipelines.load(entry)
     if settings.upscaler_source:
@@ -123,13 +100,14 @@ def load_pipelines(settings: Settings, safety: SafetyChecker | None = None) -> R
 
         pipelines.upscaler = load_upscaler(settings.upscaler_source, settings.upscaler_revision,
                                            pipelines.device, pipelines.dtype)
-    if settings.compile != "none" and budget is not None and len(pipelines.entries) > 1:
+    compiled = settings.compile != "none"
+    if compiled and pipelines.budget_bytes is not None and len(pipelines.entries) > 1:
         log.warning("compiled models swapped onto the GPU again re-capture their CUDA graphs "
                     "(not measured); prefer one compiled model per GPU")
     if settings.warmup:
         warm_up(pipelines, settings, safety)
-        if cache is not None:
-            save_compile_cache(cache)
+        if compiled and settings.compile_cache_dir is not None:
+            save_compile_cache(settings.compile_cache_dir, settings.worker_models, settings.compile)
     return pipelines
 
 

@@ -1,5 +1,6 @@
 """Make a loaded pipeline fast on GPU: channels-last, fused QKV projections, an fp16-safe VAE,
-optional UNet quantization (worker.quantize), optional torch.compile. SDPA attention is
+optional UNet quantization (worker.quantize), optional torch.compile (with the fused scheduler
+step of worker.fused_step). SDPA attention is
 diffusers' default processor on torch 2.
 
 Each step is a no-op where it does not apply (CPU, fp32), so the same code runs in tests.
@@ -13,6 +14,7 @@ from dataclasses import dataclass
 import torch
 from diffusers import DiffusionPipeline
 
+from worker import fused_step
 from worker.quantize import quantize_pipeline
 
 log = logging.getLogger(__name__)
@@ -25,6 +27,9 @@ class SpeedOptions:
     compile: str = "none"  # "none" | "default" | "reduce-overhead" (CUDA graphs) | "max-autotune"
     fp16_vae: bool = False  # the VAE is known to be fp16-safe (fp16-fix weights)
     quantize: str = "none"  # worker.quantize.Quantization: "none" | "fp8" | "int8" (the UNet's linears)
+    # With a compiled UNet: the scheduler step as one compiled kernel, without the per-step wait
+    # for the GPU that PNDM's step makes (worker.fused_step).
+    fused_step: bool = True
 
     @classmethod
     def plain(cls) -> "SpeedOptions":
@@ -54,4 +59,6 @@ def optimize(pipe: DiffusionPipeline, options: SpeedOptions) -> DiffusionPipelin
         pipe.unet = torch.compile(pipe.unet, mode=mode, fullgraph=True)
         pipe.vae.decode = torch.compile(pipe.vae.decode, mode=mode, fullgraph=True)
         log.info("compiled unet and vae decode (mode=%s); warm-up compiles each shape", options.compile)
+        if options.fused_step:
+            fused_step.mark(pipe.unet)
     return pipe

@@ -3,6 +3,9 @@
 With a GPU-memory budget, the models that do not fit wait in host RAM and are moved to the GPU
 when a job needs them (SDXL host→GPU ≈ 1 s on an H100, against many seconds from disk), evicting
 the least recently used ones.
+
+:func:`resident_pipelines` builds the worker's set from its settings (speed options,
+quantization, fast decode, compile cache): the worker and the CLI both start from it.
 """
 
 from __future__ import annotations
@@ -11,14 +14,19 @@ import gc
 import logging
 from collections import OrderedDict
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import diffusers
 import torch
 from diffusers import AutoencoderKL, DiffusionPipeline
 
 from settings.catalog import ModelEntry
+from worker import compile_cache
 from worker.optimize import SpeedOptions, optimize
 from worker.quantize import QuantizationError, applied_mode, check_mode, resolve_mode
+
+if TYPE_CHECKING:
+    from settings.config import Settings
 
 log = logging.getLogger(__name__)
 
@@ -132,6 +140,9 @@ class ResidentPipelines:
     on_device: OrderedDict[str, int] = field(default_factory=OrderedDict)  # key → bytes, LRU first
 
     optimized: set[str] = field(default_factory=set)
+    # Models whose optimization failed part-way, key → the one-line reason (:meth:`_optimize`):
+    # their half-optimized pipeline was dropped, and get() answers this error until load() again.
+    unusable: dict[str, str] = field(default_factory=dict)
     # Image-to-image pipelines over the resident ones' modules (from_pipe: no second copy of any
     # weight), built on first use; key → (the pipeline it was built over, the img2img pipeline).
     image_pipes: dict[str, tuple[DiffusionPipeline, DiffusionPipeline]] = field(default_factory=dict)
@@ -147,7 +158,12 @@ class ResidentPipelines:
     tiny_vaes: dict[str, torch.nn.Module] = field(default_factory=dict)
 
     def load(self, entry: ModelEntry) -> None:
+        """Load ``entry`` (again: a fresh copy from disk, also after a failed optimization). On
+        the device it is optimized at once; a ModelLoadError when that fails (:meth:`_optimize`)."""
         self.quantization(entry)  # a mode this worker cannot run stops it before the weights load
+        for held in (self.unusable, self.on_device, self.image_pipes):  # a fresh copy: none of it holds
+            held.pop(entry.key, None)
+        self.optimized.discard(entry.key)
         parked = self.budget_bytes is not None
         self.pipes[entry.key] = load_pipeline(entry, CPU if parked else self.device, self.dtype)
         self.entries[entry.key] = entry
@@ -187,21 +203,52 @@ class ResidentPipelines:
         return mode
 
     def _optimize(self, key: str) -> None:
-        """Once, on the device: compiled graphs and memory layouts belong to the device."""
-        if key not in self.optimized:
-            entry = self.entries[key]
-            speed = SpeedOptions(**{**self.speed.__dict__, "fp16_vae": entry.vae_source is not None})
-            if speed.fuse_qkv and entry.fast is not None and entry.fast.adapter:
-                # A fused to_qkv is built from the base weights and bypasses the LoRA layers on
-                # to_q/to_k/to_v: fast mode would silently lose its adapter there.
-                log.info("%s: QKV projections not fused (the fast-mode adapter sits on them)", key)
-                speed = SpeedOptions(**{**speed.__dict__, "fuse_qkv": False})
-            speed = SpeedOptions(**{**speed.__dict__, "quantize": self.quantization(entry)})
-            self.pipes[key] = optimize(self.pipes[key], speed)
-            log.info("%s: UNet quantization %s", key, applied_mode(self.pipes[key]))
-            self.optimized.add(key)
+        """Once, on the device: compiled graphs and memory layouts belong to the device.
+
+        A failure part-way (a compile or quantization error, out of memory) leaves the pipeline
+        half-optimized, and its steps cannot be run again on it: fusing QKV twice loses the
+        original attention processors, quantizing a half-quantized UNet quantizes layers twice,
+        compiling wraps the compiled UNet. So the pipeline is dropped (its memory freed), the model
+        is recorded unusable and a ModelLoadError (one line) raised; get() answers the same error
+        without trying again (a deterministic failure would repeat at disk speed for every job)
+        until the model is load()ed again, e.g. by a worker restarted with other settings."""
+        if key in self.optimized:
+            return
+        try:
+            self._apply_speed(key)
+        except Exception as error:  # whatever a step raised: the pipeline is in an unknown state
+            reason = (str(error) if isinstance(error, ModelLoadError)
+                      else f"model {key!r} could not be optimized ({type(error).__name__}: {first_line(error)})")
+            self._drop(key, f"{reason}; not served until loaded again (restart the worker)")
+            raise ModelLoadError(self.unusable[key]) from error
+        self.optimized.add(key)
+
+    def _apply_speed(self, key: str) -> None:
+        entry = self.entries[key]
+        speed = SpeedOptions(**{**self.speed.__dict__, "fp16_vae": entry.vae_source is not None})
+        if speed.fuse_qkv and entry.fast is not None and entry.fast.adapter:
+            # A fused to_qkv is built from the base weights and bypasses the LoRA layers on
+            # to_q/to_k/to_v: fast mode would silently lose its adapter there.
+            log.info("%s: QKV projections not fused (the fast-mode adapter sits on them)", key)
+            speed = SpeedOptions(**{**speed.__dict__, "fuse_qkv": False})
+        speed = SpeedOptions(**{**speed.__dict__, "quantize": self.quantization(entry)})
+        self.pipes[key] = optimize(self.pipes[key], speed)
+        log.info("%s: UNet quantization %s", key, applied_mode(self.pipes[key]))
+
+    def _drop(self, key: str, reason: str) -> None:
+        """Forget ``key``'s pipeline (and what was built over it), freeing its memory. Not
+        logged here: the ModelLoadError raised says it (the worker's start, the job's failure)."""
+        self.unusable[key] = reason
+        for held in (self.pipes, self.on_device, self.image_pipes, self.tiny_vaes):
+            held.pop(key, None)
+        self.optimized.discard(key)
+        gc.collect()
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
 
     def get(self, key: str) -> DiffusionPipeline:
+        if key in self.unusable:
+            raise ModelLoadError(self.unusable[key])
         if key not in self.pipes:
             raise LookupError(f"model {key!r} is not loaded on this worker")
         if key in self.on_device:
@@ -243,3 +290,29 @@ class ResidentPipelines:
 
     def resident_keys(self) -> list[str]:
         return list(self.on_device)
+
+
+def speed_options(settings: Settings) -> SpeedOptions:
+    return SpeedOptions(channels_last=settings.channels_last, fuse_qkv=settings.fuse_qkv,
+                        compile=settings.compile, fused_step=settings.fused_step)
+
+
+def tiny_vaes_wanted(settings: Settings) -> bool:
+    """Whether the models' tiny autoencoders are loaded: only for what uses them (a download)."""
+    return settings.fast_decode or (settings.progress_preview and settings.progress_preview_decoder == "tiny-vae")
+
+
+def resident_pipelines(settings: Settings, models: list[str]) -> ResidentPipelines:
+    """An empty set configured from ``settings`` as the worker runs (device, dtype, speed options,
+    quantization, memory budget, fast decode), for ``models`` to be loaded into; the worker and
+    the CLI both build theirs here, so a local run is what a job gets. When compiling, points
+    torch.compile's caches at the compile cache directory first (worker.compile_cache).
+    ModelLoadError (one line) when the device is not there."""
+    if settings.compile != "none" and settings.compile_cache_dir is not None:  # before anything compiles
+        compile_cache.use_compile_cache(settings.compile_cache_dir, models, settings.compile)
+    device = resolve_device(settings.device)
+    budget = settings.gpu_memory_budget_gb
+    return ResidentPipelines(device=device, dtype=resolve_dtype(settings.dtype, device),
+                             speed=speed_options(settings), quantize=settings.quantize,
+                             budget_bytes=None if budget is None else int(budget * 2**30),
+                             tiny_vaes_wanted=tiny_vaes_wanted(settings), fast_decode=settings.fast_decode)
