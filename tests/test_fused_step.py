@@ -14,6 +14,7 @@ from core.jobs import JobRequest
 from settings.catalog import FastMode, ModelEntry
 from worker import fused_step
 from worker.generate import generate, mode_for, reproducibility
+from worker.optimize import CUDA_GRAPH_MODES, SpeedOptions, optimize
 from worker.pipelines import CPU, load_pipeline
 
 SD_BETAS = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear")
@@ -200,3 +201,59 @@ def test_unmarked_pipeline_keeps_diffusers_step(entry_and_pipe):
     _, pipe = entry_and_pipe
     made = mode_for(pipe, request(), None).scheduler
     assert made.step.__func__ is type(made).step
+
+
+# -- CUDA graphs: the UNet's output is overwritten by the next step's replay --------------------
+
+class MarkedPipe:
+    """What fused_step.prepare reads of a pipeline: its UNet's markers."""
+
+    def __init__(self, fused: bool, cuda_graphs: bool) -> None:
+        self.unet = torch.nn.Module()
+        fused_step.mark(self.unet, fused=fused, cuda_graphs=cuda_graphs)
+
+
+def denoise_into_static_buffer(scheduler, steps: int) -> torch.Tensor:
+    """As a CUDA-graph UNet without classifier-free guidance: every step's model output is the
+    same static buffer, rewritten in place by the next step."""
+    x = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0)) * scheduler.init_noise_sigma
+    static = torch.empty_like(x)
+    for t in scheduler.timesteps:
+        static.copy_(fake_model(scheduler.scale_model_input(x, t), t))
+        x = scheduler.step(static, t, x, return_dict=False)[0]
+    return x
+
+
+@pytest.mark.parametrize("fused", [True, False], ids=["fused", "diffusers-step-on-a-copy"])
+def test_history_survives_an_overwritten_model_output(fused):
+    """PNDM keeps its last four model outputs; they must not be the overwritten graph output."""
+    config = dict(skip_prk_steps=True, steps_offset=1)
+    reference, _ = denoise(scheduler("PNDMScheduler", config, 10, False), 10)
+    unprotected = denoise_into_static_buffer(scheduler("PNDMScheduler", config, 10, False), 10)
+    assert (unprotected - reference).abs().max() > 1e-2  # the hazard is real: history aliased
+
+    made = getattr(diffusers, "PNDMScheduler")(**SD_BETAS, **config)
+    made.set_timesteps(10)
+    fused_step.prepare(made, MarkedPipe(fused=fused, cuda_graphs=True))
+    assert isinstance(made.step, fused_step.LinearStep) == fused
+    if fused:
+        made.step.compiled = False
+    protected = denoise_into_static_buffer(made, 10)
+    assert (protected - reference).abs().max() <= 2e-5 * reference.abs().max()
+
+
+def test_without_cuda_graphs_the_plain_step_is_untouched():
+    made = diffusers.PNDMScheduler(**SD_BETAS)
+    fused_step.prepare(made, MarkedPipe(fused=False, cuda_graphs=False))
+    assert made.step.__func__ is diffusers.PNDMScheduler.step
+
+
+def test_compiled_modes_with_cuda_graphs_mark_the_unet(tiny_model_dir):
+    """worker.optimize marks reduce-overhead and max-autotune (CUDA graphs), not default."""
+    assert set(CUDA_GRAPH_MODES) == {"reduce-overhead", "max-autotune"}
+    entry = ModelEntry(key="tiny", source=str(tiny_model_dir), pipeline="StableDiffusionPipeline")
+    for mode, graphs in (("reduce-overhead", True), ("default", False)):
+        pipe = load_pipeline(entry, CPU, torch.float32)
+        optimize(pipe, SpeedOptions(fuse_qkv=False, compile=mode, fused_step=False))  # compiles lazily
+        assert fused_step._marked(pipe, fused_step.CUDA_GRAPHS_MARKER) == graphs
+        assert not fused_step.wanted(pipe)

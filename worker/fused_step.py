@@ -23,6 +23,7 @@ configurations keep their plain step.
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
@@ -33,6 +34,7 @@ import torch
 log = logging.getLogger(__name__)
 
 MARKER = "_imagine_fused_step"  # set on the UNet (inside compile wrappers) by worker.optimize
+CUDA_GRAPHS_MARKER = "_imagine_cuda_graphs"  # the same, when the compiled UNet replays CUDA graphs
 HISTORY_STEPS = 16  # real tensors kept: PLMS after Runge-Kutta warm-up reads 13 calls back
 PROBE_DTYPE = torch.float64  # the weights; schedulers that upcast to float32 keep ~1e-7 of them
 
@@ -57,18 +59,46 @@ def supports(scheduler: object) -> bool:
     return True
 
 
-def mark(unet: torch.nn.Module) -> None:
-    """Ask for the fused step on every call of the pipelines sharing this UNet."""
-    setattr(getattr(unet, "_orig_mod", unet), MARKER, True)
+def mark(unet: torch.nn.Module, fused: bool = True, cuda_graphs: bool = False) -> None:
+    """What the scheduler step of every call of the pipelines sharing this compiled UNet gets
+    (:func:`prepare`): the fused step (``fused``), and whether the UNet's outputs live in CUDA
+    graph memory that the next step overwrites (``cuda_graphs``)."""
+    module = getattr(unet, "_orig_mod", unet)
+    if fused:
+        setattr(module, MARKER, True)
+    if cuda_graphs:
+        setattr(module, CUDA_GRAPHS_MARKER, True)
+
+
+def _marked(pipe: object, marker: str) -> bool:
+    unet = getattr(pipe, "unet", None)
+    return bool(getattr(getattr(unet, "_orig_mod", unet), marker, False))
 
 
 def wanted(pipe: object) -> bool:
-    unet = getattr(pipe, "unet", None)
-    return bool(getattr(getattr(unet, "_orig_mod", unet), MARKER, False))
+    return _marked(pipe, MARKER)
+
+
+def prepare(scheduler: object, pipe: object) -> None:
+    """Set up a fresh scheduler for one call of ``pipe``: the fused step where the pipeline asks
+    for it and the step is linear; otherwise, under CUDA graphs, diffusers' step on a copy of
+    the model output (PNDM keeps the last four in its history, and without classifier-free
+    guidance the model output *is* the graph's output, overwritten by the next step's replay:
+    reading it then fails the job)."""
+    if wanted(pipe) and install(scheduler):
+        return
+    if _marked(pipe, CUDA_GRAPHS_MARKER):
+        scheduler.step = functools.partial(_step_on_a_copy, scheduler.step)
+
+
+def _step_on_a_copy(step: Callable, model_output: torch.Tensor, *args, **kwargs):
+    return step(model_output.clone(), *args, **kwargs)
 
 
 TERMS = 6  # tensors a compiled combine takes at most (PNDM reads 5: 4 model outputs + the latents)
-ROWS = 2  # outputs per combine: prev_sample, and pred_original_sample where the scheduler returns it
+# Outputs per combine: prev_sample, pred_original_sample where the scheduler returns it, and a
+# copy of the model output for the later steps that read it (see LinearStep._realise).
+ROWS = 3
 
 
 def _combine_eager(weights: torch.Tensor, tensors: Sequence[torch.Tensor], dtype: torch.dtype) -> list[torch.Tensor]:
@@ -160,30 +190,41 @@ class LinearStep:
         kwargs = {**kwargs, "generator": None} if "generator" in kwargs else kwargs
         result = self.plain_step(self._probe(output_index), self._host_timestep(timestep),
                                  self._probe(sample_index), *args, **kwargs)
-        return self._realise(result, model_output.dtype)
+        return self._realise(result, model_output.dtype, output_index)
 
-    def _realise(self, result, dtype: torch.dtype):
-        """The scheduler's output with each probe vector replaced by the real tensor it weighs."""
+    def _realise(self, result, dtype: torch.dtype, output_index: int):
+        """The scheduler's output with each probe vector replaced by the real tensor it weighs.
+
+        The same kernel also writes a copy of this step's model output, which later steps read
+        instead of the original: without classifier-free guidance the model output is the UNet's
+        own output, which under CUDA graphs lives in the graph's static memory and is overwritten
+        by the next step's replay (torch then refuses any read of it). fp16 → fp32 → fp16 is exact."""
         if isinstance(result, tuple):
             fields = list(result)
         else:
             fields = [getattr(result, name) for name in result.keys()]
         vectors = [i for i, value in enumerate(fields) if isinstance(value, torch.Tensor)]
         # numpy for the bookkeeping: a few µs where torch's small-tensor calls cost tens each
-        weights = np.stack([fields[i].numpy() for i in vectors]).astype(np.float64)
-        used = [int(i) for i in np.flatnonzero(np.abs(weights).sum(0))] or [max(self.tensors)]
+        copy = np.zeros(self.size)
+        copy[output_index] = 1.0
+        weights = np.stack([*(fields[i].numpy() for i in vectors), copy]).astype(np.float64)
+        used = [int(i) for i in np.flatnonzero(np.abs(weights).sum(0))]
         missing = [i for i in used if i not in self.tensors]
         if missing:  # a scheduler reaching further back than HISTORY_STEPS: never guess
             raise RuntimeError(f"fused scheduler step: {type(self.scheduler).__name__} reads tensors "
                                f"older than {HISTORY_STEPS} steps")
         real = [self.tensors[i] for i in used]
-        table = np.zeros((max(ROWS, len(vectors)), len(used)), dtype=np.float32)  # ROWS: one graph for 1 or 2
-        table[:len(vectors)] = weights[:, used]
+        # Always ROWS rows (one compiled graph whatever the scheduler returns); the copy is the last.
+        table = np.zeros((max(ROWS, len(weights)), len(used)), dtype=np.float32)
+        table[:len(vectors)] = weights[:len(vectors), used]
+        table[-1] = weights[-1, used]
         table = torch.from_numpy(table)
         if real[0].device.type == "cuda":  # pinned: the copy is queued, the CPU does not wait
             table = table.pin_memory().to(real[0].device, non_blocking=True)
-        for i, value in zip(vectors, _combine(table, real, dtype, self.compiled)):  # extra rows: zip drops them
+        outputs = _combine(table, real, dtype, self.compiled)
+        for i, value in zip(vectors, outputs):
             fields[i] = value
+        self.tensors[output_index] = outputs[-1]
         if isinstance(result, tuple):
             return tuple(fields)
         return type(result)(**dict(zip(result.keys(), fields)))

@@ -128,13 +128,12 @@ def mode_for(pipe: DiffusionPipeline, request: JobRequest, fast: FastMode | None
 
 
 def _fresh(scheduler_class: type, pipe: DiffusionPipeline) -> object:
-    """A new scheduler from the pipeline's config; with the fused step (worker.fused_step) when
-    the pipeline was compiled with it and the scheduler's step allows it."""
+    """A new scheduler from the pipeline's config, its step set up for a compiled pipeline
+    (worker.fused_step.prepare: the fused step, or a step safe under CUDA graphs)."""
     from worker import fused_step
 
     scheduler = scheduler_class.from_config(pipe.scheduler.config)
-    if fused_step.wanted(pipe):
-        fused_step.install(scheduler)
+    fused_step.prepare(scheduler, pipe)
     return scheduler
 
 

@@ -18,6 +18,7 @@ from worker import fused_step
 from worker.quantize import quantize_pipeline
 
 log = logging.getLogger(__name__)
+CUDA_GRAPH_MODES = ("reduce-overhead", "max-autotune")  # torch.compile modes that replay CUDA graphs
 
 
 @dataclass(frozen=True)
@@ -59,6 +60,5 @@ def optimize(pipe: DiffusionPipeline, options: SpeedOptions) -> DiffusionPipelin
         pipe.unet = torch.compile(pipe.unet, mode=mode, fullgraph=True)
         pipe.vae.decode = torch.compile(pipe.vae.decode, mode=mode, fullgraph=True)
         log.info("compiled unet and vae decode (mode=%s); warm-up compiles each shape", options.compile)
-        if options.fused_step:
-            fused_step.mark(pipe.unet)
+        fused_step.mark(pipe.unet, fused=options.fused_step, cuda_graphs=options.compile in CUDA_GRAPH_MODES)
     return pipe
