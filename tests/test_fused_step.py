@@ -257,3 +257,32 @@ def test_compiled_modes_with_cuda_graphs_mark_the_unet(tiny_model_dir):
         optimize(pipe, SpeedOptions(fuse_qkv=False, compile=mode, fused_step=False))  # compiles lazily
         assert fused_step._marked(pipe, fused_step.CUDA_GRAPHS_MARKER) == graphs
         assert not fused_step.wanted(pipe)
+
+
+@pytest.mark.slow  # compiles the combine for every count of tensors on CPU
+def test_warm_up_compiles_every_combine_a_long_job_needs(entry_and_pipe, monkeypatch):
+    """The worker's warm-up runs 2-step calls; fused_step.warm_up compiles the rest, so a
+    25-step PNDM job compiles nothing in front of its user."""
+    from torch._dynamo.utils import counters
+
+    _, pipe = entry_and_pipe
+    pipe.scheduler = diffusers.PNDMScheduler.from_config(pipe.scheduler.config)
+    monkeypatch.setattr(fused_step, "_compiled", None)
+    monkeypatch.setattr(fused_step, "_warmed", set())
+    fused_step.mark(pipe.unet)
+    try:
+        fused_step.warm_up(pipe)
+        compiled = counters["stats"]["unique_graphs"]
+        generation = generate(pipe, request(steps=25))
+        assert counters["stats"]["unique_graphs"] == compiled
+        assert fused_step._compiled not in (None, fused_step._combine_eager)
+        assert generation.images[0].size == (64, 64)
+    finally:
+        delattr(pipe.unet, fused_step.MARKER)
+
+
+def test_warm_up_skips_pipelines_without_the_fused_step(entry_and_pipe, monkeypatch):
+    _, pipe = entry_and_pipe
+    monkeypatch.setattr(fused_step, "_compiled", None)
+    fused_step.warm_up(pipe)
+    assert fused_step._compiled is None

@@ -139,6 +139,27 @@ def _combine(weights: torch.Tensor, tensors: Sequence[torch.Tensor], dtype: torc
         return _combine_eager(weights, tensors, dtype)
 
 
+_warmed: set[tuple[torch.device, torch.dtype]] = set()
+
+
+def warm_up(pipe: object) -> None:
+    """Compile the combine for every count of tensors now, at worker start, for pipelines that
+    use the fused step: the warm-up's 2-step calls reach only some of them (PNDM reads 5 tensors
+    from its fifth step on), and compiling the rest would happen in front of a user. One graph
+    per count serves every shape (dynamic sizes)."""
+    unet = getattr(pipe, "unet", None)
+    if not wanted(pipe) or unet is None:
+        return
+    device, dtype = unet.device, unet.dtype
+    if (device, dtype) in _warmed:
+        return
+    with torch.inference_mode():  # as pipeline calls run (grad mode is part of dynamo's guards)
+        for count in range(1, TERMS + 1):
+            tensors = [torch.zeros(2, 4, 8, 8, device=device, dtype=dtype) for _ in range(count)]
+            _combine(torch.zeros(ROWS, count, device=device), tensors, dtype, compiled=True)
+    _warmed.add((device, dtype))
+
+
 class LinearStep:
     """A scheduler's ``step`` replaced by probe + one combine (see the module docstring). Install
     with :func:`install`; the scheduler is then used exactly as before, by the same pipeline."""

@@ -28,7 +28,7 @@ from core.logs import adopt_library_loggers, configure_logging, secrets_of
 from core.redis_connection import connect_worker
 from settings.catalog import ModelEntry
 from settings.config import Settings, load_settings
-from worker import metrics
+from worker import fused_step, metrics
 from worker.compile_cache import cache_counts, describe_counts, save_compile_cache
 from worker.delivery import use_api_base
 from worker.failures import Reporter
@@ -89,6 +89,7 @@ def warm_up(pipelines: ResidentPipelines, settings: Settings, safety: SafetyChec
                 classify(safety, generation.images)
             log.info("warmed %s (%s) at %d px × %d image(s) in %.1f s", key, quality, size, count,
                      time.perf_counter() - started)
+        fused_step.warm_up(pipelines.get(key))  # the fused step's every kernel, not only the 2-step calls' ones
 
 
 def load_pipelines(settings: Settings, safety: SafetyChecker | None = None) -> ResidentPipelines:
