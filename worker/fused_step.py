@@ -37,6 +37,10 @@ MARKER = "_imagine_fused_step"  # set on the UNet (inside compile wrappers) by w
 CUDA_GRAPHS_MARKER = "_imagine_cuda_graphs"  # the same, when the compiled UNet replays CUDA graphs
 HISTORY_STEPS = 16  # real tensors kept: PLMS after Runge-Kutta warm-up reads 13 calls back
 PROBE_DTYPE = torch.float64  # the weights; schedulers that upcast to float32 keep ~1e-7 of them
+TERMS = 6  # tensors a compiled combine takes at most (PNDM reads 5: 4 model outputs + the latents)
+# Outputs per combine: prev_sample, pred_original_sample where the scheduler returns it, and a
+# copy of the model output for the later steps that read it (see LinearStep._realise).
+ROWS = 3
 
 # Deterministic schedulers whose step is linear in its tensors (for the configurations below).
 LINEAR_SCHEDULERS = ("PNDMScheduler", "EulerDiscreteScheduler", "DDIMScheduler",
@@ -95,12 +99,6 @@ def _step_on_a_copy(step: Callable, model_output: torch.Tensor, *args, **kwargs)
     return step(model_output.clone(), *args, **kwargs)
 
 
-TERMS = 6  # tensors a compiled combine takes at most (PNDM reads 5: 4 model outputs + the latents)
-# Outputs per combine: prev_sample, pred_original_sample where the scheduler returns it, and a
-# copy of the model output for the later steps that read it (see LinearStep._realise).
-ROWS = 3
-
-
 def _combine_eager(weights: torch.Tensor, tensors: Sequence[torch.Tensor], dtype: torch.dtype) -> list[torch.Tensor]:
     """Row r of ``weights`` (outputs × tensors) weights ``tensors`` into output r, in float32."""
     outputs = []
@@ -132,6 +130,8 @@ def _combine(weights: torch.Tensor, tensors: Sequence[torch.Tensor], dtype: torc
     try:  # flat views: no batch-of-1 specialisation (dynamo always specialises sizes of 1)
         flat = _compiled(weights, tuple(t.view(-1) for t in tensors), dtype)
         return [output.view(shape) for output in flat]
+    except torch.cuda.OutOfMemoryError:
+        raise  # the caller's to handle (generate halves the batch); not a reason to stop compiling
     except Exception as error:  # a faster step must never fail a job: the eager sum is the same
         log.warning("fused scheduler step: compiled combine failed (%s); using the eager sum",
                     str(error).splitlines()[0] if str(error) else type(error).__name__)
