@@ -89,6 +89,9 @@ def test_the_replacement_vae_is_named_when_it_decoded_the_images():
     assert info_fields(result, job)["Pipeline"] == f"{result.pipeline}\nVAE `{SDXL_VAE}` @ 0123abcd"
     text = result.png_text(100)
     assert (text["vae"], text["vae_revision"]) == (SDXL_VAE, "0123abcd")
+    from worker.delivery import reproducibility_footer
+
+    assert f"VAE {SDXL_VAE} @ 0123abcd · " in reproducibility_footer(result)  # the result message too
     unpinned = vae_record(sdxl_entry(vae_revision=None), job)
     assert (unpinned.vae, unpinned.vae_revision) == (SDXL_VAE, None)
     assert info_fields(unpinned, job)["Pipeline"].endswith(f"VAE `{SDXL_VAE}` @ default revision")
@@ -126,6 +129,9 @@ def test_a_model_with_its_own_vae_names_none():
     assert (result.vae, result.vae_revision) == (None, None)
     fields = info_fields(result, job)
     assert fields["Pipeline"] == result.pipeline == "SimpleNamespace" and "VAE" not in "".join(fields.values())
+    from worker.delivery import reproducibility_footer
+
+    assert "VAE" not in reproducibility_footer(result)
     assert (result.png_text(100)["vae"], result.png_text(100)["vae_revision"]) == ("", "")
 
 

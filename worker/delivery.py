@@ -57,7 +57,8 @@ def reproducibility_footer(record: Reproducibility) -> str:
     revision = record.revision or "default revision"
     fast = (f"fast: {record.adapter} @ {record.adapter_revision or 'default revision'} · " if record.adapter
             else "fast · " if record.quality == "fast" else "")
-    return (f"{record.pipeline} · {record.scheduler} · {fast}diffusers {record.diffusers_version} · "
+    vae = f"VAE {record.vae} @ {record.vae_revision or 'default revision'} · " if record.vae else ""
+    return (f"{record.pipeline} · {record.scheduler} · {fast}{vae}diffusers {record.diffusers_version} · "
             f"{record.source} @ {revision}")
 
 
