@@ -149,7 +149,7 @@ def test_gpu_speed_compiled_stage_times_and_profiles_each_model(tmp_path):
 @pytest.mark.e2e
 def test_fused_step_bench_compares_the_step_alone(tmp_path):
     out = tmp_path / "step.json"
-    printed = bench("fused_step", "--device", "cpu", "--size", "128", "--steps", "6", "--runs", "1",
+    printed = bench("fused_step", "--device", "cpu", "--size", "64", "--steps", "5", "--runs", "1",
                     "--json", str(out))
     rows = json.loads(out.read_text())["rows"]
     assert [r["scheduler"] for r in rows] == ["PNDMScheduler", "EulerDiscreteScheduler",

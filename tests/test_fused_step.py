@@ -260,12 +260,13 @@ def test_compiled_modes_with_cuda_graphs_mark_the_unet(tiny_model_dir):
 
 
 @pytest.mark.slow  # compiles the combine for every count of tensors on CPU
-def test_warm_up_compiles_every_combine_a_long_job_needs(entry_and_pipe, monkeypatch):
+def test_warm_up_compiles_every_combine_a_long_job_needs(tiny_model_dir, monkeypatch):
     """The worker's warm-up runs 2-step calls; fused_step.warm_up compiles the rest, so a
     25-step PNDM job compiles nothing in front of its user."""
     from torch._dynamo.utils import counters
 
-    _, pipe = entry_and_pipe
+    entry = ModelEntry(key="tiny", source=str(tiny_model_dir), pipeline="StableDiffusionPipeline")
+    pipe = load_pipeline(entry, CPU, torch.float32)
     pipe.scheduler = diffusers.PNDMScheduler.from_config(pipe.scheduler.config)
     monkeypatch.setattr(fused_step, "_compiled", None)
     monkeypatch.setattr(fused_step, "_warmed", set())
