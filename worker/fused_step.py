@@ -1,4 +1,4 @@
-"""The scheduler step as one compiled kernel, computed without waiting for the GPU.
+"""The scheduler step in two kernels (a stack, one compiled sum), without waiting for the GPU.
 
 The profile of a compiled bk-sdm-small call (docs/benchmarks.md, round two) showed the GPU idle
 ~40 % of the time between CUDA-graph replays, and PNDM's step taking about as long on the CPU as
@@ -13,7 +13,8 @@ instead of latents (each basis vector stands for one real tensor: "the latents e
 i", "the model output of step i"), with the timestep read from a host copy of the schedule; what
 comes out is the weights, exact, with every branch, counter and history list of the scheduler
 evolving as it would. The real latents are then combined with those weights by one function
-compiled with torch.compile: one fused kernel per step, and nothing that waits for the GPU.
+compiled with torch.compile (after one stacking copy): two kernels per step instead of ~15, and
+nothing that waits for the GPU.
 
 Nothing of diffusers is rewritten, so any timestep schedule, begin index (img2img) or solver
 order works the same; only schedulers whose step is linear are accepted (:func:`supports`):
@@ -37,7 +38,6 @@ MARKER = "_imagine_fused_step"  # set on the UNet (inside compile wrappers) by w
 CUDA_GRAPHS_MARKER = "_imagine_cuda_graphs"  # the same, when the compiled UNet replays CUDA graphs
 HISTORY_STEPS = 16  # real tensors kept: PLMS after Runge-Kutta warm-up reads 13 calls back
 PROBE_DTYPE = torch.float64  # the weights; schedulers that upcast to float32 keep ~1e-7 of them
-TERMS = 6  # tensors a compiled combine takes at most (PNDM reads 5: 4 model outputs + the latents)
 # Outputs per combine: prev_sample, pred_original_sample where the scheduler returns it, and a
 # copy of the model output for the later steps that read it (see LinearStep._realise).
 ROWS = 3
@@ -99,15 +99,10 @@ def _step_on_a_copy(step: Callable, model_output: torch.Tensor, *args, **kwargs)
     return step(model_output.clone(), *args, **kwargs)
 
 
-def _combine_eager(weights: torch.Tensor, tensors: Sequence[torch.Tensor], dtype: torch.dtype) -> list[torch.Tensor]:
-    """Row r of ``weights`` (outputs × tensors) weights ``tensors`` into output r, in float32."""
-    outputs = []
-    for row in range(weights.shape[0]):
-        total = weights[row, 0] * tensors[0].float()
-        for column in range(1, len(tensors)):
-            total = total + weights[row, column] * tensors[column].float()
-        outputs.append(total.to(dtype))
-    return outputs
+def _combine_eager(weights: torch.Tensor, stacked: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Row r of the result: row r of ``weights`` (outputs × tensors) applied to ``stacked``
+    (tensors × elements), summed in float32."""
+    return (weights[:, :, None] * stacked[None].float()).sum(1).to(dtype)
 
 
 _compiled: Callable | None = None
@@ -115,38 +110,36 @@ _compiled: Callable | None = None
 
 def _combine(weights: torch.Tensor, tensors: Sequence[torch.Tensor], dtype: torch.dtype,
              compiled: bool) -> list[torch.Tensor]:
-    """One fused kernel when compiled: inductor's default mode (CUDA graphs would first copy
-    every input into their static buffers), every size dynamic from the start, and always ROWS
-    rows, so one graph per count of tensors (at most TERMS) serves every shape and scheduler,
-    within dynamo's 8 recompiles. Eager beyond TERMS and, with one log line, from then on if
-    compiling fails."""
+    """The weighted sums, one per row of ``weights``, shaped like the tensors. The tensors are
+    stacked flat first (one copy kernel), so that one compiled graph, every size dynamic from
+    the start, serves every count of tensors, shape and scheduler: a graph per count would add
+    a compile per count to every worker start, even from the cache. Inductor's default mode:
+    CUDA graphs would first copy the inputs into their static buffers. Eager, with one log line,
+    from then on if compiling fails."""
     global _compiled
     shape = tensors[0].shape
-    if (not compiled or len(tensors) > TERMS or weights.shape[0] != ROWS
-            or any(t.shape != shape or not t.is_contiguous() for t in tensors)):
-        return _combine_eager(weights, tensors, dtype)
+    stacked = torch.stack([t.reshape(-1) for t in tensors])
+    if not compiled:
+        return list(_combine_eager(weights, stacked, dtype).view(-1, *shape))
     if _compiled is None:
         _compiled = torch.compile(_combine_eager, fullgraph=True, dynamic=True)
-    try:  # flat views: no batch-of-1 specialisation (dynamo always specialises sizes of 1)
-        flat = _compiled(weights, tuple(t.view(-1) for t in tensors), dtype)
-        return [output.view(shape) for output in flat]
+    try:
+        return list(_compiled(weights, stacked, dtype).view(-1, *shape))
     except torch.cuda.OutOfMemoryError:
         raise  # the caller's to handle (generate halves the batch); not a reason to stop compiling
     except Exception as error:  # a faster step must never fail a job: the eager sum is the same
         log.warning("fused scheduler step: compiled combine failed (%s); using the eager sum",
                     str(error).splitlines()[0] if str(error) else type(error).__name__)
         _compiled = _combine_eager
-        return _combine_eager(weights, tensors, dtype)
+        return list(_combine_eager(weights, stacked, dtype).view(-1, *shape))
 
 
 _warmed: set[tuple[torch.device, torch.dtype]] = set()
 
 
 def warm_up(pipe: object) -> None:
-    """Compile the combine for every count of tensors now, at worker start, for pipelines that
-    use the fused step: the warm-up's 2-step calls reach only some of them (PNDM reads 5 tensors
-    from its fifth step on), and compiling the rest would happen in front of a user. One graph
-    per count serves every shape (dynamic sizes)."""
+    """Compile the combine now, at worker start, for pipelines that use the fused step, so that
+    no job compiles it in front of a user (one graph serves every count of tensors and shape)."""
     unet = getattr(pipe, "unet", None)
     if not wanted(pipe) or unet is None:
         return
@@ -154,9 +147,8 @@ def warm_up(pipe: object) -> None:
     if (device, dtype) in _warmed:
         return
     with torch.inference_mode():  # as pipeline calls run (grad mode is part of dynamo's guards)
-        for count in range(1, TERMS + 1):
-            tensors = [torch.zeros(2, 4, 8, 8, device=device, dtype=dtype) for _ in range(count)]
-            _combine(torch.zeros(ROWS, count, device=device), tensors, dtype, compiled=True)
+        tensors = [torch.zeros(2, 4, 8, 8, device=device, dtype=dtype) for _ in range(2)]
+        _combine(torch.zeros(ROWS, 2, device=device), tensors, dtype, compiled=True)
     _warmed.add((device, dtype))
 
 
@@ -235,7 +227,8 @@ class LinearStep:
             raise RuntimeError(f"fused scheduler step: {type(self.scheduler).__name__} reads tensors "
                                f"older than {HISTORY_STEPS} steps")
         real = [self.tensors[i] for i in used]
-        # Always ROWS rows (one compiled graph whatever the scheduler returns); the copy is the last.
+        # Always ROWS rows whatever the scheduler returns (dynamo specialises a count of 1); the
+        # copy is the last.
         table = np.zeros((max(ROWS, len(weights)), len(used)), dtype=np.float32)
         table[:len(vectors)] = weights[:len(vectors), used]
         table[-1] = weights[-1, used]
