@@ -70,16 +70,30 @@ def warm_up_shapes(settings: Settings, entry: ModelEntry) -> list[tuple[int, int
     return [(size, count) for size in sizes for count in counts]
 
 
+WarmUpCall = tuple[int, int, str, float]  # image size, images per call, quality, guidance
+
+
+def warm_up_plan(settings: Settings, entry: ModelEntry) -> list[WarmUpCall]:
+    """The warm-up calls of one model: standard mode at every shape; fast mode too where the
+    model has it, at every shape when it runs other graphs (its adapter switched on, or
+    classifier-free guidance on in one mode and off in the other: another batch shape), else
+    once (a solver at fewer steps with CFG, as bk-sdm-small's: the same UNet and VAE graphs as
+    standard, so only its scheduler needs a first run). A restart re-runs every call."""
+    shapes = warm_up_shapes(settings, entry)
+    calls = [(size, count, "standard", entry.default_guidance) for size, count in shapes]
+    fast = entry.fast
+    if fast is None:
+        return calls
+    guidance = entry.default_guidance if fast.guidance is None else fast.guidance
+    same_graphs = not fast.adapter and (guidance > 1) == (entry.default_guidance > 1)
+    return calls + [(size, count, "fast", guidance) for size, count in (shapes[:1] if same_graphs else shapes)]
+
+
 def warm_up(pipelines: ResidentPipelines, settings: Settings, safety: SafetyChecker | None = None) -> None:
-    """Short generations per model and shape, each checked by the output classifier; the worker
-    only registers as ready after this."""
+    """Short generations per model and shape (:func:`warm_up_plan`), each checked by the output
+    classifier; the worker only registers as ready after this."""
     for key, entry in pipelines.entries.items():
-        # Fast mode too where the model has it: its adapter and scheduler run at start, not
-        # first in front of a user (and a compiled UNet gets both graphs now).
-        modes = [("standard", entry.default_guidance)] + (
-            [("fast", entry.default_guidance if entry.fast.guidance is None else entry.fast.guidance)]
-            if entry.fast is not None else [])
-        for (size, count), (quality, guidance) in itertools.product(warm_up_shapes(settings, entry), modes):
+        for size, count, quality, guidance in warm_up_plan(settings, entry):
             started = time.perf_counter()
             generation = generate(pipelines.get(key), JobRequest(
                 job_id="warmup", model=key, prompt="warm up", steps=2, guidance=guidance, seed=0,
@@ -89,7 +103,7 @@ def warm_up(pipelines: ResidentPipelines, settings: Settings, safety: SafetyChec
                 classify(safety, generation.images)
             log.info("warmed %s (%s) at %d px × %d image(s) in %.1f s", key, quality, size, count,
                      time.perf_counter() - started)
-        fused_step.warm_up(pipelines.get(key))  # the fused step's every kernel, not only the 2-step calls' ones
+        fused_step.warm_up(pipelines.get(key))  # the fused step's combine, compiled once
 
 
 def load_pipelines(settings: Settings, safety: SafetyChecker | None = None) -> ResidentPipelines:
