@@ -149,6 +149,34 @@ def test_compiled_combine_matches_the_eager_sum():
         assert b.dtype == torch.float16 and torch.allclose(a.float(), b.float(), atol=1e-3)
 
 
+def test_a_compile_failure_falls_back_to_the_eager_sum_for_good(monkeypatch, caplog):
+    """A faster step never fails a job: the same sums, one log line, no retry of the compile."""
+    def broken(*args):
+        raise RuntimeError("inductor: no C++ compiler\nlong traceback")
+
+    monkeypatch.setattr(fused_step, "_compiled", broken)
+    tensors = [torch.randn(1, 4, 8, 8) for _ in range(2)]
+    weights = torch.tensor([[0.5, 2.0], [1.0, 0.0], [0.0, 1.0]])
+    with caplog.at_level("WARNING", logger="worker.fused_step"):
+        out = fused_step._combine(weights, tensors, torch.float32, compiled=True)
+    assert torch.allclose(out[0], 0.5 * tensors[0] + 2.0 * tensors[1]) and torch.equal(out[2], tensors[1])
+    assert fused_step._compiled is fused_step._combine_eager
+    assert [r.getMessage() for r in caplog.records] == [
+        "fused scheduler step: compiled combine failed (inductor: no C++ compiler); using the eager sum"]
+
+
+def test_out_of_memory_in_the_combine_is_the_callers(monkeypatch):
+    """generate halves the batch on out-of-memory; the combine must not swallow it, nor stop
+    compiling because of it."""
+    def out_of_memory(*args):
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory")
+
+    monkeypatch.setattr(fused_step, "_compiled", out_of_memory)
+    with pytest.raises(torch.cuda.OutOfMemoryError):
+        fused_step._combine(torch.ones(3, 1), [torch.ones(2, 2)], torch.float32, compiled=True)
+    assert fused_step._compiled is out_of_memory
+
+
 # -- in the pipeline path ---------------------------------------------------------------------
 
 def request(**fields) -> JobRequest:
