@@ -45,7 +45,7 @@ def artifact_path(directory: Path, models: Iterable[str] = (), compile_mode: str
     """The mega-cache file of one torch version (its entries are useless to another) and of what
     a worker serves: its models' catalog keys, sorted (the order they are listed in does not
     matter), and its compile mode, e.g. ``artifacts-torch-2.9.1-reduce-overhead-a+b.bin``.
-    Neither given: the one file every caller shared before (bench scripts)."""
+    Neither given: one file for the torch version (a caller that serves no named models)."""
     served = "+".join(sorted(set(models)))
     if served and not SAFE_NAME.fullmatch(served):  # many models, or keys not made for file names
         served = hashlib.sha256(served.encode()).hexdigest()[:16]
