@@ -225,6 +225,9 @@ def serve(settings: Settings, models: list[str], redis: Redis, reporter: Reporte
         except RedisError as error:
             reason = str(error)
         done += worker.jobs_done
+        if worker.no_model_left:
+            raise SystemExit("error: no model left that this worker can run (logged above); exiting "
+                             "so that it is restarted and loads them again")
         if worker.stop_asked or burst or (max_jobs is not None and done >= max_jobs):
             return
         # RQ's loop quits on Redis errors it does not retry itself; come back when Redis does.

@@ -45,7 +45,7 @@ from rq.job import Job, JobStatus
 from rq.registry import clean_registries
 from rq.utils import now
 from rq.worker import WorkerStatus
-from rq.worker_registration import clean_worker_registry
+from rq.worker_registration import WORKERS_BY_QUEUE_KEY, clean_worker_registry
 
 from core.fair_queue import FairQueue
 from core.logs import redact
@@ -68,6 +68,10 @@ LEASE_HEARTBEATS = 4  # a job's lease survives this many missed heartbeats
 RECYCLING_PREFIX = "imagine:recycling:"  # + worker name: set while a worker leaves to recycle
 RECYCLING_MARK_S = 600
 MAINTENANCE_LOCK_S = 60
+
+
+def model_of(queue: Queue) -> str:
+    return queue.name.rsplit(":", 1)[1]  # model keys hold no ":", a prefix may
 
 
 class ImagineQueue(FairQueue):
@@ -153,6 +157,7 @@ class ImagineWorker(SimpleWorker):
         self._handed_back: set[str] = set()  # jobs too new for this worker, logged once each
         self.recycle_needs_peer = recycle_needs_peer
         self._recycle_deferred = False
+        self.no_model_left = False  # every served model became unusable: the worker exits to restart
 
     def work(self, *args, max_jobs: int | None = None, **kwargs) -> bool:
         # RQ counts pipeline batches; the budget is enforced per job in execute_job.
@@ -183,8 +188,35 @@ class ImagineWorker(SimpleWorker):
             for member, execution in members:
                 self._execute_one(member, queue, execution)
                 heartbeat.done(member)
+        self._stop_serving_unusable_models()
         self.set_state(WorkerStatus.IDLE)
         if self.job_budget is not None and self.jobs_done >= self.job_budget and self._may_recycle():
+            self._stop_requested = True  # RQ's loop ends before taking another job
+
+    def _stop_serving_unusable_models(self) -> None:
+        """Take no more jobs for the models this worker can no longer run (worker.pipelines: an
+        optimization failed when the model came onto the GPU). Their jobs went back to the front
+        of their queue (worker.tasks), for the workers that can run them; admission and ETAs
+        stop counting this one for them. With no model left, the worker ends its loop and exits
+        non-zero, so that its supervisor restarts it and the models load afresh."""
+        unusable = current_runtime().pipelines.unusable
+        dropped = [queue for queue in self.queues if model_of(queue) in unusable]
+        if not dropped:
+            return
+        self.queues = [queue for queue in self.queues if queue not in dropped]
+        self._ordered_queues = self.queues[:]
+        for queue in dropped:
+            log.error("no longer serving %s: %s", queue.name, unusable[model_of(queue)])
+        try:
+            with self.connection.pipeline() as pipe:
+                for queue in dropped:
+                    pipe.srem(WORKERS_BY_QUEUE_KEY % queue.name, self.key)
+                pipe.hset(self.key, "queues", ",".join(self.queue_names()))
+                pipe.execute()
+        except RedisError as error:  # the worker's key expires with it; admission may count it till then
+            log.warning("could not update this worker's queues in Redis: %s", error)
+        if not self.queues:
+            self.no_model_left = True
             self._stop_requested = True  # RQ's loop ends before taking another job
 
     def _may_recycle(self) -> bool:
@@ -334,8 +366,7 @@ class ImagineWorker(SimpleWorker):
             created_at = None  # RQ's own dequeue meets the same error, or fails the bad job
         if created_at is not None and time.time() - created_at > self.starvation_s:
             return (0, created_at)
-        model = queue.name.rsplit(":", 1)[1]  # model keys hold no ":", a prefix may
-        return (1, 0.0) if model in current_runtime().pipelines.resident_keys() else (2, 0.0)
+        return (1, 0.0) if model_of(queue) in current_runtime().pipelines.resident_keys() else (2, 0.0)
 
     def request_stop(self, signum, frame) -> None:
         self.stop_asked = True  # remembered even when Redis is away and RQ's handler fails

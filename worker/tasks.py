@@ -28,6 +28,7 @@ from worker import metrics
 from worker.batching import images_for
 from worker.generate import Generation, reproducibility
 from worker.outcomes import Told
+from worker.pipelines import ModelLoadError
 from worker.progress import (
     ProgressReporter,
     discord_progress,
@@ -59,6 +60,14 @@ def run_imagine(payload: dict) -> dict:
         # the failure callback tells the user this one line (worker.failures), once.
         if job is not None:
             job.retries_left = 0
+        raise
+    except ModelLoadError:
+        # This worker can no longer run the model (worker.pipelines: its optimization failed);
+        # the job is fine. Back to the front of its queue without spending one of its retries,
+        # for a worker that can: this one stops serving the queue (ImagineWorker), so it gets
+        # this bonus once per model.
+        if job is not None:
+            job.retries_left = (job.retries_left or 0) + 1
         raise
     # Before anything about the images leaves this process (Discord, web store, records).
     generation = moderate(runtime.safety, request, generation)
