@@ -14,8 +14,13 @@
 #                                                restart through the worker's own warm-up)
 #                            step-kernels       (bench.fused_step: the scheduler step alone, diffusers'
 #                                                vs fused: kernels and syncs per step; seconds)
+#                            speed-quantized-bk (bk-sdm-small with CUDA graphs and its UNet quantized:
+#                                                fp8 on Hopper/Ada, else int8; speed and PSNR vs plain)
 #   round1 = eager compiled-bk compiled-sd;  round2 = step-kernels speed-eager speed-compiled-bk
 #   speed-restart-bk speed-compiled-xl;  no stage named: round1 then round2 (make bench-gpu).
+#   pending = what docs/benchmarks.md still marks "not measured", most wanted first: step-kernels
+#   speed-compiled-bk speed-restart-bk speed-compiled-xl speed-quantized-bk (a session lent a GPU
+#   for ~15 minutes: DEADLINE=… BK_BATCH_SIZES=1,16 bench/gpu.sh pending).
 # $DEADLINE (seconds after this script starts) stops stages that would start after it and cuts
 # the running one there, so a fixed time slot always ends with its files written.
 # Extra flags for seed_table and gpu_speed go in $BENCH_ARGS (e.g. "--tiny --steps 2": a CPU
@@ -45,8 +50,9 @@ bk_sizes=${BK_BATCH_SIZES:-$(seq -s, 1 16)}  # compose's bk-sdm-small worker: ba
 
 round1="eager compiled-bk compiled-sd"
 round2="step-kernels speed-eager speed-compiled-bk speed-restart-bk speed-compiled-xl"
+pending="step-kernels speed-compiled-bk speed-restart-bk speed-compiled-xl speed-quantized-bk"
 # shellcheck disable=SC2086  # stage lists split on spaces
-set -- $(echo "${*:-round1 round2}" | sed "s/round1/$round1/; s/round2/$round2/")
+set -- $(echo "${*:-round1 round2}" | sed "s/round1/$round1/; s/round2/$round2/; s/pending/$pending/")
 for one in "$@"; do
   case $one in
     eager) stage eager --runs 2 ;;
@@ -63,6 +69,9 @@ for one in "$@"; do
     speed-compiled-xl)
       run speed-compiled-xl gpu_speed --stage compiled --models ssd-1b,sdxl-base --batch-sizes 1,4 \
         --depth 8 --runs 2 --cache-dir "$cache" ;;
+    speed-quantized-bk)  # on the compile cache of speed-compiled-bk's shapes: only the quantized graphs compile
+      run speed-quantized-bk gpu_speed --stage compiled --models bk-sdm-small --quantize auto \
+        --batch-sizes "$bk_sizes" --cache-dir "$cache" ;;
     cold-start-bk)
       rm -rf "$out/cold-start-cache"
       run cold-start-bk cold_start --real --model bk-sdm-small --compile reduce-overhead \
