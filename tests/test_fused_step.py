@@ -315,3 +315,44 @@ def test_warm_up_skips_pipelines_without_the_fused_step(entry_and_pipe, monkeypa
     monkeypatch.setattr(fused_step, "_compiled", None)
     fused_step.warm_up(pipe)
     assert fused_step._compiled is None
+
+
+@pytest.mark.parametrize("mode,fields", [
+    ("img2img", dict(strength=0.55, steps=9)),  # begins mid-schedule (set_begin_index)
+    ("upscale", dict(strength=0.3, steps=10, width=128, height=128)),  # tiles: a fresh scheduler each
+    ("txt2img", dict(guidance=1.0, count=3)),  # no CFG: the model output is the UNet's own
+])
+def test_image_modes_draw_the_same_images_with_the_fused_step(entry_and_pipe, mode, fields, monkeypatch):
+    """img2img, Vary and Upscale run the same UNet (from_pipe) and so get the fused step too:
+    their images stay diffusers' own."""
+    from PIL import Image
+
+    from core.jobs import SourceImage
+    from worker.generate import Sources, img2img_pipeline
+    from worker.source_image import SourceInput, fit
+
+    _, pipe = entry_and_pipe
+    sources = None
+    if mode == "txt2img":
+        job = request(**fields)
+    else:
+        job = request(mode=mode, source=SourceImage(url="https://cdn.discordapp.com/attachments/1/2/a.png"),
+                      **fields)
+        picture = Image.fromarray(np.random.default_rng(4).integers(0, 255, (64, 64, 3), dtype=np.uint8))
+        sources = Sources({job.job_id: SourceInput(fit(picture, job.width, job.height), "f" * 64, picture.size)},
+                          64)
+        pipe = img2img_pipeline(pipe)
+    monkeypatch.setattr(fused_step, "_compiled", fused_step._combine_eager)
+    installed = []
+    monkeypatch.setattr(fused_step, "install", lambda s, compiled=True, _real=fused_step.install:
+                        installed.append(_real(s, compiled)) or installed[-1])
+    plain = generate(pipe, job, sources=sources)
+    fused_step.mark(pipe.unet)
+    try:
+        fused = generate(pipe, job, sources=sources)
+    finally:
+        delattr(pipe.unet, fused_step.MARKER)
+    assert installed and all(installed)  # every pipeline call of the job ran the fused step
+    assert fused.images[0].size == (job.width, job.height) and len(fused.images) == job.count
+    for a, b in zip(plain.images, fused.images, strict=True):
+        assert np.abs(np.asarray(a, dtype=int) - np.asarray(b, dtype=int)).max() <= 1
