@@ -61,9 +61,11 @@ for one in "$@"; do
     compiled-sd) stage compiled-sd --models sd-v1-4 --batch 8 --compile reduce-overhead --runs 2 ;;
     compiled-xl) stage compiled-xl --models ssd-1b,sdxl-base --batch 4 --compile reduce-overhead --runs 2 ;;
     speed-compiled-bk|speed-restart-bk)
-      [ "$one" = speed-compiled-bk ] && rm -rf "$cache"  # a first start: the cache starts empty
+      # A first start: the compile cache starts empty and the random weights are built, then
+      # saved; the restart loads them from disk as a worker loads its model.
+      [ "$one" = speed-compiled-bk ] && rm -rf "$cache" "$out/weights"
       run "$one" gpu_speed --stage compiled --models bk-sdm-small --batch-sizes "$bk_sizes" \
-        --cache-dir "$cache" --profile "$out" --trace ;;
+        --cache-dir "$cache" --weights-dir "$out/weights" --profile "$out" --trace ;;
     speed-eager) run speed-eager gpu_speed --stage eager --runs 2 ;;
     step-kernels) BENCH_ARGS='' run step-kernels fused_step --runs 5 ;;  # takes no model flags
     speed-compiled-xl)

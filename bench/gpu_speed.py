@@ -124,14 +124,49 @@ def fast_mode_row(key: str, args, device: torch.device, dtype: torch.dtype, scra
     return row
 
 
+def saved_weights(key: str, args) -> Path | None:
+    """Where ``--weights-dir`` keeps ``key``'s random-weight pipeline (None: not asked)."""
+    return Path(args.weights_dir) / key if getattr(args, "weights_dir", None) else None
+
+
+def pipeline_of(key: str, args, device: torch.device, dtype: torch.dtype) -> tuple:
+    """``key``'s random-weight pipeline and how it came: built; or, with ``--weights-dir`` holding
+    it from an earlier start, loaded by the worker's own code (worker.pipelines.load_pipeline:
+    ``from_pretrained`` on a local folder, then onto the device), so a restart's ready time is a
+    real worker's restart: imports, weights from disk, warm-up."""
+    folder = saved_weights(key, args)
+    if folder is not None and (folder / "model_index.json").exists():
+        from worker.pipelines import load_pipeline
+
+        log(f"{key}: loading the weights an earlier start saved, as the worker loads them")
+        entry = build_catalog()[key].model_copy(update={  # the folder holds every module, its VAE too
+            "source": str(folder), "revision": None, "variant": None, "vae_source": None, "vae_revision": None,
+            "fast": None})
+        return load_pipeline(entry, device, dtype), "loaded"
+    log(f"{key}: building")
+    return build_random_pipeline(key, device, dtype, tiny=args.tiny), "built"
+
+
+def save_weights(pipe, key: str, args) -> None:
+    """After a build, for the next start to load (written aside, then renamed: a run cut short
+    leaves no half folder)."""
+    folder = saved_weights(key, args)
+    if folder is None or folder.exists():
+        return
+    partial = folder.with_name(f".{folder.name}.partial")
+    pipe.save_pretrained(partial)
+    partial.rename(folder)
+
+
 def plain_baseline(key: str, args, device: torch.device, dtype: torch.dtype) -> tuple:
     """A fresh pipeline of ``key``'s architecture, its row with plain diffusers' per-image time
     (the seed article's call), the job the row times, and that job's image before any option."""
-    log(f"{key}: building")
-    pipe = build_random_pipeline(key, device, dtype, tiny=args.tiny)
+    pipe, weights = pipeline_of(key, args, device, dtype)
     size = 64 if args.tiny else SIZES[key]
     one = job(key, size, args.steps)
-    row: dict = {"model": key, "size": size, "steps": args.steps, "built_at_s": process_age_s()}
+    row: dict = {"model": key, "size": size, "steps": args.steps, "built_at_s": process_age_s(), "weights": weights}
+    if weights == "built":
+        save_weights(pipe, key, args)  # after built_at_s: no worker start saves weights
     log(f"{key}: plain diffusers")
     row["plain_ms"] = timed_ms(lambda: pipe(PROMPT, negative_prompt=NEGATIVE, num_inference_steps=args.steps,
                                             height=size, width=size), device, args.runs)
@@ -376,13 +411,13 @@ def print_eager(rows: list[dict]) -> None:
 def print_compiled(rows: list[dict], depth: int) -> None:
     print(f"{'model':<13}{'quant':>6}{'plain ms':>9}{'imagine ms':>11}{'×':>6}{f'plain/s@{depth}':>12}"
           f"{f'imagine/s@{depth}':>14}{'×':>6}{'PSNR':>6}{'warm-up s':>10}{'ready s':>8}{'fast ms':>8}"
-          f"{'unfused ms':>11}")
+          f"{'unfused ms':>11}{'weights':>8}")
     for r in rows:
         print(f"{r['model']:<13}{r['quantize']:>6}{fmt(r['plain_ms']):>9}{fmt(r['imagine_ms']):>11}"
               f"{fmt(r['speedup_1img'], '.2f'):>6}{fmt(r['plain_img_per_s'], '.2f'):>12}"
               f"{fmt(r['imagine_img_per_s'], '.2f'):>14}{fmt(r['speedup_depth'], '.2f'):>6}"
               f"{fmt(r['psnr']):>6}{fmt(r['warmup_s']):>10}{fmt(r['ready_s']):>8}{fmt(r.get('fast_ms')):>8}"
-              f"{fmt(r.get('diffusers_step_ms')):>11}")
+              f"{fmt(r.get('diffusers_step_ms')):>11}{r.get('weights', 'built'):>8}")
         if "profile" in r:
             p = r["profile"]
             print(f"  profile: {p['wall_per_step_ms']} ms/step wall, GPU busy {p['gpu_busy_fraction']:.0%} "
@@ -406,6 +441,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--quantize", default="none", choices=["none", "fp8", "int8", "auto"],
                         help="compiled: the UNet quantized first (auto: fp8 where supported, else int8)")
     parser.add_argument("--cache-dir", help="compiled: persistent compile cache (worker.compile_cache)")
+    parser.add_argument("--weights-dir", help="keep each model's random weights here: built and saved when "
+                                              "missing, else loaded as the worker loads weights (a restart)")
     parser.add_argument("--profile", help="compiled: profile one call; folder for the trace with --trace")
     parser.add_argument("--trace", action="store_true", help="also write a Chrome trace per model")
     parser.add_argument("--json", help="write the report here after every model")

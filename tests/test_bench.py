@@ -132,6 +132,24 @@ def test_gpu_script_skips_stages_past_its_deadline_and_names_unknown_ones(tmp_pa
 
 
 @pytest.mark.e2e
+def test_a_restart_loads_the_weights_the_first_start_saved(tmp_path):
+    """``--weights-dir``: the first start builds the random weights and saves them; the restart
+    loads them with the worker's own loading code, as a real worker's restart does."""
+    rows = []
+    for start in ("first", "restart"):
+        out = tmp_path / f"{start}.json"
+        printed = bench("gpu_speed", "--tiny", "--stage", "compiled", "--compile", "none", "--models", "bk-sdm-small",
+                        "--steps", "1", "--runs", "1", "--depth", "2", "--batch-sizes", "1",
+                        "--weights-dir", str(tmp_path / "weights"), "--json", str(out))
+        rows.append(json.loads(out.read_text())["rows"][0])
+        assert "weights" in printed  # the table names how the weights came
+    assert [row["weights"] for row in rows] == ["built", "loaded"]
+    assert (tmp_path / "weights" / "bk-sdm-small" / "model_index.json").exists()
+    assert not list((tmp_path / "weights").glob(".*partial"))
+    assert rows[1]["ready_s"] >= rows[1]["warmup_s"] > 0 and rows[1]["imagine_ms"] > 0
+
+
+@pytest.mark.e2e
 def test_gpu_speed_compiled_stage_times_and_profiles_each_model(tmp_path):
     # --compile none: the stage's whole flow in seconds (a real compile takes minutes on CPU).
     out = tmp_path / "compiled.json"
