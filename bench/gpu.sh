@@ -20,7 +20,8 @@
 #   speed-restart-bk speed-compiled-xl;  no stage named: round1 then round2 (make bench-gpu).
 #   pending = what docs/benchmarks.md still marks "not measured", most wanted first: step-kernels
 #   speed-compiled-bk speed-restart-bk speed-compiled-xl speed-quantized-bk (a session lent a GPU
-#   for ~15 minutes: DEADLINE=… BK_BATCH_SIZES=1,16 bench/gpu.sh pending).
+#   for ~15 minutes: DEADLINE=… bench/gpu.sh pending; every batch size 1–16 warmed, as the
+#   restart target counts "all shapes", where the 2026-11-30 run warmed only 1 and 16).
 # $DEADLINE (seconds after this script starts) stops stages that would start after it and cuts
 # the running one there, so a fixed time slot always ends with its files written.
 # Extra flags for seed_table and gpu_speed go in $BENCH_ARGS (e.g. "--tiny --steps 2": a CPU
