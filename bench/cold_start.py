@@ -78,7 +78,7 @@ def one_start(args: argparse.Namespace) -> dict:
     return {"ready_s": round(time.time() - float(os.environ[SPAWNED]), 1), "warm_up_s": round(warm_up_s, 1),
             "shapes": warm_up_shapes(settings, entry), "cache": cache_counts(),
             "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU",
-            "torch": torch.__version__}
+            "torch": torch.__version__, "dynamic_batch": settings.compile_dynamic_batch}
 
 
 def child_main(args: argparse.Namespace) -> None:
@@ -170,7 +170,8 @@ def main(argv: list[str] | None = None) -> dict | None:
     if args.json:
         Path(args.json).write_text(json.dumps(report, indent=1))
     print(f"{first['device']}, torch {first['torch']}, {args.model}{' (tiny)' if args.tiny else ''}, "
-          f"compile={args.compile}, {len(first['shapes'])} shape(s) × modes warmed")
+          f"compile={args.compile}, dynamic batch {'on' if first['dynamic_batch'] else 'off'} "
+          f"(IMAGINE_COMPILE_DYNAMIC_BATCH), {len(first['shapes'])} shape(s) × modes warmed")
     print_table(report)
     return report
 

@@ -314,7 +314,7 @@ def compiled_row(key: str, args, device: torch.device, dtype: torch.dtype, first
     """``first``: the process's first model, whose ready time is a worker start's."""
     pipe, row, one, reference = plain_baseline(key, args, device, dtype)
     size = row["size"]
-    row.update(compile=args.compile, batch_sizes=args.batch_sizes)
+    row.update(compile=args.compile, batch_sizes=args.batch_sizes, dynamic_batch=not args.static_batch)
     jobs = [job(key, size, args.steps, seed=i) for i in range(args.depth)]
     sync(device)
     started = time.perf_counter()
@@ -327,6 +327,7 @@ def compiled_row(key: str, args, device: torch.device, dtype: torch.dtype, first
     log(f"{key}: compile={args.compile}, quantize={quantize}; warm-up of batch sizes {args.batch_sizes}")
     started = time.perf_counter()
     optimize(pipe, SpeedOptions(channels_last=True, fuse_qkv=True, fp16_vae=True, compile=args.compile,
+                                dynamic_batch=not args.static_batch,
                                 **({"quantize": quantize} if quantize != "none" else {})))
     if args.compile == "none":  # the flow of a compiled worker for tests: with the fused step
         from worker import fused_step
@@ -448,6 +449,9 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--quantize", default="none", choices=["none", "fp8", "int8", "auto"],
                         help="compiled: the UNet quantized first (auto: fp8 where supported, else int8)")
     parser.add_argument("--cache-dir", help="compiled: persistent compile cache (worker.compile_cache)")
+    parser.add_argument("--static-batch", action="store_true",
+                        help="compiled: torch's default graphs (one for the first batch size, one dynamic for the "
+                             "rest) instead of the worker's one dynamic-batch graph (IMAGINE_COMPILE_DYNAMIC_BATCH)")
     parser.add_argument("--weights-dir", help="keep each model's random weights here: built and saved when "
                                               "missing, else loaded as the worker loads weights (a restart)")
     parser.add_argument("--profile", help="compiled: profile one call; folder for the trace with --trace")

@@ -133,6 +133,9 @@ class Settings(BaseSettings):
     # Shapes warmed (compiled, CUDA graphs captured) at start when compiling. Unset batch sizes:
     # every count from 1 to max_batch_images, so batching never meets an uncompiled shape.
     compile_batch_sizes: list[int] | None = None
+    # With compile: the UNet's batch dimension dynamic from the first call (worker.optimize), one
+    # graph for every batch size instead of one for the first and another for the rest.
+    compile_dynamic_batch: bool = True
     compile_sizes: list[int] = Field(default_factory=list)  # image sizes beyond each model's native one
     # torch.compile's caches (worker.compile_cache): a restarted compiled worker loads its graphs
     # from here instead of compiling every shape again. None: torch's default under /tmp, which a

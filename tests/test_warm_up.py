@@ -90,3 +90,39 @@ def test_fast_jobs_of_a_solver_model_compile_nothing_after_one_fast_warm_up_call
         generation = generate_batch(pipelines.get("tiny"), [fast], fast=entry.fast)[0]
         assert len(generation.images) == count and generation.scheduler == "DPMSolverMultistepScheduler"
     assert graphs_compiled() == warmed
+
+
+@pytest.mark.slow  # Dynamo traces of the tiny UNet: ~12 s each
+@pytest.mark.parametrize("dynamic_batch", [True, False])
+def test_one_unet_graph_serves_every_batch_size(tiny_model_dir, monkeypatch, dynamic_batch):
+    """IMAGINE_COMPILE_DYNAMIC_BATCH: the compiled UNet's first call (count 1: a batch of 2 with
+    classifier-free guidance) already compiles the graph counts 2 and 3 run. torch's default
+    compiles it only at the second count, after a graph specialised to the first: one more
+    trace at every start. Dynamo's own graph count, on its eager backend (inductor's compile is
+    the slow tests'); the images stay the same."""
+    import numpy as np
+    import torch
+
+    from settings.catalog import ModelEntry
+    from worker.optimize import SpeedOptions, optimize
+    from worker.pipelines import CPU, load_pipeline
+
+    real_compile = torch.compile
+    monkeypatch.setattr(torch, "compile", lambda model, **kwargs: real_compile(model, **{**kwargs, "backend": "eager"}))
+    torch._dynamo.reset()
+    entry = ModelEntry(key="tiny", source=str(tiny_model_dir), pipeline="StableDiffusionPipeline", variant=None)
+    plain = load_pipeline(entry, CPU, torch.float32)
+    pipe = optimize(load_pipeline(entry, CPU, torch.float32),
+                    SpeedOptions(compile="default", fused_step=False, dynamic_batch=dynamic_batch))
+    graphs = []
+    for count in (1, 2, 3):
+        job = JobRequest(job_id="d", model="tiny", prompt="cat", steps=2, guidance=7.5, seed=count, size=64,
+                         count=count)
+        before = graphs_compiled()
+        images = generate_batch(pipe, [job])[0].images
+        graphs.append(graphs_compiled() - before)
+        for a, b in zip(images, generate_batch(plain, [job])[0].images, strict=True):
+            assert np.abs(np.asarray(a, dtype=int) - np.asarray(b, dtype=int)).max() <= 1
+    # count 1: UNet + VAE decode; count 2: the VAE's dynamic graph (a batch of one specialises),
+    # and, by torch's default, the UNet's too; count 3: nothing new.
+    assert graphs == ([2, 1, 0] if dynamic_batch else [2, 2, 0])

@@ -31,6 +31,8 @@ class SpeedOptions:
     # With a compiled UNet: the scheduler step as one compiled kernel, without the per-step wait
     # for the GPU that PNDM's step makes (worker.fused_step).
     fused_step: bool = True
+    # With compile: the UNet's batch dimension symbolic from its first call (:func:`batch_dynamic`).
+    dynamic_batch: bool = True
 
     @classmethod
     def plain(cls) -> "SpeedOptions":
@@ -58,7 +60,23 @@ def optimize(pipe: DiffusionPipeline, options: SpeedOptions) -> DiffusionPipelin
     if options.compile != "none":  # also on CPU (inductor's C++ backend), where tests check it
         mode = None if options.compile == "default" else options.compile
         pipe.unet = torch.compile(pipe.unet, mode=mode, fullgraph=True)
+        if options.dynamic_batch:
+            pipe.unet.register_forward_pre_hook(batch_dynamic, with_kwargs=True)
         pipe.vae.decode = torch.compile(pipe.vae.decode, mode=mode, fullgraph=True)
         log.info("compiled unet and vae decode (mode=%s); warm-up compiles each shape", options.compile)
         fused_step.mark(pipe.unet, fused=options.fused_step, cuda_graphs=options.compile in CUDA_GRAPH_MODES)
     return pipe
+
+
+def batch_dynamic(module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
+    """Before each call of the compiled UNet: its inputs' batch dimension (latents, prompt
+    embeddings, SDXL's added conditions) marked dynamic, so the first warm-up call compiles the
+    graph every batch size runs. Without it, torch compiles a graph specialised to the first
+    batch size, then, at the second, one with the batch dynamic: a second trace and compile
+    at every start, cached or not (bench.cold_start, docs/benchmarks.md). ``maybe_``: a batch of
+    one (no classifier-free guidance) stays specialised, as torch always keeps size-1
+    dimensions. CUDA graphs are still recorded per batch size."""
+    conditions = kwargs.get("added_cond_kwargs") or {}
+    for value in (*args, *kwargs.values(), *conditions.values()):
+        if isinstance(value, torch.Tensor) and value.dim() >= 1:
+            torch._dynamo.maybe_mark_dynamic(value, 0)

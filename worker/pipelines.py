@@ -294,7 +294,8 @@ class ResidentPipelines:
 
 def speed_options(settings: Settings) -> SpeedOptions:
     return SpeedOptions(channels_last=settings.channels_last, fuse_qkv=settings.fuse_qkv,
-                        compile=settings.compile, fused_step=settings.fused_step)
+                        compile=settings.compile, fused_step=settings.fused_step,
+                        dynamic_batch=settings.compile_dynamic_batch)
 
 
 def tiny_vaes_wanted(settings: Settings) -> bool:
