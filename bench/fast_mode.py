@@ -17,11 +17,10 @@ import time
 from pathlib import Path
 
 import torch
-from diffusers import PNDMScheduler
 
 from core.jobs import JobRequest
 from settings.catalog import build_catalog
-from tests.support.architectures import XL_MODELS, build_random_pipeline
+from tests.support.architectures import build_random_pipeline
 from worker.generate import generate
 from worker.pipelines import load_fast_adapter
 from worker.tiny import write_tiny_lora
@@ -48,10 +47,7 @@ def main(argv: list[str] | None = None) -> int:
     print("|---|---|---:|---|---:|---:|")
     with tempfile.TemporaryDirectory() as scratch:
         for key, entry in catalog.items():
-            pipe = build_random_pipeline(key, device, dtype, tiny=not args.real)
-            if not args.real and key not in XL_MODELS:  # the SD 1.x repositories' own scheduler
-                pipe.scheduler = PNDMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
-                                               skip_prk_steps=True, steps_offset=1)
+            pipe = build_random_pipeline(key, device, dtype, tiny=not args.real)  # the model's own scheduler
             fast = entry.fast
             if fast.adapter:  # a random LoRA of the right shapes stands in for the published one
                 local = entry.model_copy(update={"fast": fast.model_copy(update={

@@ -68,15 +68,16 @@ def build_unet(key: str) -> UNet2DConditionModel:
 def build_random_pipeline(key: str, device: torch.device, dtype: torch.dtype, tiny: bool = False):
     """A pipeline of ``key``'s architecture with random weights, on ``device``."""
     torch.manual_seed(0)
-    if tiny:
-        pipe = tiny_sdxl() if key in XL_MODELS else tiny_sd()
-        pipe.set_progress_bar_config(disable=True)
-        return pipe.to(device, dtype)
     # Schedulers keep their tables on the CPU (numpy reads them), so they are built outside.
     xl_scheduler = EulerDiscreteScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
                                           steps_offset=1, timestep_spacing="leading")
     sd_scheduler = PNDMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
                                  skip_prk_steps=True, steps_offset=1)
+    if tiny:  # tiny modules, the real model's scheduler (its step, its timestep dtype: graphs differ)
+        pipe = tiny_sdxl() if key in XL_MODELS else tiny_sd()
+        pipe.scheduler = xl_scheduler if key in XL_MODELS else sd_scheduler
+        pipe.set_progress_bar_config(disable=True)
+        return pipe.to(device, dtype)
     with torch.device(device):  # initialise on the GPU directly: seconds instead of minutes
         if key in XL_MODELS:
             pipe = StableDiffusionXLPipeline(
