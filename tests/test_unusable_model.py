@@ -139,3 +139,27 @@ def test_a_worker_left_with_no_model_it_can_run_exits_non_zero_and_keeps_the_job
     assert job.get_status() == JobStatus.QUEUED and job.retries_left == RETRIES
     assert jobs.queue("other").get_job_ids() == [request.job_id]
     assert jobs.workers_for("other") == 0  # admission no longer counts it (its key is gone)
+
+
+def test_a_work_loop_restarted_after_an_outage_leaves_the_unusable_models_queue_alone(setup, tiny_model_dir):
+    """serve() builds a fresh RQ worker after Redis went away: not subscribed to a model that
+    became unusable, whose jobs stay queued for the workers that can run them."""
+    from worker.failures import Reporter
+    from worker.main import serve, usable
+    from worker.runtime import install_runtime
+
+    redis, settings, jobs = setup
+    runtime = runtime_with(redis, settings, tiny_model_dir, ["tiny"], budget_bytes=None)
+    runtime.pipelines.unusable["other"] = "model 'other' could not be optimized (…)"
+    install_runtime(runtime)
+    assert usable(["tiny", "other"]) == ["tiny"]
+    waiting, fine = web_job(settings.queue_prefix, "other", 1), web_job(settings.queue_prefix, "tiny", 2)
+    for request in (waiting, fine):
+        jobs.submit(request)
+    serve(settings, ["tiny", "other"], redis, Reporter(runtime.outcomes), burst=True)
+    assert fetch(redis, fine.job_id).get_status() == JobStatus.FINISHED
+    assert fetch(redis, waiting.job_id).get_status() == JobStatus.QUEUED
+    assert jobs.queue("other").get_job_ids() == [waiting.job_id]
+    runtime.pipelines.unusable["tiny"] = "model 'tiny' could not be optimized (…)"
+    with pytest.raises(SystemExit, match="^error: no model left"):
+        usable(["tiny", "other"])

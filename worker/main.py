@@ -42,7 +42,7 @@ from worker.pipelines import (
     resolve_dtype,
 )
 from worker.rq_worker import ImagineQueue, ImagineWorker
-from worker.runtime import WorkerRuntime, install_runtime
+from worker.runtime import WorkerRuntime, install_runtime, installed_runtime
 from worker.safety import SafetyChecker, classify, load_safety_checker
 
 __all__ = ["ImagineWorker", "build_worker", "main", "serve"]
@@ -214,7 +214,7 @@ def serve(settings: Settings, models: list[str], redis: Redis, reporter: Reporte
     ready_key = f"{settings.queue_prefix}:worker-ready:{os.uname().nodename}-{os.getpid()}"
     done = 0
     for generation in itertools.count():
-        worker = build_worker(settings, models, redis, reporter, generation)
+        worker = build_worker(settings, usable(models), redis, reporter, generation)
         if health is not None:
             health.worker, health.phase = worker, "serving"
         left = None if max_jobs is None else max_jobs - done
@@ -226,8 +226,7 @@ def serve(settings: Settings, models: list[str], redis: Redis, reporter: Reporte
             reason = str(error)
         done += worker.jobs_done
         if worker.no_model_left:
-            raise SystemExit("error: no model left that this worker can run (logged above); exiting "
-                             "so that it is restarted and loads them again")
+            usable(models)  # raises: the loop ended because no model is left
         if worker.stop_asked or burst or (max_jobs is not None and done >= max_jobs):
             return
         # RQ's loop quits on Redis errors it does not retry itself; come back when Redis does.
@@ -240,6 +239,19 @@ def serve(settings: Settings, models: list[str], redis: Redis, reporter: Reporte
         if stop.is_set():
             return
         log.info("Redis takes writes; resuming work")
+
+
+def usable(models: list[str]) -> list[str]:
+    """``models`` without those this process can no longer run (worker.pipelines: their
+    optimization failed on the GPU): a work loop restarted after a Redis outage must not take
+    their jobs again. SystemExit (one line) when none is left."""
+    runtime = installed_runtime()
+    unusable = runtime.pipelines.unusable if runtime is not None else {}
+    left = [key for key in models if key not in unusable]
+    if models and not left:
+        raise SystemExit("error: no model left that this worker can run (logged above); exiting "
+                         "so that it is restarted and loads them again")
+    return left
 
 
 def quiet_progress_bars() -> None:
