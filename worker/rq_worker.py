@@ -22,6 +22,10 @@ What this relies on in RQ 3.0 (rq/worker/base.py, rq/worker/worker_classes.py, r
   scrub tokens from ``exc_string`` first.
 - ``dequeue_job_and_maintain_ttl`` dequeues in the order of ``_ordered_queues`` (reordered here
   before each dequeue); a dequeued job id sits in ``queue.intermediate_queue_key`` until taken out.
+- A worker is registered at birth in each of its queues' worker sets
+  (``rq.worker_registration.WORKERS_BY_QUEUE_KEY``) and lists them in its hash's ``queues``
+  field: both are what ``Worker.all(queue=…)`` and admission's worker count read, and both are
+  rewritten here when the worker stops serving a model it can no longer run.
 - ``clean_registries`` (overridden, and run over every catalog model's queue, served here or
   not) is BaseWorker's loop over ``acquire_maintenance_lock``,
   ``clean_registries(queue, _exc_handlers)``, ``clean_worker_registry`` and
