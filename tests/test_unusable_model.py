@@ -72,11 +72,15 @@ def setup(redis_server):
     return redis, settings, JobQueue(redis, settings)
 
 
-def test_jobs_of_a_model_that_became_unusable_go_to_a_worker_that_can_run_it(setup, tiny_model_dir, monkeypatch):
+@pytest.mark.parametrize("batch", [1, 4], ids=["alone", "batched"])  # batched: the second job rides with the first
+def test_jobs_of_a_model_that_became_unusable_go_to_a_worker_that_can_run_it(setup, tiny_model_dir, monkeypatch,
+                                                                              batch):
     from worker.main import build_worker
     from worker.runtime import install_runtime
 
-    redis, settings, jobs = setup
+    redis, settings, _ = setup
+    settings = settings.model_copy(update={"max_batch_images": batch})
+    jobs = JobQueue(redis, settings)
     broken = runtime_with(redis, settings, tiny_model_dir, ["tiny", "other"])
     calls: list[str] = []
     monkeypatch.setattr("worker.pipelines.optimize", failing_optimize_for(broken, "other", calls))
@@ -104,7 +108,8 @@ def test_jobs_of_a_model_that_became_unusable_go_to_a_worker_that_can_run_it(set
     # The model the worker still runs was served.
     assert fetch(redis, fine.job_id).get_status() == JobStatus.FINISHED
     # Both jobs for the broken model wait at the front of their queue, no retry spent, nobody told.
-    assert jobs.queue("other").get_job_ids() == [first.job_id, second.job_id]
+    # (Batched, each member goes back to the front as it fails: the second ends up first.)
+    assert sorted(jobs.queue("other").get_job_ids()) == [first.job_id, second.job_id]
     for request in (first, second):
         job = fetch(redis, request.job_id)
         assert job.get_status() == JobStatus.QUEUED and job.retries_left == RETRIES
