@@ -58,3 +58,17 @@ def test_the_cli_runs_the_quantization_the_worker_would(cli, tmp_path, capsys):
     assert cli("int8.png", IMAGINE_QUANTIZE="int8") == 0
     assert Image.open(tmp_path / "int8.png").text["pipeline"] == "StableDiffusionPipeline, UNet int8 (torchao)"
     assert "pipeline: StableDiffusionPipeline, UNet int8 (torchao)\n" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("spelling,expected", [("true", True), ("1", True), ("false", False), ("0", False),
+                                               ("off", False), ("no", False)])
+def test_compile_switches_reach_the_speed_options_the_worker_and_cli_build(monkeypatch, spelling, expected):
+    """IMAGINE_COMPILE_DYNAMIC_BATCH and IMAGINE_FUSED_STEP, in the spellings an operator writes,
+    end up in worker.pipelines.speed_options (the worker's and the CLI's one builder)."""
+    from settings.config import Settings
+    from worker.pipelines import speed_options
+
+    monkeypatch.setenv("IMAGINE_COMPILE_DYNAMIC_BATCH", spelling)
+    monkeypatch.setenv("IMAGINE_FUSED_STEP", spelling)
+    options = speed_options(Settings(_env_file=None, compile="reduce-overhead"))
+    assert (options.dynamic_batch, options.fused_step, options.compile) == (expected, expected, "reduce-overhead")
