@@ -128,7 +128,7 @@ def fast_mode_row(key: str, args, device: torch.device, dtype: torch.dtype, scra
 
 def saved_weights(key: str, args) -> Path | None:
     """Where ``--weights-dir`` keeps ``key``'s random-weight pipeline (None: not asked)."""
-    return Path(args.weights_dir) / key if getattr(args, "weights_dir", None) else None
+    return Path(args.weights_dir) / key if args.weights_dir else None
 
 
 def pipeline_of(key: str, args, device: torch.device, dtype: torch.dtype) -> tuple:
