@@ -44,9 +44,10 @@ STROKED = {"ø": "o", "đ": "d", "ð": "d", "ł": "l", "ħ": "h", "ŧ": "t", "ƀ
            "ε": "e", "є": "e", "ɛ": "e", "ƒ": "f"}
 # Up to this many separators (spaces, punctuation, digits, symbols) between two letters of a term.
 MAX_GAP = 3
-# A letter, as CLIP's ``\p{L}``: what glues pieces into one word. Digits and symbols do not.
-LETTER = r"[^\W\d_]"
-NOT_LETTER = r"[\W\d_]"  # one class, not a lookahead: the gap is on the hot path
+# A letter, as CLIP's ``\p{L}``: what glues pieces into one word. Digits and symbols do not, nor
+# the upper-case letters :func:`fold` makes of symbols ("™" → "TM"): folded text is otherwise lower.
+LETTER = r"[^\W\dA-Z_]"
+NOT_LETTER = r"[\W\dA-Z_]"  # one class, not a lookahead: the gap is on the hot path
 # A contraction the tokenizer splits off on its own ("'sbanned" is read as "'s" + "banned"; a
 # punctuation run swallows the apostrophe instead): matched text gets a space after it.
 CONTRACTION = re.compile(r"(?<![^\s\w]|_)'(?:re|ve|ll|s|t|m|d)")
@@ -71,29 +72,50 @@ def _ascii_lookalike(char: str) -> str:
     return named.group(1).lower() if named else char
 
 
+@lru_cache(maxsize=8192)
+def _fold_char(char: str) -> str:
+    """One character of the text as compared: NFKC then NFKD, marks and format characters
+    dropped, look-alikes mapped to ASCII, case folded."""
+    out = []
+    for part in unicodedata.normalize("NFKD", unicodedata.normalize("NFKC", char)):
+        if unicodedata.category(part) in ("Mn", "Me", "Cf"):
+            continue
+        out.append(part if part.isascii() else _ascii_lookalike(part))
+    return "".join(out).casefold()
+
+
 def fold(text: str) -> str:
-    """The form both text and terms are compared in (see the module docstring)."""
+    """The form both text and terms are compared in (see the module docstring). Word edges are
+    CLIP's: after its NFC, a character that is not a letter for it (a symbol such as ™ or ×, an
+    enclosed letter, a number such as ↀ, a standalone combining mark, a zero-width or format
+    character) never glues onto a word. Letters such a character folds to are kept in UPPER
+    case (terms match either case; only lower-case letters count as word characters); marks
+    and format characters become one space, other characters "0"."""
     if "&" in text:  # CLIP's slow tokenizer (with ftfy) unescapes HTML twice: "&#110;ude"
         text = html.unescape(html.unescape(text))
     if text.isascii():  # the common case: nothing to normalise but case
         return text.lower()
-    text = unicodedata.normalize("NFKD", unicodedata.normalize("NFKC", text))
-    kept = []
-    for char in text:
+    kept: list[str] = []
+    for char in unicodedata.normalize("NFC", text):
         category = unicodedata.category(char)
-        if category in ("Mn", "Me", "Cf"):  # accents, enclosing marks, zero-width/format chars
+        if category in ("Mn", "Me", "Cf"):  # standalone: CLIP reads it as a piece of its own
+            if not kept or kept[-1] != " ":
+                kept.append(" ")
             continue
-        kept.append(char if char.isascii() else _ascii_lookalike(char))
-    return "".join(kept).casefold()
+        folded = _fold_char(char)
+        if category[0] != "L" and not char.isascii():  # ™ → "TM", × → "X", ↀ → "0": not a letter
+            folded = "".join(c.upper() if c.isascii() else " " if not c.isalnum() else "0" for c in folded)
+        kept.append(folded)
+    return "".join(kept)
 
 
 def _letter_class(char: str) -> str:
     letter = CANONICAL.get(char, char)
-    return "[" + re.escape(letter + LOOKALIKES.get(letter, "")) + "]+"
+    return "[" + re.escape(letter + letter.upper() + LOOKALIKES.get(letter, "")) + "]+"
 
 
 def _term_body(term: str) -> str:
-    folded = fold(term).strip()
+    folded = fold(term).strip().lower()
     prefix = folded.endswith("*")
     letters = [c for c in folded.rstrip("*") if c.isalnum() or c in CANONICAL]
     gap = f"{NOT_LETTER}{{0,{MAX_GAP}}}"

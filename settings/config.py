@@ -7,6 +7,7 @@ environment on its own.
 from __future__ import annotations
 
 import json
+import math
 import os
 from pathlib import Path
 from typing import Annotated, Literal
@@ -251,6 +252,15 @@ class Settings(BaseSettings):
     def _empty_secret_is_unset(cls, value: object) -> object:
         """An empty secret file (``make secrets`` writes empty token files to fill in) is no secret."""
         return None if isinstance(value, str) and not value.strip() else value
+
+    @field_validator("*")
+    @classmethod
+    def _no_nan(cls, value: object) -> object:
+        """NaN compares false with everything: as a threshold, cap or floor it would switch the
+        check it sets off silently (IMAGINE_SAFETY_THRESHOLD=nan passes every image)."""
+        if isinstance(value, float) and math.isnan(value):
+            raise ValueError("must be a number, not NaN")
+        return value
 
     @field_validator("shard_ids", "redis_sentinels", mode="before")
     @classmethod

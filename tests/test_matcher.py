@@ -140,8 +140,12 @@ def test_terms_are_folded_the_same_way_as_text():
 
 
 def test_fold():
-    assert fold("Ｂ\u200bÀ𝐍") == "ban"
+    # A zero-width character is a piece of its own for CLIP: an edge (one space), not nothing.
+    assert fold("Ｂ\u200bÀ𝐍") == "b an"
+    assert fold("ÀＢ𝐍") == "abn"
     assert fold("Straße") == "strasse"
+    # Symbols keep the letters they fold to, in upper case: they match a term but never glue.
+    assert fold("nude™") == "nudeTM"
 
 
 def test_clean_term():

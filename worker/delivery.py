@@ -81,9 +81,10 @@ def result_embed(request: JobRequest, seeds: list[int], timings: Timings,
     """``withheld``: indices of images output moderation kept back; their seeds are not shown
     (a seed would let anyone make the image again elsewhere)."""
     embed = discord.Embed(description=_clip(request.prompt, 4000), colour=EMBED_COLOUR)
+    guidance = request.guidance if record is None else record.guidance  # what ran (the upscaler's own)
     if request.negative_prompt:
         # Only when guidance > 1 did the pipeline read a negative prompt at all.
-        applied = request.forced_negative_applied and request.guidance > 1
+        applied = request.forced_negative_applied and guidance > 1
         label = "Negative prompt (server policy applied)" if applied else "Negative prompt"
         embed.add_field(name=label, value=_clip(request.negative_prompt), inline=False)
     embed.add_field(name="Model", value=request.model)
@@ -92,7 +93,7 @@ def result_embed(request: JobRequest, seeds: list[int], timings: Timings,
                     value=", ".join("withheld" if i in hidden else str(seed) for i, seed in enumerate(seeds)))
     embed.add_field(name="Steps", value=str(request.steps) if request.quality == "standard"
                     else f"{request.steps} (fast)")
-    embed.add_field(name="Guidance", value=f"{request.guidance:g}")
+    embed.add_field(name="Guidance", value=f"{guidance:g}")
     embed.add_field(name="Size", value=f"{request.width}×{request.height}")
     if request.mode != "txt2img":
         embed.add_field(name="Mode", value=mode_text(request.mode, request.strength,

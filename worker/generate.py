@@ -48,6 +48,7 @@ class Generation:
     adapter: str | None = None
     source_sha256: str | None = None  # the source image's file hash (image modes)
     pipeline: str | None = None  # what ran when not the model's own pipeline (the upscaler)
+    guidance: float | None = None  # the guidance that ran when not the request's (the upscaler)
     decoder: str | None = None  # the tiny autoencoder that decoded the images (fast decode); None: the VAE
 
     @property
@@ -293,12 +294,15 @@ def _generate_batch(pipe: DiffusionPipeline, requests: list[JobRequest], on_step
                    images=None if inputs is None else [s.image for s, r in zip(inputs, requests) for _ in r.seeds()])
     started_at, started = time.time(), time.perf_counter()
     upscaler = sources.upscaler if first.mode == "upscale" else None
+    ran_guidance = None  # the request's, unless the upscaler ran at its own
     try:
         if upscaler is not None:
-            from worker.upscaler import upscale
+            from worker.upscaler import upscale, upscaler_guidance
 
+            ran_guidance = upscaler_guidance(first)
             images = upscale(upscaler, batch.images, batch.prompts, batch.negatives,
-                             seeded_generators(batch.seeds), first.steps, first.width, first.height, on_step)
+                             seeded_generators(batch.seeds), first.steps, first.width, first.height,
+                             ran_guidance, on_step)
         elif first.mode == "upscale":
             images = _upscale(pipe, batch, first, on_step, sources.native_size)
         else:
@@ -318,6 +322,7 @@ def _generate_batch(pipe: DiffusionPipeline, requests: list[JobRequest], on_step
                                           adapter=None if upscaler else mode.adapter,
                                           source_sha256=None if inputs is None else inputs[index].sha256,
                                           pipeline=upscaler.label if upscaler else None,
+                                          guidance=ran_guidance,
                                           decoder=_decoder_label(decoder)))
             offset += request.count
         return generations
@@ -446,7 +451,8 @@ def reproducibility(entry: ModelEntry, pipe: DiffusionPipeline, request: JobRequ
         adapter_revision=entry.fast.adapter_revision if generation.adapter and entry.fast else None,
         **_replacement_vae(entry, request, generation),
         seeds=generation.seeds, steps=request.steps,
-        guidance=request.guidance, width=width, height=height, prompt=request.prompt,
+        guidance=request.guidance if generation.guidance is None else generation.guidance,
+        width=width, height=height, prompt=request.prompt,
         negative_prompt=request.negative_prompt, mode=request.mode, strength=request.strength,
         source_sha256=generation.source_sha256,
         withheld=generation.withheld if generation.moderation is not None else [],

@@ -91,7 +91,9 @@ def load_pipeline(entry: ModelEntry, device: torch.device, dtype: torch.dtype) -
         if entry.vae_source:
             kwargs["vae"] = AutoencoderKL.from_pretrained(entry.vae_source, revision=entry.vae_revision, dtype=dtype)
         pipe = _from_pretrained(entry, kwargs, use_variant=dtype == torch.float16 and bool(entry.variant))
-    except (OSError, ValueError) as error:  # missing files, unreachable hub, bad repo id
+    # Missing files, unreachable hub, bad repo id, and also a truncated weights file (safetensors'
+    # own error) or weights of another shape (RuntimeError): an operator error, one line.
+    except Exception as error:  # noqa: BLE001
         raise ModelLoadError(f"cannot load model {entry.key!r} from {entry.source}: {first_line(error)}") from error
     pipe.set_progress_bar_config(disable=True)
     load_fast_adapter(pipe, entry)

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,6 +28,7 @@ from diffusers.pipelines.stable_diffusion.safety_checker import (
     cosine_distance,
 )
 from PIL.Image import Image
+from rq.timeouts import JobTimeoutException
 from transformers import CLIPImageProcessor
 
 from core.jobs import ImageModeration, JobRequest
@@ -65,7 +67,7 @@ class SafetyChecker:
         return concepts.max(dim=1).values.cpu().tolist()
 
     def flags(self, scores: list[float]) -> list[bool]:
-        return [score > self.threshold for score in scores]
+        return [not score <= self.threshold for score in scores]  # NaN is flagged, never passed
 
 
 def load_safety_checker(settings: Settings, device: torch.device, dtype: torch.dtype) -> SafetyChecker:
@@ -77,7 +79,9 @@ def load_safety_checker(settings: Settings, device: torch.device, dtype: torch.d
         model = StableDiffusionSafetyChecker.from_pretrained(source, subfolder="safety_checker",
                                                              revision=revision, dtype=dtype)
         processor = CLIPImageProcessor.from_pretrained(source, subfolder="feature_extractor", revision=revision)
-    except (OSError, ValueError) as error:
+    # Missing files, unreachable hub, and also a truncated weights file (safetensors' own error)
+    # or weights of another shape (RuntimeError): an operator error at start, one line.
+    except Exception as error:  # noqa: BLE001
         text = str(error).strip()
         first_line = text.splitlines()[0] if text else type(error).__name__
         raise ModelLoadError(f"cannot load the output classifier (IMAGINE_SAFETY_SOURCE) from {source}: "
@@ -93,10 +97,15 @@ def classify(checker: SafetyChecker | None, images: list[Image]) -> tuple[list[f
         return None
     try:
         scores = checker.scores(images)
+    except JobTimeoutException:  # the job's own time limit: RQ fails (and retries) the job
+        raise
     except Exception as error:  # noqa: BLE001 — any failure withholds, never passes, the images
         log.exception("output classifier failed on %d image(s): %s", len(images), error)
         if checker.device.type == "cuda":
             torch.cuda.empty_cache()
+        return None
+    if not all(math.isfinite(score) for score in scores):  # an fp16 overflow, damaged weights
+        log.error("output classifier gave non-finite scores on %d image(s): images withheld", len(images))
         return None
     return scores, checker.flags(scores)
 

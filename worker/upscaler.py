@@ -16,6 +16,7 @@ from diffusers import StableDiffusionLatentUpscalePipeline
 from PIL import Image as PILImage
 from PIL.Image import Image
 
+from core.jobs import JobRequest
 from settings.catalog import ModelEntry
 
 log = logging.getLogger(__name__)
@@ -49,15 +50,22 @@ def load_upscaler(source: str, revision: str | None, device: torch.device, dtype
     log.info("loading upscaler from %s (%s on %s)", source, dtype, device)
     try:
         pipe = StableDiffusionLatentUpscalePipeline.from_pretrained(source, revision=revision, dtype=dtype)
-    except (OSError, ValueError) as error:  # missing files, unreachable hub, bad repo id
+    except Exception as error:  # noqa: BLE001 - missing/truncated files, unreachable hub, bad repo id
         raise ModelLoadError(f"cannot load the upscaler from {source}: {first_line(error)}") from error
     pipe.set_progress_bar_config(disable=True)
     return Upscaler(pipe.to(device), source, revision)
 
 
+def upscaler_guidance(request: JobRequest) -> float:
+    """The pipeline's documented guidance (0: the negative prompt is never read), except where a
+    server forces a negative prompt: then the job's own guidance (policy keeps it above 1), so
+    the forced text is applied as the job says it is."""
+    return request.guidance if request.forced_negative_applied else GUIDANCE
+
+
 def upscale(upscaler: Upscaler, images: list[Image], prompts: list[str], negatives: list[str],
             generators: list[torch.Generator], steps: int, width: int, height: int,
-            on_step=None) -> list[Image]:
+            guidance: float = GUIDANCE, on_step=None) -> list[Image]:
     """Each source (already fitted to the output ``width``×``height`` by worker.source_image)
     brought back to half size and upscaled ×2 by the latent upscaler, in one call; resized only
     when its output differs from the job's size."""
@@ -66,6 +74,6 @@ def upscale(upscaler: Upscaler, images: list[Image], prompts: list[str], negativ
     progress = {} if on_step is None else {"callback": lambda i, _t, latents: on_step(i + 1, steps, latents)}
     with torch.inference_mode():
         output = upscaler.pipe(prompt=prompts, negative_prompt=negatives, image=half, num_inference_steps=steps,
-                               guidance_scale=GUIDANCE, generator=generators, **progress)
+                               guidance_scale=guidance, generator=generators, **progress)
     return [image if image.size == (width, height) else image.resize((width, height), PILImage.Resampling.LANCZOS)
             for image in output.images]
