@@ -110,17 +110,23 @@ def vary_options(record: JobRecord, source: SourceImage, kind: str) -> ImagineOp
 
 def upscale_options(record: JobRecord, source: SourceImage, index: int) -> ImagineOptions:
     """Upscale ×2 of one result image: twice its size, that image's seed, one image. The size is
-    the user's choice as far as caps go: over a server's pixel cap it is refused, never shrunk."""
+    the user's choice as far as caps go: over a server's pixel cap it is refused, never shrunk.
+    (Results made before seeds wrapped may carry one past the largest: it wraps here too.)"""
     width, height = upscale_dimensions(*result_size(record))
     return user_options(record, model=record.request.model, mode="upscale", source=source,
-                        strength=UPSCALE_STRENGTH, seed=result_seeds(record)[index], count=1, aspect=None,
+                        strength=UPSCALE_STRENGTH, seed=result_seeds(record)[index] % (MAX_SEED + 1), count=1, aspect=None,
                         size=None, width=width, height=height)
 
 
 def remix_options(record: JobRecord, prompt: str, negative_prompt: str) -> ImagineOptions:
-    """Remix: the job's own settings (its seed, and its source image if it had one) with new text."""
-    return user_options(record, prompt=prompt, negative_prompt=negative_prompt or None,
-                        model=record.request.model, seed=record.request.seed)
+    """Remix: the job's own settings with new text: what it ran (model, seed, steps, guidance,
+    quality, count, size, spoiler, and its source image if it had one), not whatever the
+    clicker's saved settings or the server's defaults say now. Today's caps still apply."""
+    ran = record.request
+    return user_options(record, prompt=prompt, negative_prompt=negative_prompt or None, model=ran.model,
+                        seed=ran.seed, steps=ran.steps, guidance=ran.guidance, quality=ran.quality,
+                        count=ran.count, spoiler=ran.spoiler, aspect=None, size=None, width=ran.width,
+                        height=ran.height)
 
 
 def reroll_options(record: JobRecord) -> ImagineOptions:

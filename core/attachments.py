@@ -33,6 +33,8 @@ TYPE_NAMES = "PNG, JPEG, WebP or GIF"
 # The only Pillow plugins ever run on a user's bytes: no other plugin's header parser sees them
 # (EPS would later call Ghostscript; TIFF, PSD, ICO … have had their own parser bugs).
 PILLOW_FORMATS = ("PNG", "JPEG", "WEBP", "GIF")
+EXIF_ORIENTATION = 0x0112
+TRANSPOSING_ORIENTATIONS = (5, 6, 7, 8)  # shown turned by 90° (as ImageOps.exif_transpose does)
 # Other formats named in the refusal, by their magic bytes alone (never opened).
 OTHER_FORMATS = ((b"BM", "BMP"), (b"II*\x00", "TIFF"), (b"MM\x00*", "TIFF"), (b"%!PS", "EPS"),
                  (b"\xc5\xd0\xd3\xc6", "EPS"), (b"8BPS", "PSD"), (b"\x00\x00\x01\x00", "ICO"), (b"%PDF", "PDF"))
@@ -113,6 +115,18 @@ class ImageFacts:
     content_type: str
 
 
+def _exif_orientation(image) -> int | None:
+    """The EXIF Orientation tag, from the header only: None when absent or unreadable, or when
+    the EXIF block is not in the header (Pillow's ``getexif`` would decode the whole image to
+    find a PNG's later eXIf chunk, and nothing is decoded here)."""
+    if "exif" not in image.info:
+        return None
+    try:
+        return image.getexif().get(EXIF_ORIENTATION)
+    except Exception:  # noqa: BLE001 - a damaged EXIF block: the worker's decode is the judge
+        return None
+
+
 def inspect_image(data: bytes, *, max_bytes: int, max_pixels: int, claimed_type: str | None = None,
                   option: str = "image") -> ImageFacts:
     """The real facts of an untrusted image, from its header (no pixel is decoded here): a
@@ -129,7 +143,11 @@ def inspect_image(data: bytes, *, max_bytes: int, max_pixels: int, claimed_type:
         with Image.open(io.BytesIO(data), formats=PILLOW_FORMATS) as image:  # reads the header only
             fmt, (width, height) = image.format or "", image.size
             frames = getattr(image, "n_frames", 1)
-    except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError):
+            if _exif_orientation(image) in TRANSPOSING_ORIENTATIONS:  # a phone's portrait photo:
+                width, height = height, width  # its size as the user sees it (the worker rotates)
+    except Image.DecompressionBombError:  # Pillow's own guard, far above ours: it is an image
+        raise InvalidRequest(f"`{option}` has far too many pixels; the limit is {_megapixels(max_pixels)}.") from None
+    except (UnidentifiedImageError, OSError, ValueError):
         other = next((name for magic, name in OTHER_FORMATS if data.startswith(magic)), None)
         if other is not None:
             raise InvalidRequest(f"`{option}` must be a {TYPE_NAMES} image (it is {other}).") from None

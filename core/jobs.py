@@ -13,6 +13,8 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from settings.catalog import Quality
 
+SEED_SPACE = 2**32  # seeds are 0 … 2**32 - 1 (what every front end and the generator take)
+
 # The function workers run, named by path so front ends never import worker code (or torch).
 JOB_FUNCTION = "worker.tasks.run_imagine"
 # Version of the JobRequest contract this release writes. A worker meeting a job of a newer
@@ -164,8 +166,9 @@ class JobRequest(BaseModel):
         return self.width * self.height
 
     def seeds(self) -> list[int]:
-        """One seed per image: seed, seed+1, … so any single image can be reproduced alone."""
-        return [self.seed + i for i in range(self.count)]
+        """One seed per image: seed, seed+1, … so any single image can be reproduced alone;
+        past the largest seed they wrap to 0, so every seed shown can be typed into a command."""
+        return [(self.seed + i) % SEED_SPACE for i in range(self.count)]
 
 
 class Timings(BaseModel):

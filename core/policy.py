@@ -41,6 +41,7 @@ from core.validation import (
     clean_text,
     fit_pixels,
     model_key,
+    parse_aspect,
     request_from,
     resolve_options,
 )
@@ -252,6 +253,14 @@ def policy_negative(policy: GuildPolicy, resolved: Resolved) -> str:
     return NEGATIVE_SEPARATOR.join(part for part in parts if part)
 
 
+def _usable_aspect(aspect: str) -> bool:
+    try:
+        parse_aspect(aspect)
+    except InvalidRequest:
+        return False
+    return True
+
+
 def user_layer(policy: GuildPolicy, options: ImagineOptions, user: UserSettings | None,
                settings: Settings, catalog: dict[str, ModelEntry],
                ) -> tuple[Defaults, tuple[tuple[str, str], ...]]:
@@ -272,12 +281,24 @@ def user_layer(policy: GuildPolicy, options: ImagineOptions, user: UserSettings 
         changes["negative_prompt"] = None
         notes.append(("negative_prompt", "your default negative prompt contains a term this server "
                                          "bans; the server's default is used"))
+    if user.aspect and not _usable_aspect(user.aspect):  # saved under other limits
+        changes["aspect"] = None
+        notes.append(("aspect", f"your default aspect ratio `{clip(user.aspect, 40)}` is not usable; "
+                                f"1:1 is used"))
     if user.quality == "fast" and options.quality is None:
         key = model_key(options.model, layered(server, user.model_copy(update=changes)), settings)
         if key in catalog and catalog[key].fast is None:
             changes["quality"] = None
             notes.append((f"quality:{key}", f"fast mode is not available for `{key}`; standard used"))
     return layered(server, user.model_copy(update=changes)), tuple(notes)
+
+
+def _from_saved_settings(resolved: Resolved, name: str) -> bool:
+    """Whether ``name`` came from the user's saved settings rather than this command: directly,
+    or through a saved fast mode (which sets steps and guidance)."""
+    if name in resolved.explicit:
+        return False
+    return name in resolved.from_user or ("quality" in resolved.from_user and resolved.fast is not None)
 
 
 def apply_policy(
@@ -318,6 +339,9 @@ def apply_policy(
         resolved = replace(resolve_options(options, settings, catalog, defaults), seed=resolved.seed)
         resolved, notes = apply_caps(policy, resolved)
         resolved, floor_notes = apply_guidance_floor(policy, resolved, settings)
+    if floor_notes and _from_saved_settings(resolved, "guidance"):  # not a per-command note:
+        user_notes += tuple(("guidance:forced_negative", note) for note in floor_notes)  # told once
+        floor_notes = ()
     check_limits(resolved, settings)
     check_terms(policy, resolved.prompt, resolved.negative_prompt)
     request = request_from(

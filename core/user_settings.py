@@ -1,6 +1,5 @@
-"""A user's own defaults (``/settings``): model, negative prompt, steps, guidance, quality
-(fast mode) and spoilers, on every server. Aspect ratio is not among them: aspect ratios have
-not landed.
+"""A user's own defaults (``/settings``): model, negative prompt, aspect ratio, steps, guidance,
+quality (fast mode) and spoilers, on every server.
 
   UserSettings       the saved values (all optional), small JSON
   check_settings     the operator's limits on them, when saved
@@ -19,11 +18,11 @@ from dataclasses import replace
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from redis import Redis
 
-from core.validation import Defaults, InvalidRequest, clean_text
+from core.validation import Defaults, InvalidRequest, clean_text, parse_aspect
 from settings.catalog import ModelEntry, Quality
 from settings.config import Settings
 
-FIELDS = ("model", "negative_prompt", "steps", "guidance", "quality", "spoiler")
+FIELDS = ("model", "negative_prompt", "aspect", "steps", "guidance", "quality", "spoiler")
 
 
 class UserSettings(BaseModel):
@@ -31,6 +30,7 @@ class UserSettings(BaseModel):
 
     model: str | None = Field(default=None, max_length=41)
     negative_prompt: str | None = Field(default=None, max_length=2000)  # "": none by default
+    aspect: str | None = Field(default=None, max_length=40)  # "16:9" …; a source image's ratio wins
     steps: int | None = Field(default=None, ge=1)
     guidance: float | None = Field(default=None, ge=0)
     quality: Quality | None = None
@@ -49,13 +49,16 @@ def check_settings(saved: UserSettings, settings: Settings, catalog: dict[str, M
     if negative is not None and len(negative) > settings.max_prompt_chars:
         raise InvalidRequest(f"`negative_prompt` is {len(negative)} characters; the limit is "
                              f"{settings.max_prompt_chars}.")
+    aspect = clean_text(saved.aspect) or None if saved.aspect is not None else None
+    if aspect is not None:
+        parse_aspect(aspect)  # the same spellings and limits as /imagine's aspect
     if saved.steps is not None and not 1 <= saved.steps <= settings.max_steps:
         raise InvalidRequest(f"`steps` must be between 1 and {settings.max_steps} (got {saved.steps}).")
     if saved.guidance is not None and not 0 <= saved.guidance <= settings.max_guidance:
         raise InvalidRequest(f"`guidance` must be between 0 and {settings.max_guidance:g} (got {saved.guidance:g}).")
     if saved.quality == "fast" and model is not None and catalog[model].fast is None:
         raise InvalidRequest(f"Fast mode is not available for `{model}`.")
-    return saved.model_copy(update={"model": model, "negative_prompt": negative})
+    return saved.model_copy(update={"model": model, "negative_prompt": negative, "aspect": aspect})
 
 
 def layered(server: Defaults, user: UserSettings | None) -> Defaults:

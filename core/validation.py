@@ -19,7 +19,15 @@ import secrets
 import unicodedata
 from dataclasses import dataclass, fields
 
-from core.jobs import IMAGE_MODES, MODES, Delivery, JobRequest, NsfwAction, SourceImage
+from core.jobs import (
+    IMAGE_MODES,
+    MODES,
+    SEED_SPACE,
+    Delivery,
+    JobRequest,
+    NsfwAction,
+    SourceImage,
+)
 from core.texts import clip
 from settings.catalog import (
     QUALITIES,
@@ -30,7 +38,7 @@ from settings.catalog import (
 )
 from settings.config import Settings
 
-MAX_SEED = 2**32 - 1
+MAX_SEED = SEED_SPACE - 1
 SIZE_STEP = 64
 # Aspect-ratio presets, in the order the slash command and the web dropdown offer them.
 ASPECT_RATIOS: tuple[str, ...] = ("1:1", "4:3", "3:4", "16:9", "9:16", "3:2", "2:3", "21:9")
@@ -164,6 +172,7 @@ class Defaults:
     guidance: float | None = None
     quality: str | None = None  # None: standard
     spoiler: bool | None = None
+    aspect: str | None = None  # None: 1:1 (a source image's own ratio wins either way)
     from_user: frozenset[str] = frozenset()
 
 
@@ -267,9 +276,16 @@ def _default_strength(mode: str) -> float | None:
             "upscale": UPSCALE_STRENGTH}.get(mode)
 
 
-def _dimensions(options: ImagineOptions, entry: ModelEntry, settings: Settings) -> tuple[int, int]:
+def _sized_by_options(options: ImagineOptions) -> bool:
+    """The command itself decides the shape: a size, width/height, an aspect or a source image."""
+    return (any(getattr(options, name) is not None for name in ("size", "width", "height"))
+            or bool(options.aspect is not None and clean_text(options.aspect)) or options.source is not None)
+
+
+def _dimensions(options: ImagineOptions, entry: ModelEntry, settings: Settings,
+                defaults: Defaults) -> tuple[int, int]:
     """Explicit width/height, else a square ``size``, else the aspect ratio, else the source
-    image's ratio, else the model's native square."""
+    image's ratio, else the user's saved aspect ratio, else the model's native square."""
     sized = [name for name in ("size", "width", "height") if getattr(options, name) is not None]
     if sized and options.aspect is not None and clean_text(options.aspect):
         raise InvalidRequest(f"Give `aspect` or `{sized[0]}`, not both.")
@@ -283,6 +299,8 @@ def _dimensions(options: ImagineOptions, entry: ModelEntry, settings: Settings) 
     source = options.source
     if source is not None and source.width and source.height:
         return fit_source(entry, source.width, source.height, settings.max_pixels)
+    if source is None and defaults.aspect:
+        return fit_pixels(*dimensions_for(entry, defaults.aspect), settings.max_pixels)
     return dimensions_for(entry, "1:1")
 
 
@@ -308,7 +326,7 @@ def resolve_options(options: ImagineOptions, settings: Settings, catalog: dict[s
         steps = entry.default_steps if defaults.steps is None else defaults.steps
         guidance = entry.default_guidance if defaults.guidance is None else defaults.guidance
     mode = _mode_of(options)
-    width, height = _dimensions(options, entry, settings)
+    width, height = _dimensions(options, entry, settings, defaults)
     explicit = frozenset(f.name for f in fields(options) if getattr(options, f.name) is not None
                          and not (f.name == "aspect" and not clean_text(options.aspect)))
     used = {"model": options.model is None and defaults.model is not None,
@@ -316,7 +334,8 @@ def resolve_options(options: ImagineOptions, settings: Settings, catalog: dict[s
             "steps": options.steps is None and fast is None and defaults.steps is not None,
             "guidance": options.guidance is None and fast is None and defaults.guidance is not None,
             "quality": options.quality is None and defaults.quality is not None,
-            "spoiler": options.spoiler is None and defaults.spoiler is not None}
+            "spoiler": options.spoiler is None and defaults.spoiler is not None,
+            "aspect": not _sized_by_options(options) and bool(defaults.aspect)}
     return Resolved(
         prompt=clean_text(options.prompt), negative_prompt=clean_text(options.negative_prompt),
         default_negative=default_negative, entry=entry,

@@ -33,6 +33,7 @@ from core.texts import no_worker_text  # noqa: E402
 from core.validation import (  # noqa: E402
     ASPECT_RATIOS,
     DEFAULT_STRENGTH,
+    MAX_SEED,
     UPSCALE_STRENGTH,
     VARY_STRENGTHS,
     ImagineOptions,
@@ -194,7 +195,8 @@ def action_options(last: dict | None, action: str, number) -> ImagineOptions:
             "width": None, "height": None}
     if action == "upscale":
         width, height = upscale_dimensions(last["width"], last["height"])
-        return ImagineOptions(**{**base, "mode": "upscale", "strength": UPSCALE_STRENGTH, "seed": image["seed"],
+        seed = image["seed"] % (MAX_SEED + 1)  # a result made before seeds wrapped may be past it
+        return ImagineOptions(**{**base, "mode": "upscale", "strength": UPSCALE_STRENGTH, "seed": seed,
                                  "count": 1, "width": width, "height": height})
     return ImagineOptions(**{**base, "mode": "vary", "strength": VARY_STRENGTHS[action], "seed": None})
 

@@ -13,10 +13,13 @@ from bot.commands.imagine import model_autocomplete
 from bot.services import services_of
 from core.texts import MAX_CONTENT, clip
 from core.user_settings import FIELDS, UserSettings, check_settings
-from core.validation import InvalidRequest
+from core.validation import ASPECT_RATIOS, InvalidRequest
 
 QUALITY_CHOICES = [app_commands.Choice(name="fast", value="fast"),
                    app_commands.Choice(name="standard", value="standard")]
+NO_ASPECT = "auto"  # clears a saved aspect ratio: 1:1, or the image's own ratio
+ASPECT_CHOICES = ([app_commands.Choice(name=ratio, value=ratio) for ratio in ASPECT_RATIOS]
+                  + [app_commands.Choice(name="auto (1:1, or the image's own)", value=NO_ASPECT)])
 
 settings_group = app_commands.Group(name="settings", description="Your own /imagine defaults, on every server")
 
@@ -29,7 +32,7 @@ def settings_text(saved: UserSettings | None) -> str:
              "guidance": lambda v: f"{v:g}", "spoiler": lambda v: "yes" if v else "no"}
     lines = [f"• **{name}**: {shown.get(name, str)(getattr(saved, name))}"
              for name in FIELDS if getattr(saved, name) is not None]
-    return ("Your defaults (a server's rules still apply; aspect ratio is not a setting yet):\n"
+    return ("Your defaults (a server's rules still apply):\n"
             + "\n".join(lines) + "\nChange them with `/settings set`, clear them with `/settings reset`.")
 
 
@@ -44,15 +47,17 @@ async def show(interaction: discord.Interaction) -> None:
 @settings_group.command(name="set", description="Save defaults for your /imagine commands")
 @app_commands.describe(
     model="Your default model", negative_prompt="Your default negative prompt (\"none\" for none)",
+    aspect="Your default aspect ratio (an attached image keeps its own)",
     steps="Your default steps (standard quality)", guidance="Your default guidance (standard quality)",
     quality="Fast or standard by default", spoiler="Post your images as spoilers by default",
 )
-@app_commands.choices(quality=QUALITY_CHOICES)
+@app_commands.choices(quality=QUALITY_CHOICES, aspect=ASPECT_CHOICES)
 @app_commands.autocomplete(model=model_autocomplete)
 async def set_(
     interaction: discord.Interaction,
     model: str | None = None,
     negative_prompt: str | None = None,
+    aspect: app_commands.Choice[str] | None = None,
     steps: int | None = None,
     guidance: float | None = None,
     quality: app_commands.Choice[str] | None = None,
@@ -64,6 +69,8 @@ async def set_(
         ("quality", quality.value if quality else None), ("spoiler", spoiler),
         ("negative_prompt", None if negative_prompt is None
          else "" if negative_prompt.strip().lower() == "none" else negative_prompt)) if value is not None}
+    if aspect is not None:  # "auto" clears it (None, which the filter above would drop)
+        changes["aspect"] = None if aspect.value == NO_ASPECT else aspect.value
     if not changes:
         await interaction.response.send_message("Nothing to change: give at least one option.", ephemeral=True)
         return
