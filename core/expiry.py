@@ -23,6 +23,7 @@ from rq.exceptions import NoSuchJobError
 from rq.job import Job, JobStatus
 from rq.serializers import JSONSerializer
 
+from core.fair_queue import LEAVE_SCRIPT
 from core.jobs import JobRequest
 from core.policy_store import PolicyStore
 from core.position_edits import PositionEdits
@@ -37,9 +38,10 @@ NOTICE_RETRY_S = 600  # keep retrying an undelivered notice this long, then give
 FINISH_CLAIM_S = 120  # one process finishes an expiring job at a time (its claim's life)
 
 # Remove the job from its queue (and its fair order) and note it as expiring, both or neither.
-_TAKE = """
+_TAKE = LEAVE_SCRIPT + """
 if redis.call('LREM', KEYS[1], 1, ARGV[1]) == 1 then
     redis.call('ZREM', KEYS[3], ARGV[1])
+    leave(KEYS[3], ARGV[1], false)  -- it never ran: its owner's finish tags go if it was the last
     redis.call('ZADD', KEYS[2], ARGV[2], ARGV[1])
     return 1
 end

@@ -11,6 +11,9 @@ queueing):
     {base}:tenants   sorted set: tenant → its latest finish tag (tenants with work waiting)
     {base}:t:{tenant}  sorted set: user → the user's finish tag F_u (users with work waiting)
     {base}:u:{tenant}  hash: user → "recent usage:at" (decaying count of the user's jobs)
+    {base}:o         hash: queued job id → "tenant|user" (who it counts for)
+    {base}:n         hash: tenant → its jobs queued (its share, for back-pressure; /models)
+    {base}:c:{tenant}  hash: user → the user's jobs queued
 
 Insert (one Lua script, :data:`_INSERT`, with RQ's unique check and job save in it, so one
 round trip and atomic): the job's tag is ``max(V + penalty, F_u)`` where ``penalty`` (at most
@@ -23,12 +26,16 @@ member gets 1/n of them. The job goes into the list before the first job with a 
 end. Ties keep arrival order. Retries (``at_front``) go to the very front with the lowest tag.
 
 Take: when a worker leases a job it also runs :data:`_TAKEN` in the same pipeline (no extra
-round trip): the job leaves the sorted set and ``V = max(V + DRIFT, tag)``. ``DRIFT`` makes
+round trip): the job leaves the sorted set and ``V = max(V + DRIFT, tag)``. Every way out of the
+list (taken, cancelled, abandoned, expired, found gone) lowers its owner's counts
+(:data:`LEAVE_SCRIPT`); a user's or tenant's last job leaving *without running* also drops its
+finish tag, so cancelled jobs hold no place. A duplicate insert changes nothing. ``DRIFT`` makes
 virtual time move on even when many new tenants arrive at the same tag, so a waiting job is
 overtaken by at most ``(its tag - V) / DRIFT`` newcomers: nobody starves.
 
 Costs: insert O(log n) in the sorted sets plus LINSERT's walk to its pivot (O(position));
-take O(log n). Keys: five per model plus two per tenant that has waited recently (they expire).
+take O(log n). Keys: eight per model plus three per tenant that has waited recently (two
+expire; the counts go when they reach zero).
 
 RQ internals this relies on (rq 3.0; pinned <4, and tests/test_fair_queue.py fails if they move):
 ``Queue._enqueue_async_job`` (the one place a new job is saved and pushed; with ``unique=True``
@@ -55,10 +62,33 @@ TENANT_KEYS_TTL_S = 6 * USAGE_HALF_LIFE_S
 PIVOT_TRIES = 32  # pivots tried before falling back to the end of the list
 RETRY_OWNER = ("", "")  # retries and requeues: no tenant, tag V (front of the line)
 
+# The bookkeeping of a job leaving the list, shared by every script that takes one out: its
+# owner's queued-job counts go down; when the last job of a user (or tenant) leaves *without
+# running* (cancelled, abandoned, expired), its finish tag goes too, so that jobs which never ran
+# do not push its next ones back. Idempotent (a job's owner entry is read once). The per-tenant
+# keys are named from the owner entry, inside the script: one Redis (or a Sentinel-managed
+# primary), as the rest of RQ assumes; not Redis Cluster.
+LEAVE_SCRIPT = """
+local function leave(base, id, ran)
+  local owner = redis.call('HGET', base .. ':o', id)
+  if not owner then return end
+  redis.call('HDEL', base .. ':o', id)
+  local tenant, user = string.match(owner, '^(.-)|(.*)$')
+  if redis.call('HINCRBY', base .. ':n', tenant, -1) <= 0 then
+    redis.call('HDEL', base .. ':n', tenant)
+    if not ran then redis.call('ZREM', base .. ':tenants', tenant) end
+  end
+  if redis.call('HINCRBY', base .. ':c:' .. tenant, user, -1) <= 0 then
+    redis.call('HDEL', base .. ':c:' .. tenant, user)
+    if not ran then redis.call('ZREM', base .. ':t:' .. tenant, user) end
+  end
+end
+"""
+
 # KEYS: list, zset, V, tenants, tenant's users, tenant's usage, job hash
 # ARGV: job id, tenant, user, mode, unique (1/0), ttl, HSET fields…
 # mode: "peek" (nothing written: {tag, position, depth, tenant backlog}), "insert", "front", "v"
-_INSERT = """
+_INSERT = LEAVE_SCRIPT + """
 local list, zset, vkey, tenants, users, usage, jobkey = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6], KEYS[7]
 local id, tenant, user, mode = ARGV[1], ARGV[2], ARGV[3], ARGV[4]
 local DRIFT, HALF, PER_JOB, PMAX, TTL = %(drift)s, %(half)s, %(per_job)s, %(pmax)s, %(ttl)s
@@ -67,6 +97,8 @@ local t = redis.call('TIME')
 local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
 local v = tonumber(redis.call('GET', vkey) or '0')
 local peek = mode == 'peek'
+-- a duplicate (a client's retry of a reply that timed out, a replay) changes nothing
+if not peek and ARGV[5] == '1' and redis.call('EXISTS', jobkey) == 1 then return 0 end
 -- nothing queued: nobody is behind anybody, virtual time catches up with the newest finish tag
 if redis.call('ZCARD', zset) == 0 then
   local top = redis.call('ZREVRANGE', tenants, 0, 0, 'WITHSCORES')
@@ -98,8 +130,7 @@ elseif mode ~= 'v' then
   tag = v + math.min(PMAX, used * PER_JOB)
   if waiting and f > tag then tag = f end
   if not waiting and v + n - 1 > tag then tag = v + n - 1 end
-  local top = redis.call('ZREVRANGE', users, 0, 0, 'WITHSCORES')
-  if top[2] then backlog = math.max(0, tonumber(top[2]) - v) end
+  backlog = tonumber(redis.call('HGET', zset .. ':n', tenant) or '0')
   if not peek then
     redis.call('ZADD', users, tag + n, user)
     local tf = redis.call('ZSCORE', tenants, tenant)
@@ -107,12 +138,14 @@ elseif mode ~= 'v' then
     redis.call('HSET', usage, user, fmt(used + 1) .. ':' .. fmt(now))
     redis.call('EXPIRE', users, TTL)
     redis.call('EXPIRE', usage, TTL)
+    redis.call('HSET', zset .. ':o', id, tenant .. '|' .. user)
+    redis.call('HINCRBY', zset .. ':n', tenant, 1)
+    redis.call('HINCRBY', zset .. ':c:' .. tenant, user, 1)
   end
 end
 if peek then
   return {fmt(tag), redis.call('ZCOUNT', zset, '-inf', fmt(tag)), redis.call('LLEN', list), fmt(backlog)}
 end
-if ARGV[5] == '1' and redis.call('EXISTS', jobkey) == 1 then return 0 end
 if #ARGV > 6 then
   redis.call('HSET', jobkey, unpack(ARGV, 7))
   local ttl = tonumber(ARGV[6])
@@ -127,7 +160,8 @@ for _ = 1, %(tries)s do
   local nxt = redis.call('ZRANGEBYSCORE', zset, '(' .. fmt(tag), '+inf', 'LIMIT', 0, 1)
   if #nxt == 0 then break end
   if redis.call('LINSERT', list, 'BEFORE', nxt[1], id) > 0 then return 1 end
-  redis.call('ZREM', zset, nxt[1])  -- the pivot left the list (taken, cancelled, expired)
+  leave(zset, nxt[1], true)  -- the pivot left the list (taken, cancelled, expired)
+  redis.call('ZREM', zset, nxt[1])
 end
 redis.call('RPUSH', list, id)
 return 1
@@ -135,9 +169,10 @@ return 1
        "pmax": USAGE_PENALTY_MAX, "ttl": TENANT_KEYS_TTL_S, "tries": PIVOT_TRIES}
 
 # KEYS: zset, V; ARGV: the job ids a worker just took
-_TAKEN = """
+_TAKEN = LEAVE_SCRIPT + """
 local v = tonumber(redis.call('GET', KEYS[2]) or '0')
 for _, id in ipairs(ARGV) do
+  leave(KEYS[1], id, true)
   local tag = redis.call('ZSCORE', KEYS[1], id)
   if tag then
     redis.call('ZREM', KEYS[1], id)
@@ -150,15 +185,23 @@ return 1
 
 # KEYS: list, zset. Drop sorted-set members that are no longer in the list (a worker died between
 # its dequeue and its lease, RQ's ttl skipped an expired id, a queue was emptied by hand).
-_RECONCILE = """
+_RECONCILE = LEAVE_SCRIPT + """
 if redis.call('ZCARD', KEYS[2]) <= redis.call('LLEN', KEYS[1]) then return 0 end
 local present = {}
 for _, id in ipairs(redis.call('LRANGE', KEYS[1], 0, -1)) do present[id] = true end
 local dropped = 0
 for _, id in ipairs(redis.call('ZRANGE', KEYS[2], 0, -1)) do
-  if not present[id] then redis.call('ZREM', KEYS[2], id); dropped = dropped + 1 end
+  if not present[id] then leave(KEYS[2], id, true); redis.call('ZREM', KEYS[2], id); dropped = dropped + 1 end
 end
 return dropped
+"""
+
+# KEYS: list, zset; ARGV: job id. A job taken out without running (cancel, abandon, rollback).
+_REMOVE = LEAVE_SCRIPT + """
+local removed = redis.call('LREM', KEYS[1], 1, ARGV[1])
+leave(KEYS[2], ARGV[1], removed == 0)
+redis.call('ZREM', KEYS[2], ARGV[1])
+return removed
 """
 
 
@@ -182,7 +225,7 @@ class Placement:
     tag: float
     ahead: int  # queued jobs that would run before it
     depth: int  # jobs in the list
-    tenant_backlog: float  # the tenant's queued work in job-times (≈ its jobs waiting)
+    tenant_backlog: float  # the tenant's jobs waiting
 
 
 class FairQueue(Queue):
@@ -196,6 +239,7 @@ class FairQueue(Queue):
         self._insert = self.connection.register_script(_INSERT)
         self._taken = self.connection.register_script(_TAKEN)
         self._reconcile = self.connection.register_script(_RECONCILE)
+        self._remove = self.connection.register_script(_REMOVE)
 
     def _keys(self, tenant: str, job_key: str = "") -> list[str]:
         return [self.key, self.fair_key, self.v_key, self.tenants_key, f"{self.fair_key}:t:{tenant}",
@@ -238,23 +282,14 @@ class FairQueue(Queue):
 
     def remove(self, job_or_id: Job | str, pipeline: Pipeline | None = None):
         job_id = job_or_id.id if isinstance(job_or_id, Job) else job_or_id
-        if pipeline is not None:
-            pipeline.zrem(self.fair_key, job_id)
-            return super().remove(job_id, pipeline=pipeline)
-        with self.connection.pipeline() as pipe:
-            pipe.lrem(self.key, 1, job_id)
-            pipe.zrem(self.fair_key, job_id)
-            removed, _ = pipe.execute()
-        return removed
+        if pipeline is not None:  # EVAL, not EVALSHA: a pipeline cannot retry a NOSCRIPT
+            return pipeline.eval(_REMOVE, 2, self.key, self.fair_key, job_id)
+        return int(self._remove(keys=[self.key, self.fair_key], args=[job_id]))
 
     def reconcile(self) -> int:
         """Drop tags of jobs no longer in the list (maintenance; O(n) only when they disagree)."""
         return int(self._reconcile(keys=[self.key, self.fair_key]))
 
     def tenants_waiting(self) -> int:
-        """Tenants with work queued ahead of virtual time (approximate: a cancelled job's tenant
-        counts until virtual time passes its tag)."""
-        if not self.connection.exists(self.fair_key):
-            return 0
-        v = self.connection.get(self.v_key)
-        return int(self.connection.zcount(self.tenants_key, f"({float(v or 0)!r}", "+inf"))
+        """Tenants with jobs queued (counted as jobs come and go)."""
+        return int(self.connection.hlen(f"{self.fair_key}:n"))

@@ -14,6 +14,7 @@ import re
 import sys
 from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING
+from urllib.parse import unquote, urlsplit
 
 if TYPE_CHECKING:
     from settings.config import Settings
@@ -115,7 +116,13 @@ def configure_logging(service: str, *, json_lines: bool = True, level: str = "IN
 
 
 def secrets_of(settings: Settings) -> list[str]:
-    """Values that must never appear in a log line."""
+    """Values that must never appear in a log line or a stored failure: the tokens, the Redis
+    passwords, and a password written into the Redis URL itself."""
     values = (settings.discord_token, getattr(settings, "redis_password", None),
               getattr(settings, "redis_sentinel_password", None), getattr(settings, "hf_token", None))
-    return [value.get_secret_value() for value in values if value is not None]
+    secrets = [value.get_secret_value() for value in values if value is not None]
+    try:
+        in_url = urlsplit(getattr(settings, "redis_url", "") or "").password
+    except ValueError:  # a malformed URL: the connection refuses it, with its own message
+        in_url = None
+    return secrets + (sorted({in_url, unquote(in_url)}) if in_url else [])  # as written and decoded

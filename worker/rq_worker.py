@@ -52,7 +52,7 @@ from rq.worker import WorkerStatus
 from rq.worker_registration import WORKERS_BY_QUEUE_KEY, clean_worker_registry
 
 from core.fair_queue import FairQueue
-from core.logs import redact
+from core.logs import redact, secrets_of
 from core.tokens import with_token
 from worker.batching import claim_companions, request_of
 from worker.failures import Reporter, report_untold_failures
@@ -339,9 +339,12 @@ class ImagineWorker(SimpleWorker):
                                           redact(exc_string, self._secrets_of(job)), execution)
 
     def _secrets_of(self, job: Job) -> list[str]:
-        """The bot token and this job's interaction token (its key, or a legacy job's arguments)."""
+        """The bot token, the configured secrets (Redis passwords, Hugging Face token) and this
+        job's interaction token (its key, or a legacy job's arguments)."""
         runtime = installed_runtime()
         secrets = [runtime.bot_token] if runtime is not None and runtime.bot_token else []
+        if runtime is not None:
+            secrets += secrets_of(runtime.settings)
         if self.reporter is not None and self.reporter.bot_token:
             secrets.append(self.reporter.bot_token)
         try:
