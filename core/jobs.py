@@ -14,6 +14,9 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from settings.catalog import Quality
 
 SEED_SPACE = 2**32  # seeds are 0 … 2**32 - 1 (what every front end and the generator take)
+# The lowest img2img strength (what both front ends offer): below it a job's schedule would need
+# 1/strength steps for one to run.
+MIN_STRENGTH = 0.05
 
 # The function workers run, named by path so front ends never import worker code (or torch).
 JOB_FUNCTION = "worker.tasks.run_imagine"
@@ -136,11 +139,11 @@ class JobRequest(BaseModel):
     # Fast mode (the model's catalog ``fast`` entry: an LCM-LoRA with LCMScheduler, or a
     # multistep solver); ``steps`` and ``guidance`` above are already the ones it runs with.
     quality: Quality = "standard"
-    # Image input (issue 14): the mode, its source image and the img2img strength (0 < s <= 1:
-    # the share of the denoising schedule that runs, so int(steps × strength) steps run).
+    # Image input (issue 14): the mode, its source image and the img2img strength (MIN_STRENGTH
+    # to 1: the share of the denoising schedule that runs, so int(steps × strength) steps run).
     mode: Mode = "txt2img"
     source: SourceImage | None = None
-    strength: float | None = Field(default=None, gt=0, le=1)
+    strength: float | None = Field(default=None, ge=MIN_STRENGTH, le=1)
 
     @model_validator(mode="before")
     @classmethod

@@ -281,6 +281,16 @@ def user_layer(policy: GuildPolicy, options: ImagineOptions, user: UserSettings 
         changes["negative_prompt"] = None
         notes.append(("negative_prompt", "your default negative prompt contains a term this server "
                                          "bans; the server's default is used"))
+    # Saved under the operator's earlier limits (a default the user no longer types must not
+    # refuse every command): the operator's default instead, told once.
+    if user.steps is not None and options.steps is None and not 1 <= user.steps <= settings.max_steps:
+        changes["steps"] = None
+        notes.append(("steps:operator", f"your default `steps` ({user.steps}) is above the limit of "
+                                        f"{settings.max_steps}; the model's default is used"))
+    if user.guidance is not None and options.guidance is None and not 0 <= user.guidance <= settings.max_guidance:
+        changes["guidance"] = None
+        notes.append(("guidance:operator", f"your default `guidance` ({user.guidance:g}) is above the "
+                                           f"limit of {settings.max_guidance:g}; the model's default is used"))
     if user.aspect and not _usable_aspect(user.aspect):  # saved under other limits
         changes["aspect"] = None
         notes.append(("aspect", f"your default aspect ratio `{clip(user.aspect, 40)}` is not usable; "

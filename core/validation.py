@@ -21,6 +21,7 @@ from dataclasses import dataclass, fields
 
 from core.jobs import (
     IMAGE_MODES,
+    MIN_STRENGTH,
     MODES,
     SEED_SPACE,
     Delivery,
@@ -62,7 +63,7 @@ def parse_aspect(aspect: str | tuple[float, float] | float) -> float:
     """Width ÷ height from "16:9", "16x9", "16/9", "16 × 9", "1.91:1" or a (w, h) pair; an
     InvalidRequest for nonsense or a ratio beyond 4:1 either way."""
     if isinstance(aspect, str):
-        match = _ASPECT.match(aspect)
+        match = _ASPECT.match(unicodedata.normalize("NFKC", aspect))  # "16：9" typed with CJK input
         if match is None:
             raise InvalidRequest(f"`aspect` must look like 16:9 (got `{clip(aspect, 40)}`); "
                                  f"presets: {', '.join(ASPECT_RATIOS)}.")
@@ -383,8 +384,8 @@ def _check_strength(resolved: Resolved) -> None:
     if resolved.mode not in IMAGE_MODES:
         return
     strength = resolved.strength
-    if isinstance(strength, bool) or not isinstance(strength, (int, float)) or not 0 < strength <= 1:
-        raise InvalidRequest(f"`strength` must be above 0 and at most 1 (got {clip(str(strength), 24)}).")
+    if isinstance(strength, bool) or not isinstance(strength, (int, float)) or not MIN_STRENGTH <= strength <= 1:
+        raise InvalidRequest(f"`strength` must be between {MIN_STRENGTH:g} and 1 (got {clip(str(strength), 24)}).")
 
 
 def check_limits(resolved: Resolved, settings: Settings) -> None:

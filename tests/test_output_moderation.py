@@ -255,3 +255,17 @@ def test_a_classifier_that_cannot_load_is_one_line(tmp_path):
     with pytest.raises(ModelLoadError) as error:
         load_safety_checker(Settings(_env_file=None, safety_source=str(tmp_path)), CPU, torch.float32)
     assert "IMAGINE_SAFETY_SOURCE" in str(error.value) and "\n" not in str(error.value)
+
+
+def test_a_classifier_that_loads_but_cannot_run_stops_the_worker_at_warm_up(tiny_model_dir, monkeypatch):
+    """Otherwise the worker registers as ready and withholds every image it ever makes."""
+    from worker.main import warm_up
+    from worker.pipelines import ModelLoadError, ResidentPipelines
+
+    pipelines = ResidentPipelines(device=CPU, dtype=torch.float32)
+    pipelines.load(ModelEntry(key="tiny", source=str(tiny_model_dir), pipeline="StableDiffusionPipeline",
+                              native_size=64))
+    broken = checker(tiny_model_dir, 0.0)
+    monkeypatch.setattr(broken.model, "visual_projection", None)  # e.g. weights of another width
+    with pytest.raises(ModelLoadError, match="output classifier"):
+        warm_up(pipelines, Settings(_env_file=None, device="cpu"), broken)

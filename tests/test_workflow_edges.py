@@ -229,3 +229,29 @@ def test_no_setting_takes_nan(monkeypatch, name):
     monkeypatch.setenv(name, "nan")
     with pytest.raises(ValidationError, match=name.removeprefix("IMAGINE_").lower()):
         Settings(_env_file=None)
+
+
+def test_a_saved_default_over_a_limit_the_operator_lowered_is_replaced_and_told():
+    lowered = Settings(_env_file=None, max_steps=30, max_guidance=10)
+    saved = UserSettings(steps=50, guidance=15.0)
+    moderated = apply_policy(ImagineOptions("a cat", model="sd-v1-4"), GuildPolicy(), job_id="j",
+                             settings=lowered, catalog=CATALOG, user=saved)
+    assert moderated.request.steps <= 30 and moderated.request.guidance <= 10
+    assert {rule for rule, _ in moderated.user_notes} == {"steps:operator", "guidance:operator"}
+    with pytest.raises(InvalidRequest, match="steps"):  # typed: refused as before
+        apply_policy(ImagineOptions("a cat", model="sd-v1-4", steps=50), GuildPolicy(), job_id="k",
+                     settings=lowered, catalog=CATALOG, user=saved)
+
+
+@pytest.mark.parametrize("strength", [1e-9, 0.0, 0.049, 1.01])
+def test_a_strength_outside_what_the_front_ends_offer_is_refused_in_core(strength):
+    source = SourceImage(url=CDN, content_type="image/png", width=512, height=512)
+    with pytest.raises(InvalidRequest, match="strength"):
+        apply_policy(ImagineOptions("a cat", model="sd-v1-4", source=source, strength=strength), GuildPolicy(),
+                     job_id="j", settings=SETTINGS, catalog=CATALOG)
+
+
+def test_an_aspect_typed_with_a_full_width_colon_works():
+    request = apply_policy(ImagineOptions("a cat", model="sd-v1-4", aspect="16：9"), GuildPolicy(), job_id="j",
+                           settings=SETTINGS, catalog=CATALOG).request
+    assert request.width > request.height

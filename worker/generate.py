@@ -95,7 +95,8 @@ def schedule_steps(request: JobRequest) -> int:
     strength on a short schedule still runs one step, the same way every time."""
     steps = request.steps
     if request.mode in IMAGE_MODES and request.strength:
-        while int(steps * request.strength) < 1:
+        steps = max(steps, math.ceil(1 / request.strength) - 1)  # the contract keeps this <= 20
+        while int(steps * request.strength) < 1:  # float rounding: a step or two more
             steps += 1
     return steps
 

@@ -99,8 +99,11 @@ def warm_up(pipelines: ResidentPipelines, settings: Settings, safety: SafetyChec
                 job_id="warmup", model=key, prompt="warm up", steps=2, guidance=guidance, seed=0,
                 size=size, count=count, quality=quality), fast=entry.fast,
                 decoder=pipelines.final_decoder(key))  # fast decode's tiny autoencoder warms too
-            if safety is not None:
-                classify(safety, generation.images)
+            if safety is not None and classify(safety, generation.images) is None:
+                # It loaded but cannot run (logged above): a worker that starts anyway would
+                # withhold every image it makes. An operator error at start, one line.
+                raise ModelLoadError("the output classifier (IMAGINE_SAFETY_SOURCE) loaded but failed on "
+                                     "the warm-up images; see the log above")
             log.info("warmed %s (%s) at %d px × %d image(s) in %.1f s", key, quality, size, count,
                      time.perf_counter() - started)
         fused_step.warm_up(pipelines.get(key))  # the fused step's combine, compiled once
