@@ -13,7 +13,10 @@ pre-splits lower-cased text with ``'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s
 a run of letters is one word, and every digit and every punctuation run is a piece of its own.
 So a term matches where it is not glued to another *letter*; digits and punctuation around it
 are boundaries ("nude1" and "2nude" are read as "nude"), and "ass" still does not fire inside
-"class". ``tests/test_matcher.py`` checks this against the tokenizer's own pre-splitter.
+"class". Edges are decided per character before folding: a symbol that folds to letters ("™",
+"×", "ⓧ"), a number Python counts as a word character ("ↀ") or a standalone mark or zero-width
+character never glues onto a word. ``tests/test_matcher.py`` checks this against the
+tokenizer's own pre-splitter.
 
 Folding also covers the look-alike families Unicode's confusables data leaves out, by the
 letter their Unicode name spells: small capitals (ɴᴜᴅᴇ), negative circled and squared letters
@@ -52,6 +55,7 @@ NOT_LETTER = r"[\W\dA-Z_]"  # one class, not a lookahead: the gap is on the hot 
 # punctuation run swallows the apostrophe instead): matched text gets a space after it.
 CONTRACTION = re.compile(r"(?<![^\s\w]|_)'(?:re|ve|ll|s|t|m|d)")
 WORD_START = f"(?<!{LETTER})"
+SPACES = re.compile(" {2,}")
 # Look-alike families named after the letter they show ("LATIN LETTER SMALL CAPITAL N",
 # "NEGATIVE SQUARED LATIN CAPITAL LETTER N", "REGIONAL INDICATOR SYMBOL LETTER N").
 NAMED_LETTER = re.compile(r"^(?:LATIN|REGIONAL INDICATOR|NEGATIVE|CIRCLED|SQUARED|PARENTHESIZED|"
@@ -74,39 +78,35 @@ def _ascii_lookalike(char: str) -> str:
 
 @lru_cache(maxsize=8192)
 def _fold_char(char: str) -> str:
-    """One character of the text as compared: NFKC then NFKD, marks and format characters
-    dropped, look-alikes mapped to ASCII, case folded."""
+    """One character (after CLIP's NFC) as compared: NFKC then NFKD, marks and format characters
+    dropped, look-alikes mapped to ASCII, case folded. A character that is not a letter for CLIP
+    never glues onto a word: a standalone mark or format character becomes a space (a piece of
+    its own), and a symbol or number keeps the letters it folds to in UPPER case (™ → "TM",
+    × → "X") and its other output as "0" or a space (ↀ → "0")."""
+    category = unicodedata.category(char)
+    if category in ("Mn", "Me", "Cf"):
+        return " "
     out = []
     for part in unicodedata.normalize("NFKD", unicodedata.normalize("NFKC", char)):
         if unicodedata.category(part) in ("Mn", "Me", "Cf"):
             continue
         out.append(part if part.isascii() else _ascii_lookalike(part))
-    return "".join(out).casefold()
+    folded = "".join(out).casefold()
+    if category[0] != "L" and not char.isascii():
+        folded = "".join(c.upper() if c.isascii() else " " if not c.isalnum() else "0" for c in folded)
+    return folded
 
 
 def fold(text: str) -> str:
     """The form both text and terms are compared in (see the module docstring). Word edges are
-    CLIP's: after its NFC, a character that is not a letter for it (a symbol such as ™ or ×, an
-    enclosed letter, a number such as ↀ, a standalone combining mark, a zero-width or format
-    character) never glues onto a word. Letters such a character folds to are kept in UPPER
-    case (terms match either case; only lower-case letters count as word characters); marks
-    and format characters become one space, other characters "0"."""
+    CLIP's, decided per character before folding (:func:`_fold_char`): terms match letters of
+    either case, and only lower-case letters count as word characters."""
     if "&" in text:  # CLIP's slow tokenizer (with ftfy) unescapes HTML twice: "&#110;ude"
         text = html.unescape(html.unescape(text))
     if text.isascii():  # the common case: nothing to normalise but case
         return text.lower()
-    kept: list[str] = []
-    for char in unicodedata.normalize("NFC", text):
-        category = unicodedata.category(char)
-        if category in ("Mn", "Me", "Cf"):  # standalone: CLIP reads it as a piece of its own
-            if not kept or kept[-1] != " ":
-                kept.append(" ")
-            continue
-        folded = _fold_char(char)
-        if category[0] != "L" and not char.isascii():  # ™ → "TM", × → "X", ↀ → "0": not a letter
-            folded = "".join(c.upper() if c.isascii() else " " if not c.isalnum() else "0" for c in folded)
-        kept.append(folded)
-    return "".join(kept)
+    folded = "".join(map(_fold_char, unicodedata.normalize("NFC", text)))
+    return SPACES.sub(" ", folded)  # a run of marks (zalgo) is one gap, not many
 
 
 def _letter_class(char: str) -> str:
