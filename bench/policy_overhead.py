@@ -5,6 +5,8 @@
 Starts its own redis-server on a free port. Variants, interleaved round by round:
   build_request            the baseline: validation alone (what /imagine did before policies)
   apply_policy (pure)      policy rules + matcher (50 banned terms) + build_request
+  … non-ASCII prompt       the same with a prompt of accented, CJK, symbol and zero-width
+                           characters (the matcher's per-character fold), as long
   + store (GET + admit)    the same plus loading the policy and the Lua admission round trip
   build_request + enqueue  the baseline path into RQ
   enqueue_moderated        the whole moderated path into RQ (what /imagine runs now)
@@ -32,6 +34,9 @@ from tests.support.stack import RedisServer
 GUILD, USER, CHANNEL = 1, 2, 3
 PROMPT = ("a cozy cabin in a snowy pine forest at dusk, warm light in the windows, smoke from the "
           "chimney, highly detailed, cinematic lighting, 35mm photograph")
+# The same length, through the matcher's per-character fold instead of its ASCII fast path.
+NON_ASCII_PROMPT = ("a cozy cabin in a snöwy piné forest at dusk™, wärm light in the windows × 2, smoke "
+                    "from the chimney, 日本の山小屋, highly detailed\u200b, cinematic light, 35mm фото")
 TERMS = tuple(f"forbiddenword{i}" for i in range(48)) + ("gore", "blood bath")
 
 
@@ -66,6 +71,7 @@ def main() -> None:
         store.update(GUILD, Actor(0, "bench"), "bench", lambda p: policy().model_dump())
         loaded = store.load(GUILD)
         options = ImagineOptions(PROMPT, negative_prompt="blurry, lowres", steps=30, seed=1)
+        non_ascii = ImagineOptions(NON_ASCII_PROMPT, negative_prompt="blurry, lowres", steps=30, seed=1)
         requester = Requester(USER, GUILD, CHANNEL)
         ids = (f"bench-{i}" for i in itertools.count())
 
@@ -74,6 +80,10 @@ def main() -> None:
 
         def pure() -> object:
             return apply_policy(options, loaded, job_id="bench", settings=settings, catalog=catalog,
+                                channel_id=CHANNEL)
+
+        def pure_non_ascii() -> object:
+            return apply_policy(non_ascii, loaded, job_id="bench", settings=settings, catalog=catalog,
                                 channel_id=CHANNEL)
 
         def with_store() -> object:
@@ -91,9 +101,10 @@ def main() -> None:
                                      catalog=catalog, policies=store, jobs=jobs)
 
         variants = {"build_request": baseline, "apply_policy (pure)": pure,
-                    "+ store (GET + admit)": with_store, "build_request + enqueue": baseline_enqueue,
+                    "… non-ASCII prompt": pure_non_ascii, "+ store (GET + admit)": with_store, "build_request + enqueue": baseline_enqueue,
                     "enqueue_moderated": moderated_enqueue}
-        baseline_of = {"apply_policy (pure)": "build_request", "+ store (GET + admit)": "build_request",
+        baseline_of = {"apply_policy (pure)": "build_request", "… non-ASCII prompt": "apply_policy (pure)",
+                       "+ store (GET + admit)": "build_request",
                        "enqueue_moderated": "build_request + enqueue"}
         for fn in variants.values():  # warm caches (compiled term patterns, scripts, connections)
             per_call_us(fn, 20)
@@ -106,7 +117,7 @@ def main() -> None:
         medians = {name: statistics.median(values) for name, values in samples.items()}
 
         print(f"policy: {len(TERMS)} banned terms, forced negative, caps, channels, per-user limits; "
-              f"prompt {len(PROMPT)} chars; {args.rounds} rounds × {args.calls} calls; local redis-server")
+              f"prompts {len(PROMPT)} / {len(NON_ASCII_PROMPT)} chars; {args.rounds} rounds × {args.calls} calls; local redis-server")
         for name, us in medians.items():
             base = baseline_of.get(name)
             extra = f"  ×{us / medians[base]:.2f} of {base} (+{us - medians[base]:.0f} µs)" if base else ""
