@@ -16,6 +16,7 @@ import asyncio
 import hashlib
 import json
 import logging
+import signal
 import sys
 from concurrent.futures import ThreadPoolExecutor
 
@@ -55,6 +56,7 @@ def use_discord_endpoints(settings: Settings) -> None:
 
 SYNC_LEASE_S = 60  # longest one process may take to sync the command tree
 SYNC_WATCH_S = 5.0  # how often a process that left the sync to another checks it finished
+CLOSE_TIMEOUT_S = 5.0  # a stop waits this long for a clean close (docker stop's grace is 10 s)
 
 
 class ImagineBot(discord.AutoShardedClient):
@@ -73,6 +75,7 @@ class ImagineBot(discord.AutoShardedClient):
         prefix = settings.queue_prefix
         self.sweep_lease = Lease(services.jobs.redis, f"{prefix}:lease:expiry-sweep", settings.lease_ttl_s, identity)
         self.sync_lease = Lease(services.jobs.redis, f"{prefix}:lease:command-sync", SYNC_LEASE_S, identity)
+        self.stopping: asyncio.Task | None = None  # see stop_soon
 
     async def before_identify_hook(self, shard_id: int | None, *, initial: bool = False) -> None:
         """Discord allows one IDENTIFY per 5 s (per max_concurrency bucket): discord.py's own wait,
@@ -232,6 +235,31 @@ class ImagineBot(discord.AutoShardedClient):
     async def on_ready(self) -> None:
         log.info("connected as %s (shards %s of %s)", self.user, sorted(self.shards), self.shard_count)
 
+    def gateway_connected(self) -> bool:
+        """Ready and every shard's websocket open: discord.py sets ``is_ready()`` once and keeps
+        it while shards reconnect, so it alone says nothing about the connection now."""
+        return (self.is_ready() and not self.is_closed()
+                and all(not shard.is_closed() for shard in self.shards.values()))
+
+    def stop_soon(self, run: asyncio.Task | None) -> None:
+        """SIGTERM (docker stop) or Ctrl-C: close, then end ``run`` (the task running the client).
+
+        Cancelling the run alone (asyncio.run's Ctrl-C) can hang during a Discord outage:
+        discord.py's shard reconnect swallows the cancel and its connect loop then waits forever.
+        close() ends that loop, and the cancel after it ends a reconnect back-off sleep (minutes)."""
+        if self.stopping is None:
+            log.info("stopping")
+            self.stopping = asyncio.create_task(self._stop(run))
+
+    async def _stop(self, run: asyncio.Task | None) -> None:
+        try:
+            await asyncio.wait_for(self.close(), CLOSE_TIMEOUT_S)
+        except TimeoutError:
+            log.warning("Discord did not close within %.0f s; stopping anyway", CLOSE_TIMEOUT_S)
+        finally:
+            if run is not None:
+                run.cancel()
+
     async def close(self) -> None:
         """Hand the sweep lease over at once on a clean stop (a crash lets it run out)."""
         self.sweep_leadership.cancel()
@@ -240,6 +268,19 @@ class ImagineBot(discord.AutoShardedClient):
         except RedisError:
             pass
         await super().close()
+
+
+async def run_until_stopped(bot: ImagineBot, token: str) -> None:
+    """``bot.run()``, with SIGTERM and Ctrl-C handled by :meth:`ImagineBot.stop_soon`."""
+    run = asyncio.current_task()
+    try:
+        async with bot:
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                asyncio.get_running_loop().add_signal_handler(sig, bot.stop_soon, run)
+            await bot.start(token)
+    except asyncio.CancelledError:
+        if bot.stopping is None:  # not stop_soon's own cancel: pass it on
+            raise
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -251,12 +292,14 @@ def main(argv: list[str] | None = None) -> int:
     use_discord_endpoints(settings)
     services = Services.build(settings, JobQueue(connect(settings), settings, cache_s=READ_CACHE_S))
     bot = ImagineBot(services)
-    # /healthz: 200 while the gateway is connected (core.health); SIGTERM closes like Ctrl-C.
+    # /healthz: 200 while the gateway is connected (core.health).
     metrics.serve(settings.bot_metrics_port, lambda: services.jobs.depths(list(services.catalog)),
-                  settings.metrics_host,
-                  lambda: None if bot.is_ready() and not bot.is_closed() else "gateway not connected")
-    stop_on_sigterm()
-    bot.run(token, log_handler=None)
+                  settings.metrics_host, lambda: None if bot.gateway_connected() else "gateway not connected")
+    stop_on_sigterm()  # until the client runs (then run_until_stopped): SIGTERM ends it like Ctrl-C
+    try:
+        asyncio.run(run_until_stopped(bot, token))
+    except KeyboardInterrupt:  # a signal before run_until_stopped took over
+        pass
     return 0
 
 
