@@ -20,7 +20,7 @@ from discord import ui
 from redis.exceptions import RedisError
 
 from bot.cancelling import cancel_jobs
-from bot.errors import answer_error, answers_errors
+from bot.errors import answer, answer_error, answers_errors
 from bot.notify import notify
 from bot.permissions import is_admin
 from bot.services import Services, services_of
@@ -371,14 +371,17 @@ class CancelButton(ui.DynamicItem[ui.Button], template=CANCEL_TEMPLATE):
 
     @answers_errors
     async def callback(self, interaction: discord.Interaction) -> None:
+        # Acknowledged first: a cancel waits for a worker's position edit of the job's message
+        # to end (core.position_edits), which a Discord 429 can stretch past the 3-second deadline.
+        await interaction.response.defer(ephemeral=True, thinking=True)
         done, refused = await asyncio.to_thread(
             cancel_jobs, services_of(interaction), [self.job_id], interaction.user.id, interaction.guild_id,
             is_admin(interaction))
         if not done:
-            await interaction.response.send_message(f"ℹ️ {refused[0]}", ephemeral=True)
+            await answer(interaction, f"ℹ️ {refused[0]}")
             return
         request = done[0]
-        await interaction.response.send_message("🚫 Cancelled.", ephemeral=True)
+        await answer(interaction, "🚫 Cancelled.")
         if request.delivery is not None:
             # The job's own queued message says it will come: it must say it will not.
             await notify(interaction.client, request.delivery, f"🚫 Cancelled.\n> {request.prompt[:300]}")

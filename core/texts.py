@@ -23,12 +23,27 @@ IMAGE_ACTION_TEMPLATE = (rf"img:(?P<action>{'|'.join(IMAGE_ACTIONS)}):(?P<job_id
 REMIX_TEMPLATE = r"img:remix:(?P<job_id>[A-Za-z0-9_-]{1,80})"
 BAR_WIDTH = 12
 MAX_CONTENT = 2000  # Discord's limit for a message's text
+MAX_EMBED_DESCRIPTION = 4096  # Discord's limit for an embed's description (6,000 for all its text)
 
 
 def clip(text: str, limit: int) -> str:
     """``text`` cut to ``limit`` characters (an ellipsis marks the cut): user-supplied values
     go into messages, whose length Discord limits."""
     return text if len(text) <= limit else text[:limit - 1] + "…"
+
+
+def lines_within(lines: list[str], limit: int = MAX_EMBED_DESCRIPTION,
+                 more: str = "…and {n} more") -> str:
+    """``lines`` joined, as many as fit in ``limit`` characters; the rest counted by ``more``."""
+    text = "\n".join(lines)
+    if len(text) <= limit:
+        return text
+    shown: list[str] = []
+    for index, line in enumerate(lines):  # a few hundred lines at most: joining again is fine
+        if len("\n".join([*shown, line, more.format(n=len(lines) - index - 1)])) > limit:
+            break
+        shown.append(line)
+    return clip("\n".join([*shown, more.format(n=len(lines) - len(shown))]), limit)
 
 
 def result_custom_id(action: str, job_id: str) -> str:

@@ -72,6 +72,13 @@ def reply(stack, payload, timeout: float = 10):
     return wait_for(lambda: stack.fake.messages("callback", payload["token"]), timeout, what="reply")[0]
 
 
+def deferred_reply(stack, payload, timeout: float = 10) -> dict:
+    """The answer to an interaction acknowledged first ("thinking", type 5): its followup."""
+    answered = stack.fake.reply(payload, timeout)
+    assert answered["type"] == 5
+    return answered["data"]
+
+
 def result(stack, payload, timeout: float = 60):
     """The edit that replaced the queued message with the images."""
     edits = lambda: [p for p in stack.fake.messages("edit", payload["token"]) if p.payload.get("embeds")]
@@ -264,9 +271,9 @@ def test_queue_lists_own_jobs_and_cancels(stack):
     assert custom_ids(listing.message)[:2] == [f"img:cancel:{first_job}",
                                                f"img:cancel:{job_id_for_interaction(int(waiting[1]['id']))}"]
     refused = click(stack, f"img:cancel:{first_job}", listing.message, user_id=STRANGER)
-    assert "only cancel your own" in reply(stack, refused).payload["data"]["content"]
+    assert "only cancel your own" in deferred_reply(stack, refused)["content"]
     cancelled = click(stack, f"img:cancel:{first_job}", listing.message)
-    assert "Cancelled" in reply(stack, cancelled).payload["data"]["content"]
+    assert "Cancelled" in deferred_reply(stack, cancelled)["content"]
     job = Job.fetch(first_job, connection=stack.redis, serializer=JSONSerializer)
     assert job.get_status() == JobStatus.CANCELED
     edit = wait_for(lambda: stack.fake.messages("edit", waiting[0]["token"]), 10, what="cancel notice")

@@ -47,8 +47,7 @@ def command(fake, name="imagine", user="820000000000000001", permissions="0", **
 
 
 def answer(fake, payload, timeout=10) -> str:
-    post = wait_for(lambda: fake.messages("callback", payload["token"]), timeout, what="reply")[0]
-    return post.payload["data"]["content"]
+    return fake.reply(payload, timeout)["data"]["content"]
 
 
 def messages_for(fake, payload):

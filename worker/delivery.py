@@ -241,10 +241,15 @@ def deliver_result(delivery: Delivery, content: str, embed: discord.Embed, uploa
 
 def post_failure(delivery: Delivery, text: str, session: requests.Session,
                  bot_token: str | None = None, nonce: str | None = None) -> Posted:
-    """A follow-up telling the user their job failed for good (mentioning them)."""
+    """The user's message (queued, or a progress bar) replaced by the failure, previews gone, and
+    a follow-up telling them (mentioning them: an edit notifies nobody)."""
     content = f"<@{delivery.user_id}> ⚠️ {text}"
     try:
         if delivery.interaction_token:
+            try:
+                edit_original(delivery, session, f"⚠️ {text}", files=[])
+            except discord.HTTPException as error:  # deleted or unknown: the follow-up still tells
+                log.info("could not replace the message with the failure: %s", error)
             message = _webhook(delivery, session).send(content=content, wait=True,
                                                        allowed_mentions=_mention_only(delivery))
             return Posted(message.id, "webhook")

@@ -19,10 +19,12 @@ from dataclasses import dataclass, field
 
 import requests
 from redis import Redis
+from redis.exceptions import RedisError
 from rq import Queue
 from rq.job import Job
 
 from core.jobs import InputImageError, JobRequest, input_error_message
+from core.position_edits import PositionEdits
 from core.tokens import with_token
 from settings.config import Settings
 from worker import metrics
@@ -68,6 +70,10 @@ class Reporter:
             return False
         if not self.outcomes.claim(job.id):  # another process is telling them right now
             return False
+        try:  # no queue-position edit may land on the message after the failure replaces it
+            PositionEdits(self.outcomes.redis, self.outcomes.prefix).finalize(job.id)
+        except RedisError as error:
+            log.warning("job %s: could not finalize position edits: %s", job.id, error)
         try:
             posted = post_failure(request.delivery, reason, self.session, self.bot_token,
                                   nonce=job.id[:25])

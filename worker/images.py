@@ -1,14 +1,17 @@
 """Encode generated images for upload: PNG with its generation record, re-encoded (never
-dropped) when it would exceed the interaction's file-size limit."""
+dropped, the record kept as a JPEG comment) when it would exceed the interaction's file-size
+limit."""
 
 from __future__ import annotations
 
 import io
+import json
 import math
 
 from PIL import Image, PngImagePlugin
 
 JPEG_QUALITIES = (92, 85, 75, 60)
+MAX_JPEG_COMMENT = 65_000  # one COM segment holds 65,533 bytes (prompts are far shorter)
 
 
 def png_bytes(image: Image.Image, text: dict[str, str] | None = None) -> bytes:
@@ -20,9 +23,12 @@ def png_bytes(image: Image.Image, text: dict[str, str] | None = None) -> bytes:
     return buffer.getvalue()
 
 
-def jpeg_bytes(image: Image.Image, quality: int) -> bytes:
+def jpeg_bytes(image: Image.Image, quality: int, text: dict[str, str] | None = None) -> bytes:
+    """JPEG at ``quality``; ``text`` (the PNG's record) as a JSON comment, so a file re-encoded to
+    fit the upload limit still says how it was made."""
+    extra = {"comment": json.dumps(text, ensure_ascii=False).encode()[:MAX_JPEG_COMMENT]} if text else {}
     buffer = io.BytesIO()
-    image.convert("RGB").save(buffer, format="JPEG", quality=quality, optimize=True)
+    image.convert("RGB").save(buffer, format="JPEG", quality=quality, optimize=True, **extra)
     return buffer.getvalue()
 
 
@@ -36,7 +42,7 @@ def encode_for_upload(
         return data, "png"
     while True:
         for quality in JPEG_QUALITIES:
-            data = jpeg_bytes(image, quality)
+            data = jpeg_bytes(image, quality, text)
             if len(data) <= limit:
                 return data, "jpg"
         if min(image.size) <= 16:

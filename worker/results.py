@@ -8,13 +8,16 @@ import logging
 import time
 from typing import TYPE_CHECKING
 
+from pydantic import ValidationError
 from redis.exceptions import RedisError
 
 from core.jobs import JobRequest, JobResult, Reproducibility
 from core.output_policy import notice
+from core.policy_store import PolicyStore
 from core.position_edits import PositionEdits
 from core.texts import result_file_stem
 from core.validation import UPSCALE_FACTOR
+from settings.catalog import ModelEntry
 from worker.delivery import ResultComponents, Upload, deliver_result, result_embed
 from worker.generate import Generation
 from worker.images import encode_for_upload, grid
@@ -66,6 +69,17 @@ def embed_image(uploads: list[Upload]) -> str | None:
     return uploads[-1].filename
 
 
+def models_offered(runtime: WorkerRuntime, guild_id: int | None) -> dict[str, ModelEntry]:
+    """The catalog as the server's policy allows it now: the model select offers no model whose
+    pick the policy would refuse. Unreadable policy: the whole catalog (a pick is checked again)."""
+    try:
+        allowed = PolicyStore(runtime.redis, runtime.key_prefix).load(guild_id).allowed_models
+    except (RedisError, ValidationError) as error:
+        log.warning("could not read the server's allowed models: %s", error)
+        allowed = ()
+    return {key: entry for key, entry in runtime.catalog.items() if not allowed or key in allowed}
+
+
 def post_result(runtime: WorkerRuntime, request: JobRequest, generation: Generation, result: JobResult,
                 progress: ProgressReporter | None) -> None:
     """Replace the user's queued/progress message with the images, embed and buttons."""
@@ -85,7 +99,8 @@ def post_result(runtime: WorkerRuntime, request: JobRequest, generation: Generat
     upscale = (request.width * request.height * UPSCALE_FACTOR**2 <= settings.max_upscale_pixels
                and max(request.width, request.height) <= settings.max_size)
     shown = [i for i, action in enumerate(generation.actions) if action != "withhold"]
-    view = ResultComponents(request.job_id, request.model, runtime.catalog, images=shown, upscale=upscale)
+    view = ResultComponents(request.job_id, request.model, models_offered(runtime, request.delivery.guild_id),
+                            images=shown, upscale=upscale)
     flags = None if any(v.flagged is None for v in generation.moderation or ()) else \
         [bool(v.flagged) for v in generation.moderation or ()]
     told = notice(generation.actions, flags)

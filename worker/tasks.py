@@ -111,10 +111,14 @@ def make_images(runtime: WorkerRuntime, request: JobRequest,
     progress = discord_progress(runtime, request)
     on_step = progress.on_step if progress else meta_progress(job) if request.store_images else None
     try:
-        return images_for(runtime, request, on_step), progress
-    finally:
+        generation = images_for(runtime, request, on_step)
+    except BaseException:
         if progress is not None:
-            progress.stop()  # an edit in flight finishes while the images are encoded
+            progress.close()  # nothing may land after the failure's own edit of the message
+        raise
+    if progress is not None:
+        progress.stop()  # an edit in flight finishes while the images are encoded
+    return generation, progress
 
 
 def deliver(runtime: WorkerRuntime, job: Job | None, request: JobRequest, generation: Generation,

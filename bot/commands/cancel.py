@@ -44,6 +44,9 @@ async def cancel(interaction: discord.Interaction, job: str | None = None,
         await answer(interaction, "❌ Give a job id (see `/queue`), or leave `job` empty to cancel all your "
                                   "waiting jobs.")
         return
+    # Acknowledged first: each cancel waits for a worker's position edit of that job's message to
+    # end (core.position_edits), which a Discord 429 can stretch past the 3-second deadline.
+    await interaction.response.defer(ephemeral=True, thinking=True)
     done, refused = await asyncio.to_thread(
         lambda: cancel_jobs(services, targets(services, job, user, caller, interaction.guild_id), caller,
                             interaction.guild_id, admin))

@@ -12,6 +12,7 @@ from redis.exceptions import RedisError
 from bot import metrics
 from bot.services import services_of
 from core.fleet import Latency, format_duration
+from core.texts import lines_within
 from settings.catalog import ModelEntry
 
 
@@ -39,7 +40,9 @@ def models_embed(catalog: dict[str, ModelEntry], live: set[str], depths: dict[st
     lines = [model_line(e, e.key in live, None if depths is None else depths.get(e.key, 0), latencies.get(e.key),
                         tenants.get(e.key))
              for e in catalog.values()]
-    return discord.Embed(title="Models", description="\n".join(lines), colour=0x5865F2)
+    # An operator's catalog may hold dozens of models: the description stops at Discord's limit.
+    return discord.Embed(title="Models", description=lines_within(
+        lines, more="…and {n} more (type a name in /imagine's model option to find them)"), colour=0x5865F2)
 
 
 @app_commands.command(name="models", description="List the models, their workers and queues")

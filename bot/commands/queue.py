@@ -12,6 +12,7 @@ from bot.buttons import CancelButton
 from bot.services import services_of
 from core.fleet import format_duration
 from core.queue import UserJob
+from core.texts import lines_within
 
 MAX_BUTTONS = 25  # Discord: 5 rows of 5
 
@@ -36,5 +37,6 @@ async def show_queue(interaction: discord.Interaction) -> None:
     if not jobs:
         await interaction.response.send_message("You have no jobs waiting.", ephemeral=True)
         return
-    embed = discord.Embed(title="Your jobs", description="\n".join(map(job_line, jobs)), colour=0x5865F2)
+    embed = discord.Embed(title="Your jobs", description=lines_within([job_line(job) for job in jobs]),
+                          colour=0x5865F2)
     await interaction.response.send_message(embed=embed, view=queue_view(jobs), ephemeral=True)

@@ -158,14 +158,24 @@ class FakeDiscord:
             return [p for p in self.posts if (kind is None or p.kind == kind) and (key is None or p.key == key)]
 
     def answer(self, payload: dict, timeout: float = 10) -> dict:
-        """Dispatch an interaction and return the bot's answer (its callback's body)."""
+        """Dispatch an interaction and return the bot's answer (:meth:`reply`)."""
         self.dispatch("INTERACTION_CREATE", payload)
+        return self.reply(payload, timeout)
+
+    def reply(self, payload: dict, timeout: float = 10) -> dict:
+        """The bot's answer to an interaction: its callback's body; for one acknowledged first
+        ("thinking", type 5), ``{"type": 5, "data": <the followup that answered it>}``."""
         deadline = time.monotonic() + timeout
-        while not (answers := self.messages("callback", payload["token"])):
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"no answer to interaction {payload['id']} within {timeout}s")
-            time.sleep(0.05)
-        return answers[0].payload
+
+        def first(kind: str) -> Posted:
+            while not (posted := self.messages(kind, payload["token"])):
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"no {kind} for interaction {payload['id']} within {timeout}s")
+                time.sleep(0.05)
+            return posted[0]
+
+        callback = first("callback").payload
+        return {"type": 5, "data": first("followup").payload} if callback["type"] == 5 else callback
 
     def results(self, token: str) -> list[Posted]:
         """Result messages of one command: the edit of its message that carries the embed."""
