@@ -123,11 +123,10 @@ async def submit_imagine(interaction: discord.Interaction, options: ImagineOptio
         # Read by the back-pressure check a moment ago, in fair order (not the list's length).
         outlook = admitted.outlook or await asyncio.to_thread(bot.jobs.outlook_if_enqueued, request,
                                                               admitted.owner)
-        notes = "".join(f"\nℹ️ {note}" for note in admitted.moderated.notes)
         await interaction.response.send_message(
             queued_text(request.model, request.prompt, request.count, outlook.position, outlook.eta_s,
-                        no_worker_minutes=None if outlook.workers else max(1, round(bot.settings.queue_ttl_s / 60)))
-            + notes)
+                        no_worker_minutes=None if outlook.workers else max(1, round(bot.settings.queue_ttl_s / 60)),
+                        notes=admitted.moderated.notes))
         answered = True
         position = await asyncio.to_thread(_record_and_enqueue, bot, admitted, options)
     except AlreadyQueued:

@@ -167,7 +167,8 @@ def release_admitted(admitted: Admitted, policies: PolicyStore) -> None:
 def enqueue_admitted(admitted: Admitted, jobs: JobQueue, policies: PolicyStore) -> int | None:
     """Enqueue; the queue position (None: unknown). Frees the user's slot if enqueueing fails."""
     try:
-        return jobs.submit(admitted.request, list(admitted.active_keys), owner=admitted.owner)
+        return jobs.submit(admitted.request, list(admitted.active_keys), owner=admitted.owner,
+                           notes=admitted.moderated.notes)
     except AlreadyQueued:
         raise  # the first submission holds the slot
     except Exception:

@@ -28,6 +28,9 @@ SCHEMA_VERSION = 2
 # job.meta field naming the Redis sorted set of the user's active jobs; the worker removes the
 # job from it when the job ends (worker.release), so per-user limits free up.
 ACTIVE_KEY_META = "active_key"  # job.meta: the active-job set(s) the job counts in (str or list)
+# job.meta field: the notes the user was given when the job was queued ("steps lowered to the
+# server's cap"), which the worker's queue-position edits of that message keep.
+NOTES_META = "notes"
 
 
 def active_keys_of(meta: dict) -> list[str]:

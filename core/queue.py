@@ -16,7 +16,7 @@ from rq.serializers import JSONSerializer
 
 from core.fair_queue import FAIR_META, FairQueue
 from core.fleet import FleetStats, format_duration, work_units
-from core.jobs import ACTIVE_KEY_META, JOB_FUNCTION, JobRequest, queue_name
+from core.jobs import ACTIVE_KEY_META, JOB_FUNCTION, NOTES_META, JobRequest, queue_name
 from core.position_edits import PositionEdits
 from core.records import JobRecord, RecordStore
 from core.redis_connection import connect_front
@@ -33,12 +33,14 @@ READ_CACHE_S = 1.0  # the bot: how stale live-worker counts and latency samples 
 USER_JOBS_SCANNED = 500  # a user's most recent jobs that /cancel looks through
 
 
-def _job_meta(active_key: str | list[str] | None, owner: tuple[str, str]) -> dict:
+def _job_meta(active_key: str | list[str] | None, owner: tuple[str, str], notes: tuple[str, ...] = ()) -> dict:
     """One key is stored as a plain string, the form every worker version reads."""
     keys = [active_key] if isinstance(active_key, str) else list(active_key or ())
     meta: dict = {FAIR_META: list(owner)}
     if keys:
         meta[ACTIVE_KEY_META] = keys[0] if len(keys) == 1 else keys
+    if notes:
+        meta[NOTES_META] = list(notes)
     return meta
 
 
@@ -108,11 +110,11 @@ class JobQueue:
         return self.settings.queue_ttl_s + self.settings.job_timeout_s * (RETRIES + 1) + 60
 
     def submit(self, request: JobRequest, active_key: str | list[str] | None = None,
-               owner: tuple[str, str] | None = None) -> int | None:
+               owner: tuple[str, str] | None = None, notes: tuple[str, ...] = ()) -> int | None:
         """Enqueue in fair order (core.fair_queue) and return the 1-based position in the
         model's queue (None: unknown). ``active_key`` names the active-job set(s) the worker
         frees the job from when it ends; ``owner`` the (tenant, user) it is scheduled for
-        (default: :func:`owner_of`)."""
+        (default: :func:`owner_of`); ``notes`` what the user was told when it was queued."""
         queue = self.queue(request.model)
         # The interaction token goes to a key of its own, not into what RQ keeps (core.tokens).
         queued = stash_token(self.redis, self.settings.queue_prefix, request)
@@ -128,7 +130,7 @@ class JobQueue:
                 # A retried job (its worker died) already waited its turn: it goes back first.
                 retry=Retry(max=RETRIES, enqueue_at_front=True), on_failure=Callback(FAILURE_CALLBACK),
                 on_success=Callback(SUCCESS_CALLBACK), on_stopped=Callback(STOPPED_CALLBACK),
-                meta=_job_meta(active_key, owner or owner_of(request)),
+                meta=_job_meta(active_key, owner or owner_of(request), tuple(notes)),
                 description=f"{request.model}: {request.prompt[:80]}",
             )
         except DuplicateJobError:

@@ -7,6 +7,8 @@ with these templates and read the job record from Redis, so they survive bot res
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 from core.fleet import format_duration
 
 JOB_ID = r"(?P<job>[A-Za-z0-9_-]{1,80})"
@@ -87,12 +89,14 @@ def no_worker_text(model: str, minutes: int) -> str:
 
 
 def queued_text(model: str, prompt: str, count: int, position: int, eta_s: float | None,
-                no_worker_minutes: int | None = None) -> str:
-    """``no_worker_minutes``: no live worker serves the model; the job is cancelled after that."""
+                no_worker_minutes: int | None = None, notes: Iterable[str] = ()) -> str:
+    """``no_worker_minutes``: no live worker serves the model; the job is cancelled after that.
+    ``notes``: what the server's rules changed, said when queued and kept by every later edit."""
     eta = f" · ETA ~{format_duration(eta_s)}" if eta_s is not None else ""
     warning = "" if no_worker_minutes is None else f"\n{no_worker_text(model, no_worker_minutes)}"
-    return (f"🎨 Queued {_images(count)} on **{model}** — position **#{position}** in its queue{eta}."
-            f"{warning}\n> {prompt[:300]}")
+    told = "".join(f"\nℹ️ {note}" for note in notes)
+    return clip(f"🎨 Queued {_images(count)} on **{model}** — position **#{position}** in its queue{eta}."
+                f"{warning}\n> {prompt[:300]}{told}", MAX_CONTENT)
 
 
 def progress_bar(step: int, total: int, width: int = BAR_WIDTH) -> str:

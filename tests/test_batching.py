@@ -353,3 +353,31 @@ def test_a_job_failed_without_its_callback_frees_its_users_slot(redis_server):
     queue.failed_job_registry.add(job, ttl=600, exc_string="Job was stuck in intermediate queue.")
     report_untold_failures(queue, Reporter(Outcomes(redis, prefix, 600)), 600)
     assert redis.zscore(active, job.id) is None
+
+
+def test_a_web_companion_keeps_its_step_count_for_its_page(tiny_model_dir, redis_server, monkeypatch):
+    """A web job made in another job's pipeline call: its page reads the step count from the
+    job's RQ meta, as for a job run on its own."""
+    from rq import Queue
+    from rq.job import Job
+    from rq.serializers import JSONSerializer
+
+    from core.jobs import PROGRESS_META
+    from worker.batching import images_for
+
+    resident = ResidentPipelines(device=CPU, dtype=torch.float32)
+    resident.load(ModelEntry(key="tiny", source=str(tiny_model_dir), pipeline="StableDiffusionPipeline"))
+    redis, prefix = Redis.from_url(redis_server.url), f"webc{snowflake()[-6:]}"
+    runtime = runtime_for(resident, redis, prefix)
+    lead, companion = request(f"lead-{prefix}", steps=3), request(f"web-{prefix}", steps=3, store_images=True)
+    Queue(f"{prefix}:tiny", connection=redis, serializer=JSONSerializer).enqueue(
+        "worker.tasks.run_imagine", companion.model_dump(mode="json"), job_id=companion.job_id)
+    seen = []
+    real_save = Job.save_meta
+    monkeypatch.setattr(Job, "save_meta", lambda job: (seen.append(dict(job.meta.get(PROGRESS_META, {}))),
+                                                       real_save(job))[1])
+    runtime.batches.companions[lead.job_id] = [companion]
+    images_for(runtime, lead, None)
+    assert seen and seen[-1] == {"step": 3, "steps": 3}
+    stored = Job.fetch(companion.job_id, connection=redis, serializer=JSONSerializer).meta[PROGRESS_META]
+    assert stored == {"step": 3, "steps": 3}

@@ -15,6 +15,7 @@ import io
 import time
 from types import SimpleNamespace
 
+import discord
 import numpy as np
 from PIL import Image
 from redis import Redis
@@ -259,3 +260,33 @@ def test_a_job_that_fails_for_good_does_not_stay_shown_as_generating(redis_serve
     latest = edits[-1].payload.get("content") or ""
     assert "Generating" not in latest and "▰" not in latest, \
         f"the user's message still says {latest!r} after the job failed"
+
+
+def test_a_failure_told_late_never_replaces_images_already_delivered(redis_server, fake_discord):
+    """A failure told after the images went out (the record of the delivery lost with a full
+    Redis, a lease lapsed): the follow-up says so, but the result message is left as it is."""
+    import requests
+    from rq.job import Job
+    from rq.serializers import JSONSerializer
+
+    from core.jobs import JobRequest
+    from worker.delivery import _webhook, use_api_base
+    from worker.failures import Reporter
+    from worker.outcomes import Outcomes
+
+    use_api_base(fake_discord.api_base)
+    redis = Redis.from_url(redis_server.url)
+    token = f"late-failure-{time.monotonic_ns()}"
+    request = JobRequest(job_id=f"ix-late-{time.monotonic_ns()}", model="bk-sdm-small", prompt="a fox", steps=12,
+                         guidance=7.5, seed=1, size=512,
+                         delivery=Delivery(application_id=1, interaction_id=6, interaction_token=token,
+                                           channel_id=CHANNEL, guild_id=GUILD, user_id=AUTHOR))
+    session = requests.Session()
+    _webhook(request.delivery, session).edit_message("@original", content=f"<@{AUTHOR}>",
+                                                     embed=discord.Embed(description="a fox"))
+    job = Job.create("worker.job_functions.run", args=[request.model_dump(mode="json")], id=request.job_id,
+                     connection=redis, serializer=JSONSerializer)
+    job.save()
+    assert Reporter(Outcomes(redis, "late", 3600), session).tell(job, "Your image could not be generated.")
+    assert len(fake_discord.messages("edit", token)) == 1  # the result's own edit only
+    assert "could not be generated" in fake_discord.messages("followup", token)[0].payload["content"]

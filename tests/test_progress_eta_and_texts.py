@@ -145,3 +145,26 @@ def test_a_position_edit_in_flight_holds_the_result_back_and_a_final_job_gets_no
     assert events == ["position edit sent", "result posted"]
     with edits.position_edit("job") as allowed:
         assert not allowed  # once final, no position edit goes out
+
+
+def test_position_edits_keep_the_notes_the_user_was_given(redis_server):
+    """"steps lowered to the server's cap" said when queued stays on the message when a worker
+    later edits its position."""
+    from rq.job import Job
+    from rq.serializers import JSONSerializer
+
+    from core.queue import JobQueue
+    from core.texts import queued_text
+    from settings.config import Settings
+    from tests.support.fake_discord import snowflake
+    from worker.progress import notes_of
+
+    settings = Settings(_env_file=None, redis_url=redis_server.url, queue_prefix=f"notes{snowflake()[-6:]}")
+    jobs = JobQueue(Redis.from_url(redis_server.url), settings)
+    request = JobRequest(job_id=f"n-{snowflake()}", model="bk-sdm-small", prompt="a lake", steps=2, guidance=7,
+                         seed=1, size=512)
+    jobs.submit(request, notes=("`steps` lowered to the server's cap of 20",))
+    job = Job.fetch(request.job_id, connection=jobs.redis, serializer=JSONSerializer)
+    text = queued_text(request.model, request.prompt, 1, 3, None, notes=notes_of(job))
+    assert text.endswith("\nℹ️ `steps` lowered to the server's cap of 20") and "#3" in text
+    assert len(queued_text("m", "x" * 4000, 1, 1, None, notes=["y" * 3000])) <= 2000

@@ -20,13 +20,16 @@ from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING
 
 from pydantic import ValidationError
+from redis.exceptions import RedisError
 from rq import Queue
+from rq.exceptions import NoSuchJobError
 from rq.job import Job
+from rq.serializers import JSONSerializer
 
 from core.jobs import IMAGE_MODES, JobRequest
 from worker.generate import Generation, Sources, StepCallback, batch_key, generate_batch
 from worker.job_functions import return_to_queue, runs_here
-from worker.progress import discord_progress
+from worker.progress import discord_progress, meta_progress
 
 if TYPE_CHECKING:  # annotations only: the runtime module imports this one
     from worker.runtime import WorkerRuntime
@@ -119,6 +122,8 @@ def images_for(runtime: WorkerRuntime, request: JobRequest, on_step: StepCallbac
         if (reporter := discord_progress(runtime, companion)) is not None:
             reporters.append(reporter)
             steps.append(_from_image(offset, images, reporter.on_step))
+        elif companion.store_images and (on_meta := meta_progress(_job(runtime, companion.job_id))) is not None:
+            steps.append(_from_image(offset, images, on_meta))  # a web page shows its step count
     try:
         pipelines = runtime.pipelines
         entry = pipelines.entries[request.model]
@@ -138,6 +143,13 @@ def images_for(runtime: WorkerRuntime, request: JobRequest, on_step: StepCallbac
             reporter.close()  # nothing may land after their results
     runtime.batches.store({c.job_id: g for c, g in zip(companions, generations[1:])})
     return generations[0]
+
+
+def _job(runtime: WorkerRuntime, job_id: str) -> Job | None:
+    try:
+        return Job.fetch(job_id, connection=runtime.redis, serializer=JSONSerializer)
+    except (NoSuchJobError, RedisError):  # cancelled since, or Redis away: no step count, no harm
+        return None
 
 
 def load_sources(runtime: WorkerRuntime, requests: list[JobRequest], native_size: int) -> Sources:

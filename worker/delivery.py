@@ -239,6 +239,12 @@ def deliver_result(delivery: Delivery, content: str, embed: discord.Embed, uploa
     return Posted(_post_channel(delivery, session, bot_token, content, embed, uploads, nonce, view), "channel")
 
 
+def _shows_a_result(delivery: Delivery, session: requests.Session) -> bool:
+    """Whether the user's message already carries a result (its embed): a failure told late (a
+    lost record of the delivery) must not replace it."""
+    return bool(_webhook(delivery, session).fetch_message(ORIGINAL).embeds)  # type: ignore[arg-type]
+
+
 def post_failure(delivery: Delivery, text: str, session: requests.Session,
                  bot_token: str | None = None, nonce: str | None = None) -> Posted:
     """The user's message (queued, or a progress bar) replaced by the failure, previews gone, and
@@ -247,7 +253,8 @@ def post_failure(delivery: Delivery, text: str, session: requests.Session,
     try:
         if delivery.interaction_token:
             try:
-                edit_original(delivery, session, f"⚠️ {text}", files=[])
+                if not _shows_a_result(delivery, session):  # never over images already delivered
+                    edit_original(delivery, session, f"⚠️ {text}", files=[])
             except discord.HTTPException as error:  # deleted or unknown: the follow-up still tells
                 log.info("could not replace the message with the failure: %s", error)
             message = _webhook(delivery, session).send(content=content, wait=True,

@@ -28,7 +28,7 @@ from rq.job import Job, JobStatus
 from rq.serializers import JSONSerializer
 
 from core.fleet import FleetStats, work_units
-from core.jobs import PROGRESS_META, JobRequest, queue_name
+from core.jobs import NOTES_META, PROGRESS_META, JobRequest, queue_name
 from core.position_edits import PositionEdits
 from core.texts import generating_text, queued_text
 from core.tokens import with_token
@@ -186,7 +186,8 @@ def refresh_queued_messages(redis: Redis, queue: Queue, stats: FleetStats, gate:
                 continue
             try:
                 edit_original(with_token(redis, gate.prefix, request).delivery, session,
-                              queued_text(request.model, request.prompt, request.count, position, eta))
+                              queued_text(request.model, request.prompt, request.count, position, eta,
+                                          notes=notes_of(job)))
                 edited += 1
             except Exception as error:
                 log.warning("queue position edit for %s failed: %s", request.job_id, error)
@@ -224,6 +225,12 @@ def preview_function(runtime: WorkerRuntime, model: str) -> Callable[[torch.Tens
         return lambda latents: preview_png(tiny_vae, latents, PREVIEW_PX)
     xl = "XL" in runtime.pipelines.entries[model].pipeline
     return lambda latents: latent_preview(latents, xl)
+
+
+def notes_of(job: Job) -> list[str]:
+    """The notes the user got when the job was queued (core.queue), kept by position edits."""
+    notes = job.meta.get(NOTES_META)
+    return [note for note in notes if isinstance(note, str)] if isinstance(notes, list) else []
 
 
 def meta_progress(job: Job | None) -> StepCallback | None:

@@ -130,6 +130,7 @@ class FakeDiscord:
             web.put("/api/v10/applications/{app}/guilds/{guild}/commands", self._sync),
             web.post("/api/v10/interactions/{id}/{token}/callback", self._callback),
             web.post("/api/v10/webhooks/{app}/{token}", self._followup),
+            web.get("/api/v10/webhooks/{app}/{token}/messages/{message}", self._get_message),
             web.patch("/api/v10/webhooks/{app}/{token}/messages/{message}", self._edit),
             web.delete("/api/v10/webhooks/{app}/{token}/messages/{message}", self._delete),
             web.post("/api/v10/channels/{channel}/messages", self._channel_post),
@@ -315,6 +316,20 @@ class FakeDiscord:
 
     async def _followup(self, request: web.Request) -> web.Response:
         return await self._webhook_message(request, "followup")
+
+    async def _get_message(self, request: web.Request) -> web.Response:
+        """The interaction's original response as it stands: its last edit, else its callback's."""
+        token = request.match_info["token"]
+        if (failure := self._failure("get", token)) is not None:
+            return failure
+        if request.match_info["message"] == "@original":
+            edits = [p for p in self.messages("edit", token) if p.message_id == "@original"]
+            if edits and edits[-1].message is not None:
+                return _json(edits[-1].message)
+            callbacks = self.messages("callback", token)
+            if callbacks and callbacks[0].payload.get("type") == 4:
+                return _json(_message(callbacks[0].payload.get("data") or {}, channel_id="0"))
+        return _json({"message": "Unknown Message", "code": 10008}, status=404)
 
     async def _edit(self, request: web.Request) -> web.Response:
         return await self._webhook_message(request, "edit", request.match_info["message"])
