@@ -32,7 +32,7 @@ from bot.buttons import DYNAMIC_ITEMS, on_remix_submit
 from bot.commands import admin, cancel, imagine, models, queue
 from bot.commands import settings as settings_command
 from bot.errors import ImagineTree
-from bot.notify import mentioning, notify
+from bot.notify import tell_owner
 from bot.services import Services
 from core.entry import no_options
 from core.expiry import Expired, ExpirySweep, expired_text
@@ -221,13 +221,10 @@ class ImagineBot(discord.AutoShardedClient):
         await asyncio.to_thread(sweep.done, expired)
 
     async def tell(self, request: JobRequest, text: str) -> None:
-        """Replace the user's message with ``text``; in the channel when the token has expired."""
-        delivery = request.delivery
-        if delivery is None or await notify(self, delivery, text):
-            return
-        if delivery.channel_id is not None:  # may raise: the sweep logs it and goes on
-            await self.get_partial_messageable(delivery.channel_id).send(
-                f"<@{delivery.user_id}> {text}", allowed_mentions=mentioning(delivery.user_id))
+        """Replace the user's message with ``text``; in the channel when the token has expired
+        (may raise: the sweep logs it and goes on; the nonce keeps a retry to one message)."""
+        if request.delivery is not None:
+            await tell_owner(self, request.delivery, text, nonce=request.job_id[:25])
 
     async def on_interaction(self, interaction: discord.Interaction) -> None:
         await on_remix_submit(interaction)

@@ -33,3 +33,14 @@ async def notify(client: discord.Client, delivery: Delivery, text: str, *, ping:
         log.warning("could not notify the owner of interaction %s: %s", delivery.interaction_id, error.status)
         return False
     return True
+
+
+async def tell_owner(client: discord.Client, delivery: Delivery, text: str, *, ping: bool = False,
+                     nonce: str | None = None) -> None:
+    """:func:`notify`, else (token expired, message deleted) a message in the command's channel
+    mentioning the owner: never dropped. ``nonce`` (the job id) makes a repeated attempt (a
+    retried sweep) one message. May raise discord.HTTPException: the channel refused too."""
+    if await notify(client, delivery, text, ping=ping) or delivery.channel_id is None:
+        return
+    await client.get_partial_messageable(delivery.channel_id).send(
+        f"<@{delivery.user_id}> {text}", allowed_mentions=mentioning(delivery.user_id), nonce=nonce)

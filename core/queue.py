@@ -3,6 +3,7 @@ cancel. Blocking redis-py calls; the async bot runs them in a thread."""
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -10,11 +11,11 @@ from dataclasses import dataclass
 from redis import Redis
 from redis.exceptions import RedisError
 from rq import Callback, Queue, Retry, Worker
-from rq.exceptions import DuplicateJobError, InvalidJobOperation, NoSuchJobError
+from rq.exceptions import DuplicateJobError, NoSuchJobError
 from rq.job import Job, JobStatus
 from rq.serializers import JSONSerializer
 
-from core.fair_queue import FAIR_META, FairQueue
+from core.fair_queue import FAIR_META, LEAVE_SCRIPT, FairQueue
 from core.fleet import FleetStats, format_duration, work_units
 from core.jobs import ACTIVE_KEY_META, JOB_FUNCTION, NOTES_META, JobRequest, queue_name
 from core.position_edits import PositionEdits
@@ -24,6 +25,8 @@ from core.texts import clip
 from core.tokens import TOKEN_LIFE_S, stash_token, with_token
 from core.validation import InvalidRequest
 from settings.config import Settings
+
+log = logging.getLogger(__name__)
 
 FAILURE_CALLBACK = "worker.failures.report_failure"
 SUCCESS_CALLBACK = "worker.release.on_success"
@@ -159,10 +162,14 @@ class JobQueue:
         if acked >= settings.redis_min_replicas_ack:
             return
         try:
-            cancel_waiting(Job.fetch(job_id, connection=self.redis, serializer=JSONSerializer), queue,
-                           lambda job: None)  # the caller frees the user's slot
+            taken_back = cancel_waiting(Job.fetch(job_id, connection=self.redis, serializer=JSONSerializer), queue,
+                                        lambda job: None)  # the caller frees the user's slot
         except (RedisError, NoSuchJobError):
-            pass  # the primary is going: so is the job
+            taken_back = True  # the primary is going: so is the job
+        if not taken_back:  # an idle worker took it at once: it runs, and "Queued" stays true
+            log.warning("job %s reached %d of %d replicas but a worker already has it", job_id, acked,
+                        settings.redis_min_replicas_ack)
+            return
         raise NotReplicated(f"job {job_id} reached {acked} of {settings.redis_min_replicas_ack} replicas")
 
     def claim(self, job_id: str) -> bool:
@@ -327,10 +334,28 @@ class Cancelling:
             if status in (JobStatus.STARTED, JobStatus.FINISHED):
                 raise CannotCancel(f"Job `{job_id}` has already started; its images are on their way.")
             raise CannotCancel(f"Job `{job_id}` is not waiting any more ({status}).")
-        # The "Cancelled" notice is the final text: no position edit may land over it.
-        PositionEdits(self.jobs.redis, self.jobs.settings.queue_prefix).finalize(job_id)
+        # The "Cancelled" notice is the final text: no position edit may land over it. The job is
+        # cancelled whatever happens here: never "queue unavailable" after this point.
+        try:
+            PositionEdits(self.jobs.redis, self.jobs.settings.queue_prefix).finalize(job_id)
+        except RedisError as error:
+            log.warning("job %s cancelled; position edits not finalized: %s", job_id, error)
         # With its token, for telling the owner (bot.notify) through their command's message.
-        return with_token(self.jobs.redis, self.jobs.settings.queue_prefix, request)
+        try:
+            return with_token(self.jobs.redis, self.jobs.settings.queue_prefix, request)
+        except RedisError:  # told through the channel instead (bot.notify)
+            return request
+
+
+# KEYS: list, fair order, job hash, canceled registry; ARGV: job id, now (the registry's score)
+_CANCEL = LEAVE_SCRIPT + """
+if redis.call('LREM', KEYS[1], 1, ARGV[1]) == 0 then return 0 end
+leave(KEYS[2], ARGV[1], false)
+redis.call('ZREM', KEYS[2], ARGV[1])
+redis.call('HSET', KEYS[3], 'status', 'canceled')
+redis.call('ZADD', KEYS[4], ARGV[2], ARGV[1])
+return 1
+"""
 
 
 def cancel_waiting(job: Job, queue: Queue, release_job: Callable[[Job], None]) -> bool:
@@ -341,13 +366,18 @@ def cancel_waiting(job: Job, queue: Queue, release_job: Callable[[Job], None]) -
     that list (RQ's dequeue, and the batch companions' claim in ``worker.batching``), and the
     expiry sweep only by the same LREM. So exactly one of them wins, with no window between a
     status check and the cancel in which a worker could start a job then marked cancelled."""
-    if not queue.remove(job.id):  # LREM: 1 only for the one caller that took it off the list
+    # Off the list and marked cancelled in one script (as RQ's Job.cancel marks it): a Redis at
+    # maxmemory takes a script's later writes once its first (the LREM, which frees memory) ran,
+    # so a full Redis cannot leave a job in no list, never run, never expired, never told.
+    fair_key = queue.fair_key if isinstance(queue, FairQueue) else f"{queue.key}:not-fair"
+    taken = queue.connection.eval(_CANCEL, 4, queue.key, fair_key, job.key, queue.canceled_job_registry.key,
+                                  job.id, int(time.time()))
+    if not taken:  # 1 only for the one caller that took it off the list
         return False
     try:
-        job.cancel()  # out of every registry, into the canceled one; runs no RQ callback
-    except InvalidJobOperation:
-        pass  # already marked cancelled (a retried cancel): it is ours to finish all the same
-    release_job(job)  # no worker will run it, so none will free the slot
+        release_job(job)  # no worker will run it, so none will free the slot
+    except RedisError as error:  # the job is cancelled all the same; its slot expires on its own
+        log.warning("job %s cancelled; its user's slot was not freed now: %s", job.id, error)
     return True
 
 

@@ -17,6 +17,7 @@ import logging
 import time
 from dataclasses import dataclass, field
 
+import discord
 import requests
 from redis import Redis
 from redis.exceptions import RedisError
@@ -77,6 +78,16 @@ class Reporter:
         try:
             posted = post_failure(request.delivery, reason, self.session, self.bot_token,
                                   nonce=job.id[:25])
+        except discord.HTTPException as error:
+            if 400 <= error.status < 500 and error.status != 429:
+                # Refused for good (channel deleted, access lost): asking again every maintenance
+                # pass for a week would only add to Discord's invalid-request count (an IP ban).
+                self.outcomes.record(job.id, Told("failure", 0, "refused"))
+                log.error("job %s: Discord refused its failure notice (HTTP %d); not asking again",
+                          job.id, error.status)
+                return False
+            self.outcomes.unclaim(job.id)  # let the next sweep try again
+            raise
         except Exception:
             self.outcomes.unclaim(job.id)  # let the next sweep try again
             raise

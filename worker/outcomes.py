@@ -25,7 +25,7 @@ EXTRA_TTL_S = 24 * 3600
 class Told:
     kind: str  # "result" | "failure"
     message_id: int
-    via: str  # "webhook" | "channel" | "none" (nobody to tell: a web job)
+    via: str  # "webhook" | "channel" | "none" (nobody to tell: a web job) | "refused" (by Discord, for good)
 
     def encode(self) -> str:
         return f"{self.kind}:{self.message_id}:{self.via}"

@@ -80,6 +80,15 @@ def models_offered(runtime: WorkerRuntime, guild_id: int | None) -> dict[str, Mo
     return {key: entry for key, entry in runtime.catalog.items() if not allowed or key in allowed}
 
 
+def told_meanwhile(runtime: WorkerRuntime, job_id: str) -> Told | None:
+    """What the user was told about this job by another process since it started, if anything
+    (None too when Redis cannot say: the images go out)."""
+    try:
+        return runtime.outcomes.get(job_id)
+    except RedisError:
+        return None
+
+
 def post_result(runtime: WorkerRuntime, request: JobRequest, generation: Generation, result: JobResult,
                 progress: ProgressReporter | None) -> None:
     """Replace the user's queued/progress message with the images, embed and buttons."""
@@ -105,6 +114,11 @@ def post_result(runtime: WorkerRuntime, request: JobRequest, generation: Generat
         [bool(v.flagged) for v in generation.moderation or ()]
     told = notice(generation.actions, flags)
     content = f"<@{request.delivery.user_id}>" + (f"\n{told}" if told else "")
+    if (earlier := told_meanwhile(runtime, request.job_id)) is not None:
+        # Another worker took this one for dead (its lease lapsed while Redis was out of reach)
+        # and told the user: one story per command, so these images stay here.
+        log.warning("job %s: the user was told (%s) while it ran; result not posted", request.job_id, earlier.kind)
+        return
     posted = deliver_result(request.delivery, content, embed, uploads, view,
                             runtime.session, runtime.bot_token, nonce=request.job_id[:25])
     # Retried while Redis refuses it, then kept in this process: a rerun never posts again.

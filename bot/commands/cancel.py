@@ -5,15 +5,18 @@ buttons of ``/queue``."""
 from __future__ import annotations
 
 import asyncio
+import logging
 
 import discord
 from discord import app_commands
 
 from bot.cancelling import cancel_jobs, waiting_job_ids
 from bot.errors import answer
-from bot.notify import notify
+from bot.notify import notify, tell_owner
 from bot.permissions import is_admin
 from bot.services import Services, services_of
+
+log = logging.getLogger(__name__)
 
 
 def targets(services: Services, job: str | None, user: discord.abc.User | None, caller: int,
@@ -52,7 +55,16 @@ async def cancel(interaction: discord.Interaction, job: str | None = None,
                             interaction.guild_id, admin))
     await answer(interaction, summary(len(done), refused))
     for request in done:
-        if request.delivery and request.delivery.user_id != caller:
-            # Someone else's job: its owner is pinged in a followup to their own command.
-            await notify(interaction.client, request.delivery, f"your image request was cancelled by <@{caller}>.",
-                         ping=True)
+        if request.delivery is None:
+            continue
+        if request.delivery.user_id != caller:
+            # Someone else's job: its owner is pinged in a followup to their own command, or in
+            # its channel once that command's token has expired; never left saying "Queued".
+            try:
+                await tell_owner(interaction.client, request.delivery,
+                                 f"your image request was cancelled by <@{caller}>.", ping=True,
+                                 nonce=request.job_id[:25])
+            except discord.HTTPException as error:  # the channel refused too: the admin was answered
+                log.warning("could not tell the owner of %s about the cancel: %s", request.job_id, error)
+        # The command's own message said "Queued": it must say it will not come.
+        await notify(interaction.client, request.delivery, f"🚫 Cancelled.\n> {request.prompt[:300]}")
