@@ -147,7 +147,8 @@ def test_model_switch_select_offers_only_the_servers_allowed_models(redis_server
 
     monkeypatch.setattr(results, "deliver_result", deliver)
     runtime = SimpleNamespace(redis=redis, key_prefix="audit-a", settings=settings, catalog=catalog, session=None,
-                              bot_token=None, outcomes=SimpleNamespace(record=lambda *a, **k: None))
+                              bot_token=None, outcomes=SimpleNamespace(record=lambda *a, **k: None,
+                                                                        get=lambda job_id: None))
     result = JobResult(job_id=request.job_id, model=request.model, seeds=request.seeds(), width=request.width,
                        height=request.height, timings=Timings(queue_wait_ms=1, inference_ms=1, total_ms=2),
                        reproducibility=record_for(request))

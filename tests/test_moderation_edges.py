@@ -178,7 +178,7 @@ def test_an_upscale_on_the_dedicated_upscaler_is_not_labelled_policy_applied_unl
     picture = Image.fromarray(np.random.default_rng(0).integers(0, 255, (64, 64, 3), dtype=np.uint8))
     monkeypatch.setattr(source_image, "load_source", lambda source, width, height, *_: source_image.SourceInput(
         source_image.fit(picture, width, height), "f" * 64, picture.size))
-    outcomes = SimpleNamespace(record=lambda *args, **kwargs: None)
+    outcomes = SimpleNamespace(record=lambda *args, **kwargs: None, get=lambda job_id: None)
     runtime = WorkerRuntime(pipelines=load_pipelines(settings), redis=Redis.from_url(redis_server.url),
                             outcomes=outcomes, settings=settings)
     assert runtime.pipelines.upscaler is not None
