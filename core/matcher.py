@@ -56,6 +56,11 @@ NOT_LETTER = r"[\W\dA-Z_]"  # one class, not a lookahead: the gap is on the hot 
 CONTRACTION = re.compile(r"(?<![^\s\w]|_)'(?:re|ve|ll|s|t|m|d)")
 WORD_START = f"(?<!{LETTER})"
 SPACES = re.compile(" {2,}")
+# A run of one letter is kept to this length, in text and terms alike: a term with a repeated
+# letter ("xxx") is a regex with one repeating class per letter, which would try every split of
+# a long run ("x" × 500 glued to a letter: minutes of backtracking, the process stalled).
+MAX_RUN = 4
+LONG_RUN = re.compile(rf"([a-z])\1{{{MAX_RUN},}}")
 # Look-alike families named after the letter they show ("LATIN LETTER SMALL CAPITAL N",
 # "NEGATIVE SQUARED LATIN CAPITAL LETTER N", "REGIONAL INDICATOR SYMBOL LETTER N").
 NAMED_LETTER = re.compile(r"^(?:LATIN|REGIONAL INDICATOR|NEGATIVE|CIRCLED|SQUARED|PARENTHESIZED|"
@@ -104,9 +109,13 @@ def fold(text: str) -> str:
     if "&" in text:  # CLIP's slow tokenizer (with ftfy) unescapes HTML twice: "&#110;ude"
         text = html.unescape(html.unescape(text))
     if text.isascii():  # the common case: nothing to normalise but case
-        return text.lower()
+        return _short_runs(text.lower())
     folded = "".join(map(_fold_char, unicodedata.normalize("NFC", text)))
-    return SPACES.sub(" ", folded)  # a run of marks (zalgo) is one gap, not many
+    return _short_runs(SPACES.sub(" ", folded))  # a run of marks (zalgo) is one gap, not many
+
+
+def _short_runs(text: str) -> str:
+    return LONG_RUN.sub(lambda run: run.group(1) * MAX_RUN, text)
 
 
 def _letter_class(char: str) -> str:
