@@ -7,20 +7,31 @@ from typing import Any
 
 import discord
 
-from core.policy import GuildPolicy
+from core.policy import GuildPolicy, effective_default_model
 from core.policy_store import AuditEntry
+from core.texts import MAX_CONTENT, clip, lines_within
 
 
-def show(value: Any) -> str:
+def code(value: Any) -> str:
+    """``value`` in a code span it cannot leave: a backtick in admin text would end the span and
+    let the rest render (markdown, mentions), so it is shown as a look-alike."""
+    return f"`{str(value).replace('`', 'ˋ')}`"
+
+
+def show(value: Any, limit: int | None = None) -> str:
+    """A policy value as people read it; ``limit`` clips a long text value inside its code span."""
     if value is None:
         return "default"
     if isinstance(value, bool):
         return "clamp" if value else "reject"
     if isinstance(value, (list, tuple)):
-        return ", ".join(f"`{v}`" for v in value) if value else "none"
+        return ", ".join(code(v) for v in value) if value else "none"
     if isinstance(value, dict):
-        return "; ".join(f"{k}: {show(v)}" for k, v in value.items())
-    return f"`{value}`" if value != "" else "none"
+        return "; ".join(f"{k}: {show(v, limit)}" for k, v in value.items())
+    if value == "":
+        return "none"
+    text = str(value)
+    return code(text if limit is None or len(text) <= limit else text[:limit - 1] + "…")
 
 
 def pixels_text(pixels: int | None) -> str:
@@ -34,9 +45,11 @@ def pixels_text(pixels: int | None) -> str:
 # Audit entries name the action; a single changed field is stored bare, so the action says
 # which field a bare value belongs to where the value alone would be misread.
 FIELD_OF_ACTION = {"image input": "allow_image_input"}
+AUDIT_LINE_CHARS = 600  # a list change names every term added or removed
+AUDIT_VALUE_CHARS = 120  # per old/new value in an audit line
 
 
-def show_field(name: str | None, value: Any) -> str:
+def show_field(name: str | None, value: Any, limit: int | None = None) -> str:
     """One policy field's value, in words where a bare value would mislead."""
     if name == "allow_image_input" and isinstance(value, bool):
         return "allowed" if value else "forbidden"
@@ -44,7 +57,7 @@ def show_field(name: str | None, value: Any) -> str:
         return pixels_text(value)
     if name == "max_size" and isinstance(value, int) and not isinstance(value, bool):  # older entries
         return f"{value}×{value} px"
-    return show(value)
+    return show(value, limit)
 
 
 def show_change(old: Any, new: Any, action: str | None = None, field: str | None = None) -> str:
@@ -57,7 +70,8 @@ def show_change(old: Any, new: Any, action: str | None = None, field: str | None
         return f"{'; '.join(parts) or 'no change'} ({len(new)} now)"
     if isinstance(old, dict) and isinstance(new, dict):
         return "; ".join(f"{k}: {show_change(old.get(k), v, field=k)}" for k, v in new.items())
-    return f"{show_field(field, old)} → {show_field(field, new)}"
+    # Each side clipped on its own: a long old text must not push the new one out of the line.
+    return f"{show_field(field, old, AUDIT_VALUE_CHARS)} → {show_field(field, new, AUDIT_VALUE_CHARS)}"
 
 
 def mentions(channel_ids: tuple[int, ...], limit: int) -> str:
@@ -73,14 +87,26 @@ def mentions(channel_ids: tuple[int, ...], limit: int) -> str:
     return ", ".join(shown)
 
 
+def terms_text(terms: tuple[str, ...], limit: int) -> str:
+    """Whole terms within ``limit`` characters; the ones left out are counted."""
+    shown: list[str] = []
+    for i, term in enumerate(terms):
+        rest = len(terms) - i
+        candidate = ", ".join([*shown, code(term)])
+        if len(candidate) > limit - (len(f" (and {rest - 1} more)") if rest > 1 else 0):
+            return ", ".join(shown) + f" (and {rest} more: `/imagine-admin banned list`)"
+        shown.append(code(term))
+    return ", ".join(shown) or "none"
+
+
 def policy_embed(policy: GuildPolicy, default_negative: str, default_model: str) -> discord.Embed:
     embed = discord.Embed(title="Server policy for /imagine", colour=0x5865F2)
-    embed.add_field(name="Forced negative prompt", value=show(policy.forced_negative)[:1024], inline=False)
+    embed.add_field(name="Forced negative prompt", value=show(policy.forced_negative, 1000), inline=False)
     negative = policy.default_negative if policy.default_negative is not None else f"(global) {default_negative}"
-    embed.add_field(name="Default negative prompt", value=show(negative)[:1024], inline=False)
-    embed.add_field(name="Banned terms", value=show(policy.banned_terms)[:1024], inline=False)
+    embed.add_field(name="Default negative prompt", value=show(negative, 1000), inline=False)
+    embed.add_field(name="Banned terms", value=terms_text(policy.banned_terms, 1000), inline=False)
     embed.add_field(name="Models", value=show(policy.allowed_models) if policy.allowed_models else "all")
-    embed.add_field(name="Default model", value=show(policy.default_model or default_model))
+    embed.add_field(name="Default model", value=show(effective_default_model(policy, default_model)))
     caps = (f"steps {policy.max_steps or '—'} · images {policy.max_count or '—'} · "
             f"pixels {pixels_text(policy.max_pixels)} · over a cap: {show(policy.clamp)}")
     embed.add_field(name="Caps", value=caps, inline=False)
@@ -97,10 +123,11 @@ def policy_embed(policy: GuildPolicy, default_negative: str, default_model: str)
 
 
 def audit_line(entry: AuditEntry) -> str:
-    who = f"<t:{int(entry.at)}:f> **{entry.actor}** ({entry.actor_id})"
-    return f"{who} {entry.action}: {show_change(entry.old, entry.new, entry.action)}"
+    who = f"<t:{int(entry.at)}:f> **{discord.utils.escape_markdown(entry.actor)}** ({entry.actor_id})"
+    return clip(f"{who} {entry.action}: {show_change(entry.old, entry.new, entry.action)}", AUDIT_LINE_CHARS)
 
 
 def audit_text(entries: list[AuditEntry]) -> str:
-    """Newest first, one line each, within a message."""
-    return ("\n".join(audit_line(e)[:300] for e in entries) or "No policy changes yet.")[:2000]
+    """Newest first, one line each, within a message; the entries left out are counted."""
+    return lines_within([audit_line(e) for e in entries], MAX_CONTENT,
+                        more="…and {n} older (ask for fewer with `count`)") or "No policy changes yet."

@@ -114,8 +114,18 @@ class Moderated:
     user_notes: tuple[tuple[str, str], ...] = ()
 
 
-def server_defaults(policy: GuildPolicy) -> Defaults:
-    return Defaults(model=policy.default_model, negative_prompt=policy.default_negative)
+def effective_default_model(policy: GuildPolicy, operator_default: str) -> str:
+    """The model a command without one runs on here: the server's default, else the operator's,
+    whichever this server allows; else its first allowed model (a deny or allow must never leave
+    a plain /imagine refused)."""
+    for key in (policy.default_model, operator_default):
+        if key and (not policy.allowed_models or key in policy.allowed_models):
+            return key
+    return policy.allowed_models[0]
+
+
+def server_defaults(policy: GuildPolicy, operator_default: str) -> Defaults:
+    return Defaults(model=effective_default_model(policy, operator_default), negative_prompt=policy.default_negative)
 
 
 def _megapixels(pixels: int) -> str:
@@ -266,7 +276,7 @@ def user_layer(policy: GuildPolicy, options: ImagineOptions, user: UserSettings 
                ) -> tuple[Defaults, tuple[tuple[str, str], ...]]:
     """The server's defaults with the user's saved settings over them, less the ones this
     server forbids (each replaced by the server's, with a (rule, note) to tell the user once)."""
-    server = server_defaults(policy)
+    server = server_defaults(policy, settings.default_model)
     if user is None:
         return server, ()
     notes: list[tuple[str, str]] = []

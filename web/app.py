@@ -28,6 +28,7 @@ from core.entry import no_options  # noqa: E402
 from core.health import redis_ready, require_free_port, serve_health, stop_on_sigterm  # noqa: E402
 from core.jobs import JobRequest, JobResult, SourceImage  # noqa: E402
 from core.logs import configure_logging, secrets_of  # noqa: E402
+from core.policy import effective_default_model  # noqa: E402
 from core.queue import AlreadyQueued, connect  # noqa: E402
 from core.texts import no_worker_text  # noqa: E402
 from core.validation import (  # noqa: E402
@@ -278,6 +279,17 @@ def build_ui(jobs: WebJobs) -> gr.Blocks:
         entry = catalog[key]
         return entry.default_steps, entry.default_guidance
 
+    def model_now() -> str:
+        """The web policy's default model as it is now (read at each page load, so an admin's
+        `models default|allow|deny` reaches the untouched form as it reaches /imagine)."""
+        try:
+            policy = jobs.policies.load(settings.web_policy_guild_id)
+        except (RedisError, ValueError) as error:
+            log.warning("web policy unavailable: %s", error)
+            return default.key
+        key = effective_default_model(policy, settings.default_model)
+        return key if key in catalog else default.key
+
     def client_of(request: gr.Request) -> str:
         return client_address(request.client.host if request.client else None, dict(request.headers), settings)
 
@@ -327,15 +339,16 @@ def build_ui(jobs: WebJobs) -> gr.Blocks:
                 negative = gr.Textbox(label="Negative prompt", lines=1,
                                       placeholder="empty: the server's default negative prompt")
                 with gr.Row():
-                    model = gr.Dropdown(label="Model", choices=list(catalog), value=default.key)
+                    model = gr.Dropdown(label="Model", choices=list(catalog), value=model_now)
                     aspect = gr.Dropdown(label="Aspect ratio", elem_id="aspect", value=AUTO_ASPECT,
                                          choices=[("auto (1:1, or the image's)", AUTO_ASPECT)]
                                          + [(ratio, ratio) for ratio in ASPECT_RATIOS],
                                          info="width:height near the model's native pixel count")
                 with gr.Row():
-                    steps = gr.Slider(1, settings.max_steps, step=1, value=default.default_steps, label="Steps")
-                    guidance = gr.Slider(0, settings.max_guidance, step=0.5, value=default.default_guidance,
-                                         label="Guidance")
+                    steps = gr.Slider(1, settings.max_steps, step=1, label="Steps",
+                                      value=lambda: catalog[model_now()].default_steps)
+                    guidance = gr.Slider(0, settings.max_guidance, step=0.5, label="Guidance",
+                                         value=lambda: catalog[model_now()].default_guidance)
                 with gr.Row():
                     seed = gr.Number(label="Seed (-1: random)", value=-1, precision=0, elem_id="seed")
                     count = gr.Slider(1, settings.max_count, step=1, value=1, label="Images")

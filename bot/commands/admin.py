@@ -10,6 +10,7 @@ All answers are ephemeral; errors are answered by :mod:`bot.errors` (Redis down:
 from __future__ import annotations
 
 import asyncio
+import io
 import logging
 from collections.abc import Callable
 from typing import Literal
@@ -24,6 +25,7 @@ from bot.services import services_of
 from core import policy_edits as edits
 from core.policy import GuildPolicy
 from core.policy_store import Actor
+from core.texts import MAX_CONTENT
 from core.validation import InvalidRequest
 
 log = logging.getLogger(__name__)
@@ -139,13 +141,24 @@ async def banned_remove(interaction: discord.Interaction, term: str) -> None:
 
 @banned_group.command(name="list", description="List the banned terms")
 async def banned_list(interaction: discord.Interaction) -> None:
+    """Every term: in the message when they fit, else as a text file (one per line), so an admin
+    always sees what there is to remove."""
     policy = await load(interaction)
-    await answer(interaction, f"Banned terms: {show(policy.banned_terms)}"[:2000])
+    text = f"Banned terms ({len(policy.banned_terms)}): {show(policy.banned_terms)}"
+    if len(text) <= MAX_CONTENT:
+        await answer(interaction, text)
+        return
+    listing = io.BytesIO("\n".join(policy.banned_terms).encode())
+    await answer(interaction, f"Banned terms: {len(policy.banned_terms)}, one per line in the file.",
+                 file=discord.File(listing, filename="banned-terms.txt"))
 
 
 # -- models ------------------------------------------------------------------------------------
 async def catalog_autocomplete(interaction: discord.Interaction, current: str) -> list[app_commands.Choice[str]]:
-    """Every catalog model, whatever this server allows now (admins change exactly that)."""
+    """Every catalog model, whatever this server allows now (admins change exactly that); nothing
+    for members and DMs (discord.py runs no group check before an autocomplete)."""
+    if interaction.guild_id is None or not is_admin(interaction):
+        return []
     return [app_commands.Choice(name=f"{key} ({entry.native_size}px)", value=key)
             for key, entry in services_of(interaction).catalog.items() if current.lower() in key][:25]
 
