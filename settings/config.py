@@ -10,6 +10,7 @@ import json
 import math
 import os
 from pathlib import Path
+from urllib.parse import urlsplit
 from typing import Annotated, Literal
 
 from pydantic import Field, SecretStr, ValidationError, field_validator
@@ -163,7 +164,7 @@ class Settings(BaseSettings):
 
     # Web front end (Gradio) and operations. A metrics port of 0 turns that endpoint off.
     web_host: str = "127.0.0.1"
-    web_port: int = 7860
+    web_port: int = Field(default=7860, ge=1, le=65535)
     # The web applies this Discord server's policy (set with /imagine-admin); unset: defaults.
     web_policy_guild_id: int | None = None
     # Web users are anonymous: limits per client address and in total (0: no limit).
@@ -174,12 +175,12 @@ class Settings(BaseSettings):
     # Behind a reverse proxy the client is the proxy: name the header it sets (its last entry,
     # the one the proxy added, is used). Trust it only when the port is not reachable otherwise.
     web_client_header: str | None = None
-    bot_metrics_port: int = 9101
-    worker_metrics_port: int = 9102
+    bot_metrics_port: int = Field(default=9101, ge=0, le=65535)  # 0: off
+    worker_metrics_port: int = Field(default=9102, ge=0, le=65535)
     # Where the bot's and workers' /metrics + /healthz and the web's /healthz listen: loopback
     # unless set (compose sets 0.0.0.0 inside the containers and publishes none of them).
     metrics_host: str = "127.0.0.1"
-    web_health_port: int = 7861  # the web's /healthz (Redis reachable); 0: off
+    web_health_port: int = Field(default=7861, ge=0, le=65535)  # the web's /healthz (Redis reachable); 0: off
     log_format: Literal["json", "text"] = "json"
     log_level: str = "INFO"
 
@@ -252,6 +253,22 @@ class Settings(BaseSettings):
     def _empty_secret_is_unset(cls, value: object) -> object:
         """An empty secret file (``make secrets`` writes empty token files to fill in) is no secret."""
         return None if isinstance(value, str) and not value.strip() else value
+
+    @field_validator("redis_url")
+    @classmethod
+    def _redis_url(cls, value: str) -> str:
+        """A URL redis-py can open, checked at start (not at the first command, minutes later in
+        a worker that loads its models first). The password in it is never echoed."""
+        parsed = urlsplit(value)
+        if parsed.scheme not in ("redis", "rediss", "unix"):
+            raise ValueError("must be a redis://, rediss:// or unix:// URL")
+        try:
+            parsed.port  # noqa: B018 - raises for a port that is not a number in range
+        except ValueError:
+            raise ValueError("has a port that is not a number from 0 to 65535") from None
+        if parsed.scheme != "unix" and not parsed.hostname:
+            raise ValueError("names no host")
+        return value
 
     @field_validator("*")
     @classmethod

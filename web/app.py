@@ -10,9 +10,13 @@ import io
 import logging
 import math
 import os
+import signal
 import sys
 import time
 from collections.abc import Iterator
+
+if __name__ == "__main__":  # docker stop while Gradio imports and starts (seconds): exit 0, not 143
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))  # main() hands over to stop_on_sigterm
 
 # Gradio reads these when imported: no analytics, no version check, no phoning home.
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
@@ -43,7 +47,7 @@ from core.validation import (  # noqa: E402
 )
 from settings.config import Settings, load_settings  # noqa: E402
 from web.jobs import Progress, WebJobs  # noqa: E402
-from web.policy import client_address  # noqa: E402
+from web.policy import client_address, joined_headers  # noqa: E402
 
 log = logging.getLogger("web")
 
@@ -271,6 +275,12 @@ def _abandon(jobs: WebJobs, request: JobRequest) -> bool:
     return False
 
 
+def request_client(request: gr.Request, settings: Settings) -> str:
+    """The page's client address (web.policy.client_address), every header line counted."""
+    return client_address(request.client.host if request.client else None,
+                          joined_headers(request.headers.items()), settings)
+
+
 def build_ui(jobs: WebJobs) -> gr.Blocks:
     settings, catalog = jobs.settings, jobs.catalog
     default = catalog[settings.default_model]
@@ -291,7 +301,7 @@ def build_ui(jobs: WebJobs) -> gr.Blocks:
         return key if key in catalog else default.key
 
     def client_of(request: gr.Request) -> str:
-        return client_address(request.client.host if request.client else None, dict(request.headers), settings)
+        return request_client(request, settings)
 
     def generate(prompt, negative, model, steps, guidance, seed, count, aspect, quality, image, strength,
                  request: gr.Request):

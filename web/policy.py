@@ -10,6 +10,7 @@ queued web jobs, so one script cannot fill every GPU queue.
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Iterable
 
 from core.admission import Requester
 from core.policy_store import Quota
@@ -22,6 +23,17 @@ WEB_SCOPE = "web"  # guild ids are numbers: web keys never meet a server's
 def client_digest(address: str) -> str:
     """A fixed-size, key-safe name for a client address (never the raw text in a Redis key)."""
     return hashlib.sha256(address.encode("utf-8", "surrogatepass")).hexdigest()[:32]
+
+
+def joined_headers(pairs: Iterable[tuple[str, str]]) -> dict[str, str]:
+    """Header lines by lower-case name, several lines of one name joined in order (RFC 9110: they
+    are one comma-separated list). ``dict(headers)`` keeps one line: the client's own, when a
+    proxy appends its entry as a line of its own (HAProxy's ``option forwardfor``)."""
+    joined: dict[str, str] = {}
+    for name, value in pairs:
+        key = name.lower()
+        joined[key] = f"{joined[key]}, {value}" if key in joined else value
+    return joined
 
 
 def client_address(host: str | None, headers: dict[str, str], settings: Settings) -> str:

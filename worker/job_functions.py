@@ -71,7 +71,10 @@ def schema_of(job: Job) -> int:
     function's own parsing (pydantic, lax) will read it: ``"3"`` or ``3.0`` is version 3, not 1
     (else a newer job would run here and lose its new fields). A version nothing reads as a
     whole number counts as 1: the request's validation then fails the job."""
-    args = job.args
+    try:
+        args = job.args
+    except Exception:  # noqa: BLE001 - unreadable arguments: the job fails where it is refused or run
+        return 1
     payload = args[0] if isinstance(args, (list, tuple)) and args else None
     version = payload.get("schema_version", 1) if isinstance(payload, dict) else 1
     try:

@@ -179,11 +179,11 @@ class ImagineWorker(SimpleWorker):
         leases are renewed until its turn ends: a crash anywhere hands each one back to RQ's
         abandoned-job retry within a lease, a cancel meets a started job, and a warm shutdown
         (the worker stays BUSY) finishes the whole batch."""
+        if too_new(job):  # first: a newer release may have moved its job function (nothing imported)
+            self._hand_back(job, queue)
+            return
         if not allowed(job):  # before anything imports or calls what the job names
             self._refuse(job, queue)
-            return
-        if too_new(job):
-            self._hand_back(job, queue)
             return
         members = [(job, self._lease(job, queue))]  # first, before anything else can fail
         members += self._claim_companions(job, queue)
