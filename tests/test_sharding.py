@@ -64,8 +64,9 @@ def bots(processes, shard_env, fake):
 
 
 def answer(fake: FakeDiscord, payload: dict, shard: int | None = None) -> dict:
+    """The bot's answer (FakeDiscord.reply: a deferred one's followup as its data)."""
     fake.dispatch("INTERACTION_CREATE", payload, shard=shard)
-    return wait_for(lambda: fake.messages("callback", payload["token"]), 15, what="answer")[0].payload
+    return fake.reply(payload, 15)
 
 
 def imagine(fake: FakeDiscord, guild: str, user: str) -> tuple[dict, dict, str]:
