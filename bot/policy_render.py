@@ -74,29 +74,27 @@ def show_change(old: Any, new: Any, action: str | None = None, field: str | None
     return f"{show_field(field, old, AUDIT_VALUE_CHARS)} → {show_field(field, new, AUDIT_VALUE_CHARS)}"
 
 
+def listed(items: list[str], limit: int, more: str = " (and {n} more)") -> str:
+    """``items`` joined by commas, as many whole ones as fit in ``limit`` characters; the ones left
+    out are counted by ``more``."""
+    shown: list[str] = []
+    for i, item in enumerate(items):
+        rest = len(items) - i  # this one included
+        room = limit - (len(more.format(n=rest - 1)) if rest > 1 else 0)
+        if len(", ".join([*shown, item])) > room:
+            return ", ".join(shown) + more.format(n=rest)
+        shown.append(item)
+    return ", ".join(shown)
+
+
 def mentions(channel_ids: tuple[int, ...], limit: int) -> str:
     """Channel mentions within ``limit`` characters; the ones left out are counted."""
-    shown: list[str] = []
-    for i, channel_id in enumerate(channel_ids):
-        rest = len(channel_ids) - i  # this one included
-        candidate = ", ".join([*shown, f"<#{channel_id}>"])
-        room = limit - (len(f" (and {rest - 1} more)") if rest > 1 else 0)
-        if len(candidate) > room:
-            return ", ".join(shown) + f" (and {rest} more)"
-        shown.append(f"<#{channel_id}>")
-    return ", ".join(shown)
+    return listed([f"<#{channel_id}>" for channel_id in channel_ids], limit)
 
 
 def terms_text(terms: tuple[str, ...], limit: int) -> str:
     """Whole terms within ``limit`` characters; the ones left out are counted."""
-    shown: list[str] = []
-    for i, term in enumerate(terms):
-        rest = len(terms) - i
-        candidate = ", ".join([*shown, code(term)])
-        if len(candidate) > limit - (len(f" (and {rest - 1} more)") if rest > 1 else 0):
-            return ", ".join(shown) + f" (and {rest} more: `/imagine-admin banned list`)"
-        shown.append(code(term))
-    return ", ".join(shown) or "none"
+    return listed([code(term) for term in terms], limit, " (and {n} more: `/imagine-admin banned list`)") or "none"
 
 
 def policy_embed(policy: GuildPolicy, default_negative: str, default_model: str) -> discord.Embed:
