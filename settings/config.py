@@ -266,9 +266,7 @@ class Settings(BaseSettings):
             parsed.port  # noqa: B018 - raises for a port that is not a number in range
         except ValueError:
             raise ValueError("has a port that is not a number from 0 to 65535") from None
-        if parsed.scheme != "unix" and not parsed.hostname:
-            raise ValueError("names no host")
-        return value
+        return value  # no host is fine: localhost, or (with sentinels) only the database number
 
     @field_validator("*")
     @classmethod

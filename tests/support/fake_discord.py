@@ -137,7 +137,7 @@ class FakeDiscord:
             web.get("/gateway", self._gateway),
             web.get("/attachments/{channel}/{attachment}/{filename}", self._cdn_get),
         ])
-        runner = web.AppRunner(app)
+        runner = web.AppRunner(app, access_log=None)  # a line per request is noise (and outlives pytest's capture)
         self.loop.run_until_complete(runner.setup())
         site = web.TCPSite(runner, "127.0.0.1", 0)
         self.loop.run_until_complete(site.start())
