@@ -159,3 +159,10 @@ def test_a_newer_release_job_naming_a_renamed_function_goes_back_to_the_queue(re
     worker.execute_job(taken, taken_queue)
     job.refresh()
     assert job.get_status() != JobStatus.FAILED and job.id in queue.job_ids
+
+
+@pytest.mark.parametrize("url", ["redis://127.0.0.1:6379/0", "redis:///0", "rediss://cache.internal:6380/1",
+                                 "redis://:p%40ss@h:1/0", "unix:///run/redis.sock?db=2"])
+def test_every_redis_url_form_the_services_use_is_accepted(url):
+    """Sentinel mode names only the database (``redis:///0``); TLS, credentials, a socket."""
+    assert Settings(_env_file=None, redis_url=url).redis_url == url
